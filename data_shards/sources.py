@@ -1,0 +1,457 @@
+"""Turn whatever ratings a user holds into one Dask DataFrame with a fixed schema.
+
+Every source (the MovieLens layouts, any CSV/TSV/Parquet, a ``shardmf synth`` folder;
+local paths, globs or fsspec URLs) becomes the columns ``user`` and ``item`` (original
+ids, as strings for text files), ``rating`` (float64) and, when the source has one,
+``timestamp`` (int64 unix seconds). Problems a user can fix raise ``InputError`` naming
+the file and, for text files, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import dask.dataframe as dd
+import fsspec
+import pandas as pd
+
+from data_shards.errors import InputError
+from data_shards.metadata import normalise_name
+
+LOGICAL_COLUMNS = ("user", "item", "rating", "timestamp")
+FORMATS = (
+    "auto", "movielens-100k", "movielens-dat", "movielens-csv", "shardmf-synth",
+    "csv", "tsv", "parquet",
+)
+# Published scales; a declared scale turns an out-of-range rating into an error.
+MOVIELENS_SCALES = {"movielens-100k": (1.0, 5.0), "movielens-dat": (0.5, 5.0),
+                    "movielens-csv": (0.5, 5.0)}
+# Header names recognised when the user names no columns (compared lower-case, without _ - space).
+HEADER_ALIASES = {
+    "user": ("userid", "user", "uid", "customerid", "reviewerid", "username"),
+    "item": ("itemid", "item", "iid", "movieid", "movie", "productid", "asin", "isbn",
+             "bookid", "trackid", "songid", "artistid"),
+    "rating": ("rating", "ratings", "score", "stars", "bookrating", "overall", "value"),
+    "timestamp": ("timestamp", "time", "ts", "date", "datetime", "unixtime",
+                  "unixreviewtime", "ratedat"),
+}
+DELIMITER_CANDIDATES = ("::", "\t", ",", ";", "|")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+TEXT_BLOCKSIZE = 64 * 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """What the user said about the input; everything left None is detected."""
+
+    format: str = "auto"  # one of FORMATS
+    user_col: str | None = None  # column name, or 0-based position as digits
+    item_col: str | None = None
+    rating_col: str | None = None
+    time_col: str | None = None
+    delimiter: str | None = None  # None: detected from the first lines
+    header: bool | None = None  # None: detected (a non-numeric rating field means a header)
+    encoding: str = "utf-8"
+    storage_options: dict = field(default_factory=dict)  # passed to fsspec (s3 keys, ...)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise InputError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class RatingSource:
+    """A resolved input: concrete files, how to parse them and where each column is."""
+
+    paths: tuple[str, ...]
+    layout: str  # a FORMATS entry other than "auto"
+    columns: dict[str, str]  # logical name -> column name in the (named) source columns
+    delimiter: str | None  # text sources only
+    header: bool
+    field_names: tuple[str, ...]  # every field of a text row, in order
+    encoding: str
+    rating_scale: tuple[float, float] | None  # declared by the layout
+    items_path: str | None  # item metadata found beside the ratings
+    storage_options: dict
+
+    @property
+    def is_parquet(self) -> bool:
+        return self.layout in ("parquet", "shardmf-synth")
+
+    def describe(self) -> list[dict]:
+        return [{"path": p, "layout": self.layout} for p in self.paths]
+
+
+def resolve_source(inputs: list[str], options: SourceOptions) -> RatingSource:
+    """Expand paths, detect the layout and map the columns, reading only first lines."""
+    if not inputs:
+        raise InputError("no input given: name at least one ratings file, folder or URL")
+    files: list[str] = []
+    layout_hint = None if options.format == "auto" else options.format
+    items_path = None
+    for spec in inputs:
+        found, hint, items = _expand(spec, options)
+        files.extend(found)
+        layout_hint = layout_hint or hint
+        items_path = items_path or items
+    layout = layout_hint or _detect_layout(files[0], options)
+    if layout in ("parquet", "shardmf-synth"):
+        return _parquet_source(files, layout, options, items_path)
+    return _text_source(files, layout, options, items_path)
+
+
+def read_ratings(source: RatingSource) -> dd.DataFrame:
+    """Lazily read the source into the fixed schema (no validation beyond parsing)."""
+    wanted = [name for name in LOGICAL_COLUMNS if name in source.columns]
+    if source.is_parquet:
+        frame = dd.read_parquet(
+            list(source.paths), columns=[source.columns[n] for n in wanted],
+            storage_options=source.storage_options or None,
+        )
+    else:
+        frame = dd.read_csv(
+            list(source.paths),
+            sep=_single_char(source.delimiter),
+            header=0 if source.header else None,
+            names=list(source.field_names),
+            usecols=[source.columns[n] for n in wanted],
+            dtype={source.columns[n]: ("float64" if n == "rating" else "str") for n in wanted},
+            encoding=source.encoding,
+            quoting=csv.QUOTE_MINIMAL if source.delimiter != "\t" else csv.QUOTE_NONE,
+            blocksize=None if _is_compressed(source.paths[0]) else TEXT_BLOCKSIZE,
+            compression="infer",
+            storage_options=source.storage_options or None,
+            keep_default_na=True,
+        )
+    frame = frame.rename(columns={source.columns[n]: n for n in wanted})
+    return frame.map_partitions(_normalise_partition, meta=_normalise_partition(frame._meta))
+
+
+def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> InputError:
+    """Find the first bad line of a text source; only runs after the fast path failed.
+
+    Per-line Python is fine here: it stops at the first bad line and runs only when the
+    data is known to be broken, so users get a file and line instead of a partition.
+    """
+    wanted = {n: source.field_names.index(c) for n, c in source.columns.items()}
+    expected = len(source.field_names)
+    stride = len(source.delimiter) if _is_repeated_char(source.delimiter) else 1
+    for path in source.paths:
+        try:
+            with fsspec.open(path, "rt", compression="infer", encoding=source.encoding,
+                             newline="", **source.storage_options) as handle:
+                for line_no, fields in enumerate(_split_lines(handle, source.delimiter), 1):
+                    if line_no == 1 and source.header:
+                        continue
+                    problem = _row_problem(fields, wanted, expected, stride, scale)
+                    if problem:
+                        return InputError(f"{path}, line {line_no}: {problem}")
+        except UnicodeDecodeError as e:
+            return InputError(f"{path}: not valid {source.encoding} text ({e.reason} at byte "
+                              f"{e.start}); pass --encoding (e.g. latin-1)")
+    return InputError(f"{', '.join(source.paths)}: could not be parsed as "
+                      f"{source.layout} ratings")
+
+
+def _row_problem(fields: list[str], wanted: dict[str, int], expected: int, stride: int,
+                 scale: tuple[float, float] | None) -> str | None:
+    if len(fields) != expected:
+        return (f"{len(fields) // stride + (len(fields) % stride > 0)} fields, expected "
+                f"{(expected - 1) // stride + 1} (a ragged line: check the delimiter and "
+                f"quoting)")
+    for name in ("user", "item"):
+        if not fields[wanted[name]].strip():
+            return f"empty {name} id"
+    raw = fields[wanted["rating"]].strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return f"rating {raw!r} is not a number"
+    if not math.isfinite(value):
+        return f"rating {raw!r} is not a finite number"
+    if scale and not scale[0] <= value <= scale[1]:
+        return (f"rating {raw} is outside the rating range {scale[0]:g}..{scale[1]:g} "
+                f"(pass --rating-range MIN,MAX if that range is wrong)")
+    return None
+
+
+def _split_lines(handle: io.TextIOBase, delimiter: str):
+    if len(delimiter) == 1 and delimiter != "\t":
+        yield from csv.reader(handle, delimiter=delimiter)
+        return
+    sep = _single_char(delimiter) if _is_repeated_char(delimiter) else delimiter
+    for line in handle:
+        line = line.rstrip("\r\n")
+        if line:
+            yield line.split(sep)
+        else:
+            yield []
+
+
+def _normalise_partition(frame: pd.DataFrame) -> pd.DataFrame:
+    """Integer ids stay int64 (cheap to hash and encode); anything else becomes stripped text."""
+    out = pd.DataFrame(index=frame.index)
+    for name in ("user", "item"):
+        column = frame[name]
+        if pd.api.types.is_integer_dtype(column.dtype):
+            out[name] = column.astype("int64")
+        else:
+            out[name] = column.astype("str").str.strip().where(column.notna())
+    out["rating"] = frame["rating"].astype("float64")
+    if "timestamp" in frame:
+        out["timestamp"] = _unix_seconds(frame["timestamp"])
+    return out
+
+
+def _unix_seconds(column: pd.Series) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        return column.fillna(-1).astype("int64")
+    numeric = pd.to_numeric(column, errors="coerce")
+    if numeric.notna().all() or column.isna().all():
+        return numeric.fillna(-1).astype("int64")
+    stamps = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
+    return (stamps.astype("int64") // 10**9).where(stamps.notna(), -1).astype("int64")
+
+
+# ---------------------------------------------------------------- resolving inputs
+
+
+def _expand(spec: str, options: SourceOptions) -> tuple[list[str], str | None, str | None]:
+    """Concrete files for one input, plus the layout and item file a folder implies."""
+    fs, root = fsspec.core.url_to_fs(spec, **options.storage_options)
+    protocol = _protocol_prefix(spec)
+    if any(ch in root for ch in "*?["):
+        found = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        if not found:
+            raise InputError(f"{spec}: the pattern matches no file")
+        return [protocol + p for p in found], None, None
+    if not fs.exists(root):
+        raise InputError(f"{spec}: no such file or folder")
+    if fs.isfile(root):
+        return [spec], None, _sibling_items(fs, protocol, root)
+    names = {PurePosixPath(p).name: p for p in fs.ls(root, detail=False)}
+    if "synth.json" in names:
+        parts = sorted(p for p in fs.glob(f"{root.rstrip('/')}/ratings/*.parquet"))
+        if not parts:
+            raise InputError(f"{spec}: a shardmf synth folder without ratings/*.parquet")
+        items = names.get("items.csv")
+        return [protocol + p for p in parts], "shardmf-synth", protocol + items if items else None
+    for rating_file in ("u.data", "ratings.dat", "ratings.csv"):
+        if rating_file in names:
+            path = names[rating_file]
+            return [protocol + path], None, _sibling_items(fs, protocol, path)
+    parquet = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if parquet:
+        return [protocol + p for p in parquet], "parquet", None
+    raise InputError(f"{spec}: a folder with no ratings file shardmf knows "
+                     "(u.data, ratings.dat, ratings.csv, *.parquet); name the file instead")
+
+
+def _protocol_prefix(spec: str) -> str:
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", spec)
+    return match.group(0) if match and match.group(1) != "file" else ""
+
+
+def _sibling_items(fs, protocol: str, ratings_path: str) -> str | None:
+    """MovieLens ships titles and genres beside the ratings; find them by their names."""
+    name = PurePosixPath(ratings_path).name
+    sibling = {"u.data": "u.item", "ratings.dat": "movies.dat", "ratings.csv": "movies.csv"}
+    if name not in sibling and not re.fullmatch(r"u\d?\.(base|test)|u[ab]\.(base|test)", name):
+        return None
+    candidate = str(PurePosixPath(ratings_path).parent / sibling.get(name, "u.item"))
+    return protocol + candidate if fs.exists(candidate) else None
+
+
+def _detect_layout(path: str, options: SourceOptions) -> str:
+    name = PurePosixPath(re.sub(r"\.(gz|bz2|xz|zst)$", "", path)).name.lower()
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "parquet"
+    first = _first_lines(path, options, 2)
+    if name == "u.data" or re.fullmatch(r"u\d?\.(base|test)|u[ab]\.(base|test)", name):
+        return "movielens-100k"
+    if name == "ratings.dat" or (first and "::" in first[0]):
+        return "movielens-dat"
+    if first and first[0].replace(" ", "").lower().startswith("userid,movieid,rating"):
+        return "movielens-csv"
+    return "tsv" if name.endswith(".tsv") or (first and "\t" in first[0]) else "csv"
+
+
+def _first_lines(path: str, options: SourceOptions, count: int) -> list[str]:
+    try:
+        with fsspec.open(path, "rt", compression="infer", encoding=options.encoding,
+                         newline="", **options.storage_options) as handle:
+            lines = []
+            for line in handle:
+                if line.strip():
+                    lines.append(line.rstrip("\r\n"))
+                if len(lines) == count:
+                    break
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid {options.encoding} text; pass --encoding "
+                         "(e.g. latin-1)") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e})") from e
+    return lines
+
+
+def _text_source(files: list[str], layout: str, options: SourceOptions,
+                 items_path: str | None) -> RatingSource:
+    for path in files:
+        if not _first_lines(path, options, 1):
+            raise InputError(f"{path}: the file is empty; expected one rating per line")
+    first = _first_lines(files[0], options, 20)
+    delimiter = options.delimiter or _layout_delimiter(layout) or _sniff_delimiter(
+        first, files[0])
+    delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
+    sample = list(_split_lines(io.StringIO("\n".join(first)), delimiter))
+    width = len(sample[0])
+    header = options.header
+    if header is None:
+        header = layout == "movielens-csv" or _looks_like_header(sample, options)
+    if header:
+        names = tuple(_unique_names([f.strip() for f in sample[0]]))
+    else:
+        names = tuple(f"field{i}" for i in range(width))
+    if _is_repeated_char(delimiter) and not header:
+        # '::' read as ':' leaves empty fields between values: positions stride by 2.
+        stride = len(delimiter)
+        names = tuple(f"field{i}" for i in range(width))
+        logical = [f"field{i}" for i in range(0, width, stride)]
+    else:
+        logical = list(names)
+    columns = _map_columns(logical, header, options, files[0])
+    scale = MOVIELENS_SCALES.get(layout)
+    return RatingSource(
+        paths=tuple(files), layout=layout, columns=columns, delimiter=delimiter,
+        header=header, field_names=names, encoding=options.encoding, rating_scale=scale,
+        items_path=items_path, storage_options=dict(options.storage_options),
+    )
+
+
+def _parquet_source(files: list[str], layout: str, options: SourceOptions,
+                    items_path: str | None) -> RatingSource:
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(files[0], "rb", **options.storage_options) as handle:
+            names = pq.ParquetFile(handle).schema_arrow.names
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{files[0]}: not a readable Parquet file ({e})") from e
+    columns = _map_columns(list(names), True, options, files[0])
+    scale = (1.0, 5.0) if layout == "shardmf-synth" else None
+    return RatingSource(
+        paths=tuple(files), layout=layout, columns=columns, delimiter=None, header=True,
+        field_names=tuple(names), encoding=options.encoding, rating_scale=scale,
+        items_path=items_path, storage_options=dict(options.storage_options),
+    )
+
+
+def _layout_delimiter(layout: str) -> str | None:
+    return {"movielens-100k": "\t", "movielens-dat": "::", "movielens-csv": ",",
+            "tsv": "\t"}.get(layout)
+
+
+def _sniff_delimiter(lines: list[str], path: str) -> str:
+    """The candidate that splits every sampled line into the same number (>1) of fields."""
+    for candidate in DELIMITER_CANDIDATES:
+        counts = {len(list(_split_lines(io.StringIO(line), candidate))[0]) for line in lines}
+        if len(counts) == 1 and counts.pop() >= 3:
+            return candidate
+    if lines and len(lines[0].split()) >= 3:
+        return " "
+    raise InputError(f"{path}: cannot tell the delimiter from the first lines "
+                     f"({lines[0][:80]!r}); pass --delimiter")
+
+
+def _looks_like_header(sample: list[list[str]], options: SourceOptions) -> bool:
+    if any(c is not None and not c.isdigit() for c in
+           (options.user_col, options.item_col, options.rating_col)):
+        return True
+    position = int(options.rating_col) if options.rating_col else 2
+    first = sample[0]
+    if position >= len(first):
+        return False
+    try:
+        float(first[position])
+    except ValueError:
+        return True
+    return False
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        name = name or f"field{i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}.{seen[name]}"
+        else:
+            seen[name] = 0
+        out.append(name)
+    return out
+
+
+def _map_columns(available: list[str], named: bool, options: SourceOptions,
+                 path: str) -> dict[str, str]:
+    """Logical column -> source column, from flags, header aliases or positions 0,1,2,3."""
+    requested = {"user": options.user_col, "item": options.item_col,
+                 "rating": options.rating_col, "timestamp": options.time_col}
+    normalised = {normalise_name(a): a for a in available}
+    columns: dict[str, str] = {}
+    for position, name in enumerate(LOGICAL_COLUMNS):
+        spec = requested[name]
+        if spec is not None:
+            if spec.isdigit():
+                if int(spec) >= len(available):
+                    raise InputError(f"{path}: --{_flag(name)} {spec} but rows have "
+                                     f"{len(available)} fields (positions count from 0)")
+                columns[name] = available[int(spec)]
+            elif spec in available:
+                columns[name] = spec
+            else:
+                raise InputError(f"{path}: no column {spec!r} for --{_flag(name)}; "
+                                 f"columns are {', '.join(available)}")
+            continue
+        if named:
+            alias = next((normalised[a] for a in HEADER_ALIASES[name] if a in normalised), None)
+            if alias is not None:
+                columns[name] = alias
+                continue
+            if name != "timestamp" and len(available) >= 3 and all(
+                    c in available for c in columns.values()) and position < len(available):
+                columns[name] = available[position]
+                continue
+        elif position < len(available):
+            columns[name] = available[position]
+            continue
+        if name != "timestamp":
+            raise InputError(f"{path}: cannot find the {name} column among "
+                             f"{', '.join(available)}; pass --{_flag(name)}")
+    if len(set(columns.values())) != len(columns):
+        raise InputError(f"{path}: two roles map to the same column ({columns}); "
+                         "pass --user-col/--item-col/--rating-col")
+    return columns
+
+
+def _flag(name: str) -> str:
+    return "time-col" if name == "timestamp" else f"{name}-col"
+
+
+def _single_char(delimiter: str | None) -> str | None:
+    if delimiter and _is_repeated_char(delimiter):
+        return delimiter[0]
+    return delimiter
+
+
+def _is_repeated_char(delimiter: str | None) -> bool:
+    return bool(delimiter) and len(delimiter) > 1 and len(set(delimiter)) == 1
+
+
+def _is_compressed(path: str) -> bool:
+    return path.endswith(COMPRESSED_SUFFIXES)
