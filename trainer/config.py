@@ -1,0 +1,77 @@
+"""One typed config per component; each field is a CLI flag and a TOML key of the same name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def _check(condition: bool, field: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"--{field.replace('_', '-')} {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
+
+    dim: int = 128  # embedding dimension of user and item factors
+    init_std: float = 0.05  # std of the normal initialisation of factors (biases start at 0)
+    reg: float = 0.1  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
+    bias_reg: float = 0.01  # L2 weight on b_u^2 + b_i^2, per example
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1, "dim", self.dim, "at least 1")
+        _check(self.init_std > 0, "init_std", self.init_std, "> 0")
+        _check(self.reg >= 0, "reg", self.reg, ">= 0")
+        _check(self.bias_reg >= 0, "bias_reg", self.bias_reg, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """How parameters move; the learning rate is per rating (the loss is a sum over the batch)."""
+
+    optimizer: str = "sgd"  # sgd | adagrad | adam (lazy: moves only the rows a batch touched)
+    lr: float = 0.005  # learning rate (per rating for sgd)
+    lr_decay: float = 0.97  # learning rate multiplied by this after every epoch
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
+               " | ".join(OPTIMIZERS))
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "0 < x <= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The loop: epochs, batches, stopping, devices, checkpoints and threads."""
+
+    epochs: int = 60  # most epochs to run
+    patience: int = 5  # stop after this many epochs without a better validation RMSE (0: never)
+    batch_size: int = 1024  # ratings per step across all ranks (each rank takes its share)
+    eval_batch_size: int = 65_536  # ratings per evaluation batch
+    seed: int = 0  # model init and data order; same seed, data and world size, same result
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when available)
+    backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
+    threads: int = 0  # torch threads per rank (0: cores / local ranks)
+    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
+    verify: str = "quick"  # check shards against the manifest: quick | full | none
+    resume: bool = False  # continue from RUN_DIR/checkpoint.pt
+    timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(self.patience >= 0, "patience", self.patience, ">= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
+               "at least 1")
+        _check(self.device in DEVICES, "device", self.device, " | ".join(DEVICES))
+        _check(self.backend in BACKENDS, "backend", self.backend, " | ".join(BACKENDS))
+        _check(self.threads >= 0, "threads", self.threads, ">= 0")
+        _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
+        _check(self.verify in ("quick", "full", "none"), "verify", self.verify,
+               "quick | full | none")
+        _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")

@@ -1,0 +1,117 @@
+"""The training entry point, unchanged under one process or torchrun.
+
+    python -m trainer SHARDS_DIR --out RUN_DIR                        # one process
+    torchrun --nproc-per-node=2 -m trainer SHARDS_DIR --out RUN_DIR   # two ranks
+
+Rank 0 logs and writes; the others stay quiet unless they fail. After training every
+rank leaves the process group and rank 0 alone clusters the item embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from trainer.clustering import ClusterConfig
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.distributed import init_distributed, teardown
+from trainer.errors import InputError
+from trainer.options import (
+    TRAIN_CONFIGS,
+    add_config_arguments,
+    add_train_arguments,
+    config_from_values,
+    parse_with_config_file,
+)
+from trainer.run import cluster_run
+from trainer.train import train
+
+log = logging.getLogger("trainer")
+CLUSTER_SKIP = ("seed",)  # the post-step uses the run's --seed
+
+
+def build_parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train a biased matrix factorisation on SHARDS_DIR with "
+        "torch.distributed (run under torchrun for several ranks), then cluster the items.")
+    add_train_arguments(parser)
+    add_cluster_arguments(parser)
+    return parser
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
+                         title="item clusters (--clusters 0 skips them)")
+
+
+def cluster_config(values: dict) -> ClusterConfig:
+    seed = values.get("seed", TrainConfig.seed)
+    return config_from_values(ClusterConfig, {**values, "seed": seed})
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        values = parse_with_config_file(parser, argv, (*TRAIN_CONFIGS, ClusterConfig))
+    except InputError as e:
+        return _fail(e, rank)
+    debug = values.pop("debug", False)
+    configure_logging(rank)
+    try:
+        return _run(values, rank)
+    except (InputError, ValueError) as e:
+        if debug:
+            raise
+        return _fail(e, rank)
+
+
+def _run(values: dict, rank: int) -> int:
+    model_config = config_from_values(ModelConfig, values)
+    optim_config = config_from_values(OptimConfig, values)
+    train_config = config_from_values(TrainConfig, values)
+    clusters = values.get("clusters", ClusterConfig.clusters)
+    post = cluster_config({**values, "clusters": max(clusters, 2)})
+    env = init_distributed(train_config.device, train_config.backend, train_config.timeout_s)
+    try:
+        torch.set_num_threads(train_config.threads or max(
+            1, (os.cpu_count() or 1) // env.local_world_size))
+        train(values["shards_dir"], values["out"], model_config, optim_config, train_config,
+              env, extra_config={"cluster": {**vars(post), "clusters": clusters}})
+    finally:
+        teardown()
+    if env.is_main:
+        copy_id_maps(Path(values["shards_dir"]), Path(values["out"]))
+        if clusters > 0:
+            cluster_run(values["out"], post)
+    return 0
+
+
+def copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
+    """The run keeps its own id maps, so it stays usable if the shards move or go."""
+    for name in ("users.parquet", "items.parquet"):
+        tmp = run_dir / f"{name}.tmp"
+        shutil.copyfile(shards_dir / name, tmp)
+        os.replace(tmp, run_dir / name)
+
+
+def configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr, force=True)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+def _fail(error: Exception, rank: int) -> int:
+    """User errors are the same on every rank: rank 0 prints the one line."""
+    if rank == 0:
+        print(f"shardmf: error: {error}", file=sys.stderr)
+    return 2

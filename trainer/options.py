@@ -1,0 +1,136 @@
+"""Command-line flags and TOML files built from the config dataclasses.
+
+Each dataclass field becomes a kebab-case flag whose help is the field's one-line comment,
+so a config, its flag and its TOML key cannot drift apart. Precedence: defaults < TOML
+(``--config FILE``, flat keys, snake or kebab case) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+from pathlib import Path
+
+import tomllib
+
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.errors import InputError
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the class source: the flag's help."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
+                         skip: tuple[str, ...] = (), title: str | None = None) -> None:
+    """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    existing = {a.dest for a in parser._actions}
+    for item in dataclasses.fields(cls):
+        if item.name in skip or item.name in existing:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        default = item.default if item.default is not dataclasses.MISSING else None
+        text = f"{comments.get(item.name, '')} (default: {default})".replace("%", "%%")
+        kind = hints[item.name]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
+                               help=text, metavar=_metavar(kind))
+
+
+def config_from_values(cls: type, values: dict):
+    """Build a config from the parsed values that belong to it (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None,
+                           config_classes: tuple[type, ...]) -> dict:
+    """Parse flags on top of an optional TOML file; returns one flat dict of values."""
+    args = parser.parse_args(argv)
+    values = vars(args)
+    path = values.pop("config", None)
+    if path:
+        file_values = load_toml(Path(path), config_classes)
+        values = {**file_values, **values}
+    return values
+
+
+def load_toml(path: Path, config_classes: tuple[type, ...]) -> dict:
+    if not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"--config {path}: not valid TOML ({e})") from e
+    known: dict[str, type] = {}
+    for cls in config_classes:
+        hints = typing.get_type_hints(cls)
+        known.update({f.name: hints[f.name] for f in dataclasses.fields(cls)})
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise InputError(f"--config {path}: unknown key {key!r}; known keys are "
+                             f"{', '.join(sorted(known))}")
+        if isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return values
+
+
+def _parser_for(kind):
+    origin = typing.get_origin(kind)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return _parser_for(args[0])
+    if origin is tuple:
+        return _number_pair
+    if kind is int:
+        return int
+    if kind is float:
+        return float
+    return str
+
+
+def _metavar(kind) -> str:
+    parser = _parser_for(kind)
+    return {int: "N", float: "X", _number_pair: "MIN,MAX"}.get(parser, "TEXT")
+
+
+def _number_pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX such as 1,5, got {text!r}") from e
+    return low, high
+
+
+TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a training run, shared by ``python -m trainer`` and ``shardmf train``."""
+    parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="output of `shardmf prepare`")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR",
+                        help="run folder: config, metrics, checkpoint, model, clusters")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys "
+                        "as the flags (flags given here win)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
+        add_config_arguments(parser, cls, title=title)

@@ -1,0 +1,125 @@
+"""Read SHARDS_DIR through its manifest, check the files match it, and share them among ranks.
+
+The manifest is the only contract with ``data_shards``: global facts (number of users and
+items, the training mean, the rating scale) come from it, never from a rank's own shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from trainer.errors import InputError
+
+SUPPORTED_MANIFEST_VERSIONS = (1,)
+VERIFY_MODES = ("quick", "full", "none")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One Parquet row group: the unit of work a rank streams."""
+
+    path: Path
+    row_group: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A verified shard folder and the global facts its manifest records."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def num_users(self) -> int:
+        return int(self.manifest["counts"]["users"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    @property
+    def train_mean(self) -> float:
+        return float(self.manifest["rating"]["train_mean"])
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        low, high = self.manifest["rating"]["scale"]
+        return float(low), float(high)
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["counts"]["ratings"][split])
+
+    def pieces(self, split: str) -> list[Piece]:
+        """Every row group of a split, in manifest order (the order ranks stride over)."""
+        return [Piece(self.root / entry["path"], index, rows)
+                for entry in self.manifest["files"][split]
+                for index, rows in enumerate(entry["row_groups"]) if rows > 0]
+
+
+def open_shards(shards_dir: str | Path, verify: str = "quick") -> ShardSet:
+    """Load the manifest and check every file against it.
+
+    ``quick`` compares sizes, row counts and row groups (reads Parquet footers only);
+    ``full`` also compares SHA-256 checksums; ``none`` trusts the manifest.
+    """
+    if verify not in VERIFY_MODES:
+        raise InputError(f"--verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+    root = Path(shards_dir)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        hint = (" (a folder without manifest.json is an unfinished or foreign folder)"
+                if root.is_dir() else "")
+        raise InputError(f"{manifest_path}: not found{hint}; create shards with "
+                         "`shardmf prepare INPUT --out SHARDS_DIR`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{manifest_path}: not valid JSON ({e})") from e
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_MANIFEST_VERSIONS:
+        raise InputError(f"{manifest_path}: format version {version!r}, this trainer reads "
+                         f"{SUPPORTED_MANIFEST_VERSIONS}; re-create the shards with this version")
+    shard_set = ShardSet(root, manifest)
+    if verify != "none":
+        for split in ("train", "val", "test"):
+            for entry in manifest["files"][split]:
+                _verify_file(root, entry, full=verify == "full")
+    return shard_set
+
+
+def _verify_file(root: Path, entry: dict, full: bool) -> None:
+    path = root / entry["path"]
+    if not path.is_file():
+        raise InputError(f"shard {entry['path']}: missing from {root}; the manifest lists it "
+                         "(re-run `shardmf prepare` or restore the file)")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise InputError(f"shard {entry['path']}: {size:,} bytes, manifest says "
+                         f"{entry['bytes']:,} (the file changed after prepare)")
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+        raise InputError(f"shard {entry['path']}: not a readable Parquet file ({e})") from e
+    if metadata.num_rows != entry["rows"]:
+        raise InputError(f"shard {entry['path']}: {metadata.num_rows:,} rows, manifest says "
+                         f"{entry['rows']:,}")
+    groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    if groups != entry["row_groups"]:
+        raise InputError(f"shard {entry['path']}: row groups {groups} differ from the "
+                         f"manifest's {entry['row_groups']}")
+    if full:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise InputError(f"shard {entry['path']}: checksum {digest[:12]}… differs from "
+                             f"the manifest's {entry['sha256'][:12]}… (corrupt or replaced)")
+
+
+def pieces_for_rank(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
+    """Rank r takes row groups r, r + W, r + 2W, ...: deterministic and close to even."""
+    return pieces[rank::world_size]

@@ -1,0 +1,261 @@
+"""The training loop: every rank streams its own shards into one shared model (DDP).
+
+Per step, each rank scores its share of the global batch, back-propagates the summed
+squared error plus the per-example L2 penalty, and DDP all-reduces the gradients (sparse
+rows on gloo, so communication grows with the batch, not the tables). After each epoch
+all ranks evaluate their share of the validation rows and reduce sums and counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from trainer.baseline import bias_baseline_rmse
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
+from trainer.distributed import DistEnv, all_reduce, unwrap, wrap_model
+from trainer.errors import InputError
+from trainer.model import BiasedMF
+from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+LOSS_CHECK_EVERY = 64  # steps between finite-loss checks (each check syncs a GPU)
+
+
+def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig,
+          optim_config: OptimConfig, train_config: TrainConfig, env: DistEnv,
+          extra_config: dict | None = None) -> dict:
+    """Train on SHARDS_DIR, write RUN_DIR; returns the final metrics (on every rank)."""
+    run = Path(run_dir)
+    shards = open_shards(shards_dir, train_config.verify)
+    if train_config.batch_size < env.world_size:
+        raise InputError(f"--batch-size {train_config.batch_size} is smaller than the "
+                         f"{env.world_size} ranks; each rank needs at least one rating per step")
+    train_pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
+    total_pieces = len(shards.pieces("train"))
+    if total_pieces < env.world_size:
+        raise InputError(f"{shards.root}: {total_pieces} training row groups for "
+                         f"{env.world_size} ranks; prepare with more --num-shards or a smaller "
+                         "--row-group-size, or use fewer processes")
+    rank_batch = train_config.batch_size // env.world_size
+    global_batch = rank_batch * env.world_size
+    steps = int(all_reduce([steps_per_epoch(train_pieces, rank_batch)], env, "max")[0])
+
+    torch.manual_seed(train_config.seed)
+    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model_config,
+                     sparse=env.device.type == "cpu")
+    ddp_model = wrap_model(model, env)
+    optimizer = build_optimizer(model, optim_config)
+    state = _TrainState()
+    if train_config.resume:
+        state = _load_checkpoint(run / CHECKPOINT, model, optimizer)
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        # On resume, epochs after the checkpoint are dropped: they will be run again.
+        (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+    if env.is_main:
+        config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
+                  "backend": env.backend, "device": str(env.device),
+                  "rank_batch_size": rank_batch, "steps_per_epoch": steps,
+                  "model": asdict(model_config), "optim": asdict(optim_config),
+                  "train": asdict(train_config), **(extra_config or {})}
+        _write_json(run / "config.json", config)
+        log.info("training on %d ratings: %d users x %d items, dim %d, %d rank(s), "
+                 "%d steps of %d ratings per epoch", shards.rows("train"), shards.num_users,
+                 shards.num_items, model_config.dim, env.world_size, steps, global_batch)
+
+    val_pieces = pieces_for_rank(shards.pieces("val"), env.rank, env.world_size)
+    train_seconds = sum(h["seconds"] for h in state.history)
+    for epoch in range(state.epoch, train_config.epochs):
+        lr = optim_config.lr * optim_config.lr_decay ** epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        loss_mean = _train_epoch(ddp_model, optimizer, train_pieces, rank_batch, steps, epoch,
+                                 train_config, env)
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
+        val_rmse, val_mae = evaluate(model, val_pieces, shards.scale, train_config, env)
+        record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
+                  "val_mae": val_mae, "seconds": round(seconds, 4),
+                  "ratings_per_s": round(steps * global_batch / seconds, 1), "lr": lr}
+        state.history.append(record)
+        improved = val_rmse is None or val_rmse < state.best_val - 1e-6
+        if improved:
+            state.best_val = val_rmse if val_rmse is not None else math.inf
+            state.best_epoch = epoch + 1
+            state.best_model = copy.deepcopy(model.state_dict())
+            state.bad_epochs = 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        if env.is_main:
+            log.info("epoch %d: train loss %.4f, val RMSE %s, %.0f ratings/s%s", epoch + 1,
+                     loss_mean, _fmt(val_rmse), record["ratings_per_s"],
+                     "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})")
+            with (run / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            _save_checkpoint(run / CHECKPOINT, model, optimizer, state)
+        if train_config.patience and state.bad_epochs >= train_config.patience:
+            if env.is_main:
+                log.info("stopping: no better validation RMSE for %d epochs",
+                         train_config.patience)
+            break
+
+    model.load_state_dict(state.best_model)
+    test_pieces = pieces_for_rank(shards.pieces("test"), env.rank, env.world_size)
+    test_rmse, test_mae = evaluate(model, test_pieces, shards.scale, train_config, env)
+    baseline = bias_baseline_rmse(shards, env)
+    trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
+    metrics = {
+        "test_rmse": test_rmse, "test_mae": test_mae,
+        "val_rmse": None if math.isinf(state.best_val) else state.best_val,
+        "best_epoch": state.best_epoch, "epochs": state.epoch,
+        "world_size": env.world_size, "train_seconds": round(train_seconds, 3),
+        "train_ratings_per_s": round(trained / train_seconds, 1) if train_seconds else None,
+        "baseline_test_rmse": baseline,
+        "train_ratings": shards.rows("train"), "num_users": shards.num_users,
+        "num_items": shards.num_items, "dim": model_config.dim,
+    }
+    if env.is_main:
+        save_model(run / MODEL, model, shards)
+        _write_json(run / "metrics.json", metrics)
+        log.info("test RMSE %s (bias-only baseline %s), MAE %s", _fmt(test_rmse),
+                 _fmt(baseline), _fmt(test_mae))
+    return metrics
+
+
+def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimizer:
+    """Optimizers that update only the rows a batch touched when gradients are sparse."""
+    params = list(model.parameters())
+    sparse = model.user_factors.sparse
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr)
+    return torch.optim.SparseAdam(params, lr=config.lr) if sparse else torch.optim.Adam(
+        params, lr=config.lr)
+
+
+def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 pieces: list[Piece], rank_batch: int, steps: int, epoch: int,
+                 config: TrainConfig, env: DistEnv) -> float:
+    model.train()
+    dataset = TrainBatches(pieces, rank_batch, steps, config.seed, epoch, env.rank)
+    loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda")
+    # DDP averages gradients over ranks; scaling each rank's sum by W makes the update the
+    # gradient of the sum over the global batch, so the learning rate is per rating.
+    scale = float(env.world_size)
+    total = torch.zeros((), dtype=torch.float64, device=env.device)
+    progress = tqdm(total=steps * rank_batch * env.world_size, unit="rating", unit_scale=True,
+                    desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
+                    leave=False, dynamic_ncols=True)
+    for step, (users, items, ratings) in enumerate(loader, 1):
+        users = users.to(env.device, non_blocking=True)
+        items = items.to(env.device, non_blocking=True)
+        ratings = ratings.to(env.device, non_blocking=True)
+        prediction, penalty = model(users, items)
+        loss = ((prediction - ratings).square() + penalty).sum()
+        optimizer.zero_grad(set_to_none=True)
+        (loss * scale).backward()
+        optimizer.step()
+        total += loss.detach()
+        if step % LOSS_CHECK_EVERY == 0 or step == steps:
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"rank {env.rank}: the training loss became non-finite by step {step} of "
+                    f"epoch {epoch + 1}; lower --lr or raise --reg")
+            progress.update(min(step, steps) * rank_batch * env.world_size - progress.n)
+    progress.close()
+    mean = all_reduce([total.item(), steps * rank_batch], env)
+    return mean[0] / mean[1]
+
+
+@torch.no_grad()
+def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
+             config: TrainConfig, env: DistEnv) -> tuple[float | None, float | None]:
+    """RMSE and MAE over every rank's share, from all-reduced sums and counts."""
+    module = unwrap(model)
+    module.eval()
+    sse = sae = 0.0
+    count = 0
+    for users, items, ratings in eval_batches(pieces, config.eval_batch_size):
+        predicted = module.predict(users.to(env.device), items.to(env.device), scale)
+        error = predicted.double() - ratings.to(env.device).double()
+        sse += float(error.square().sum())
+        sae += float(error.abs().sum())
+        count += len(ratings)
+    sse, sae, count = all_reduce([sse, sae, float(count)], env)
+    if count == 0:
+        return None, None
+    return math.sqrt(sse / count), sae / count
+
+
+def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
+    """The kept (best-epoch) weights plus what is needed to use them without the shards."""
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "model_config": asdict(model.config), "scale": list(shards.scale),
+               "shards_dir": str(shards.root.resolve())}
+    _atomic_save(payload, path)
+
+
+class _TrainState:
+    """What a checkpoint must restore to continue exactly where an epoch ended."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.best_val = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.best_model: dict | None = None
+        self.history: list[dict] = []
+
+
+def _save_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                     state: _TrainState) -> None:
+    _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "epoch": state.epoch, "best_val": state.best_val,
+                  "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+                  "best_model": state.best_model, "history": state.history}, path)
+
+
+def _load_checkpoint(path: Path, model: BiasedMF,
+                     optimizer: torch.optim.Optimizer) -> _TrainState:
+    if not path.is_file():
+        raise InputError(f"--resume: {path} not found; start without --resume")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    state = _TrainState()
+    for key in ("epoch", "best_val", "best_epoch", "bad_epochs", "best_model", "history"):
+        setattr(state, key, payload[key])
+    return state
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isinf(value) else f"{value:.4f}"
