@@ -93,7 +93,7 @@ class PrepareConfig:
 
 def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
             source_options: SourceOptions | None = None) -> dict:
-    """Write SHARDS_DIR from rating files; returns the manifest. Runs on the current Dask scheduler."""
+    """Write SHARDS_DIR from rating files; return its manifest. Uses the current Dask scheduler."""
     started = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not config.overwrite:

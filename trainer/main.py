@@ -28,8 +28,8 @@ from trainer.options import (
     TRAIN_CONFIGS,
     add_config_arguments,
     add_train_arguments,
+    apply_config_file,
     config_from_values,
-    parse_with_config_file,
 )
 from trainer.run import cluster_run
 from trainer.train import train
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rank = int(os.environ.get("RANK", 0))
     try:
-        values = parse_with_config_file(parser, argv, (*TRAIN_CONFIGS, ClusterConfig))
+        values = apply_config_file(vars(parser.parse_args(argv)), (*TRAIN_CONFIGS, ClusterConfig))
     except InputError as e:
         return _fail(e, rank)
     debug = values.pop("debug", False)

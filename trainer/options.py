@@ -58,15 +58,12 @@ def config_from_values(cls: type, values: dict):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None,
-                           config_classes: tuple[type, ...]) -> dict:
-    """Parse flags on top of an optional TOML file; returns one flat dict of values."""
-    args = parser.parse_args(argv)
-    values = vars(args)
+def apply_config_file(values: dict, config_classes: tuple[type, ...]) -> dict:
+    """Parsed flags on top of the optional ``--config`` TOML file, as one flat dict."""
+    values = dict(values)
     path = values.pop("config", None)
     if path:
-        file_values = load_toml(Path(path), config_classes)
-        values = {**file_values, **values}
+        values = {**load_toml(Path(path), config_classes), **values}
     return values
 
 

@@ -1,0 +1,116 @@
+"""Start training: in this process for one rank, or through torchrun for several.
+
+``torchrun --nproc-per-node=N -m trainer`` is what runs underneath, so anything this
+module does can be done by hand; it adds checks before the start (so a bad flag or a
+missing shard is one message, not one per rank) and a short report when a rank fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+from trainer.errors import InputError
+from trainer.options import TRAIN_CONFIGS, add_config_arguments, config_from_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TorchrunOptions:
+    """Where the ranks run: N processes on this node, on one or several nodes."""
+
+    nproc: int = 1  # training processes on this node (ranks)
+    nnodes: int = 1  # nodes taking part; each runs this same command
+    rdzv_endpoint: str | None = None  # HOST:PORT every node can reach (c10d rendezvous)
+    rdzv_id: str = "shardmf"  # job id shared by the nodes of one run
+    max_restarts: int = 0  # restarts of all ranks after a failure (elastic torchrun)
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"--nproc {self.nproc}: expected at least 1")
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes {self.nnodes}: expected at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT, "
+                             "reachable from every node")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts {self.max_restarts}: expected >= 0")
+
+    @classmethod
+    def from_values(cls, values: dict) -> TorchrunOptions:
+        return config_from_values(cls, values)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, TorchrunOptions, title="launch (torchrun)")
+
+
+def launch_training(shards_dir: str, run_dir: str, values: dict,
+                    options: TorchrunOptions) -> int:
+    """Check, then train on all ranks; returns the exit status (2 for a user error)."""
+    from trainer.clustering import ClusterConfig
+    from trainer.main import cluster_config
+    from trainer.shards import open_shards
+
+    configs = [config_from_values(cls, values) for cls in TRAIN_CONFIGS]
+    cluster_config({**values, "clusters": max(values.get("clusters", 2), 2)})
+    train_config = configs[-1]
+    shards = open_shards(shards_dir, train_config.verify)
+    if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
+        raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
+                         f"for --nproc {options.nproc}; prepare with more --num-shards or "
+                         "use fewer processes")
+    if train_config.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise InputError(f"--resume: {run_dir}/checkpoint.pt not found; start without --resume")
+    names = {f.name for cls in (*TRAIN_CONFIGS, ClusterConfig) for f in dataclasses.fields(cls)}
+    trainer_args = [shards_dir, "--out", run_dir, *_as_flags(values, names)]
+    if options.nproc == 1 and options.nnodes == 1:
+        from trainer.main import main as train_main
+
+        return train_main(trainer_args)
+    return _torchrun(trainer_args, options)
+
+
+def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if options.nnodes == 1 and not options.rdzv_endpoint:
+        where = ["--standalone"]
+    else:
+        where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={options.rdzv_endpoint}",
+                 f"--rdzv-id={options.rdzv_id}"]
+    args = [f"--nnodes={options.nnodes}", f"--nproc-per-node={options.nproc}", *where,
+            f"--max-restarts={options.max_restarts}", "--module", "trainer", *trainer_args]
+    # Threads are set per rank by the trainer; this only silences torchrun's warning.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        if failure.exitcode == 2:
+            return 2  # a user error, already printed by rank 0
+        raise RuntimeError(f"training failed on rank {rank} (exit code {failure.exitcode}); "
+                           "its error is printed above") from None
+    return 0
+
+
+def _as_flags(values: dict, names: set[str]) -> list[str]:
+    """Parsed values back into trainer flags, so torchrun's ranks parse the same settings."""
+    flags = []
+    for name, value in values.items():
+        if name not in names or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            flags.extend([flag, ",".join(str(v) for v in value)])
+        else:
+            flags.extend([flag, str(value)])
+    return flags
