@@ -7,6 +7,7 @@ from dataclasses import dataclass
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+GRADIENTS = ("auto", "sparse", "dense")
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = 0  # model init and data order; same seed, data and world size, same result
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when available)
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
+    gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
     threads: int = 0  # torch threads per rank (0: cores / local ranks)
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
@@ -70,6 +72,8 @@ class TrainConfig:
                "at least 1")
         _check(self.device in DEVICES, "device", self.device, " | ".join(DEVICES))
         _check(self.backend in BACKENDS, "backend", self.backend, " | ".join(BACKENDS))
+        _check(self.gradients in GRADIENTS, "gradients", self.gradients,
+               " | ".join(GRADIENTS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.verify in ("quick", "full", "none"), "verify", self.verify,

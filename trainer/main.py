@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -89,19 +87,9 @@ def _run(values: dict, rank: int) -> int:
               env, extra_config={"cluster": {**vars(post), "clusters": clusters}})
     finally:
         teardown()
-    if env.is_main:
-        copy_id_maps(Path(values["shards_dir"]), Path(values["out"]))
-        if clusters > 0:
-            cluster_run(values["out"], post)
+    if env.is_main and clusters > 0:
+        cluster_run(values["out"], post)
     return 0
-
-
-def copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
-    """The run keeps its own id maps, so it stays usable if the shards move or go."""
-    for name in ("users.parquet", "items.parquet"):
-        tmp = run_dir / f"{name}.tmp"
-        shutil.copyfile(shards_dir / name, tmp)
-        os.replace(tmp, run_dir / name)
 
 
 def configure_logging(rank: int) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
+DENSE_ROWS_PER_BATCH_ROW = 4  # auto: dense gradients while tables have <= 4 rows per batch row
 LOSS_CHECK_EVERY = 64  # steps between finite-loss checks (each check syncs a GPU)
 
 
@@ -55,8 +57,9 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     steps = int(all_reduce([steps_per_epoch(train_pieces, rank_batch)], env, "max")[0])
 
     torch.manual_seed(train_config.seed)
+    sparse = use_sparse_gradients(train_config.gradients, shards, global_batch, env)
     model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model_config,
-                     sparse=env.device.type == "cpu")
+                     sparse=sparse)
     ddp_model = wrap_model(model, env)
     optimizer = build_optimizer(model, optim_config)
     state = _TrainState()
@@ -132,10 +135,30 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     }
     if env.is_main:
         save_model(run / MODEL, model, shards)
+        _copy_id_maps(shards.root, run)
         _write_json(run / "metrics.json", metrics)
         log.info("test RMSE %s (bias-only baseline %s), MAE %s", _fmt(test_rmse),
                  _fmt(baseline), _fmt(test_mae))
     return metrics
+
+
+def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
+                         env: DistEnv) -> bool:
+    """Sparse rows when the tables dwarf a step's rows; whole tables when they are small.
+
+    A sparse step moves the touched rows of every rank (~2 x global batch rows); a dense
+    step moves and updates whole tables but in one cheap collective. nccl has no sparse
+    all-reduce, so GPUs always go dense.
+    """
+    if choice != "auto":
+        if choice == "sparse" and env.backend == "nccl":
+            raise InputError("--gradients sparse needs gloo: nccl cannot all-reduce sparse "
+                             "tensors; use --gradients dense on GPUs")
+        return choice == "sparse"
+    if env.backend == "nccl":
+        return False
+    rows = shards.num_users + shards.num_items
+    return rows > DENSE_ROWS_PER_BATCH_ROW * global_batch
 
 
 def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimizer:
@@ -163,6 +186,7 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     progress = tqdm(total=steps * rank_batch * env.world_size, unit="rating", unit_scale=True,
                     desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
                     leave=False, dynamic_ncols=True)
+    step = 0
     for step, (users, items, ratings) in enumerate(loader, 1):
         users = users.to(env.device, non_blocking=True)
         items = items.to(env.device, non_blocking=True)
@@ -180,6 +204,9 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     f"epoch {epoch + 1}; lower --lr or raise --reg")
             progress.update(min(step, steps) * rank_batch * env.world_size - progress.n)
     progress.close()
+    if step != steps:  # the other ranks would wait in a collective for the missing steps
+        raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, expected "
+                           f"{steps} like every rank")
     mean = all_reduce([total.item(), steps * rank_batch], env)
     return mean[0] / mean[1]
 
@@ -210,6 +237,14 @@ def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
                "model_config": asdict(model.config), "scale": list(shards.scale),
                "shards_dir": str(shards.root.resolve())}
     _atomic_save(payload, path)
+
+
+def _copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
+    """The run keeps its own id maps, so it stays usable if the shards move or go."""
+    for name in ("users.parquet", "items.parquet"):
+        tmp = run_dir / f"{name}.tmp"
+        shutil.copyfile(shards_dir / name, tmp)
+        os.replace(tmp, run_dir / name)
 
 
 class _TrainState:
