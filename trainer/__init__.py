@@ -7,8 +7,9 @@ from trainer.clustering import ClusterConfig
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, init_distributed, teardown
 from trainer.errors import InputError
-from trainer.run import cluster_run
+from trainer.run import TrainedRun, cluster_run, load_run
 from trainer.train import train
 
 __all__ = ["ClusterConfig", "DistEnv", "InputError", "ModelConfig", "OptimConfig",
-           "TrainConfig", "cluster_run", "init_distributed", "teardown", "train"]
+           "TrainConfig", "TrainedRun", "cluster_run", "init_distributed", "load_run",
+           "teardown", "train"]

@@ -19,9 +19,9 @@ def _check(condition: bool, field: str, value: object, expected: str) -> None:
 class ModelConfig:
     """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
 
-    dim: int = 128  # embedding dimension of user and item factors
-    init_std: float = 0.05  # std of the normal initialisation of factors (biases start at 0)
-    reg: float = 0.1  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
+    dim: int = 256  # embedding dimension of user and item factors
+    init_std: float = 0.01  # std of the normal initialisation of factors (biases start at 0)
+    reg: float = 0.05  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
     bias_reg: float = 0.01  # L2 weight on b_u^2 + b_i^2, per example
 
     def __post_init__(self) -> None:
@@ -36,8 +36,8 @@ class OptimConfig:
     """How parameters move; the learning rate is per rating (the loss is a sum over the batch)."""
 
     optimizer: str = "sgd"  # sgd | adagrad | adam (lazy: moves only the rows a batch touched)
-    lr: float = 0.005  # learning rate (per rating for sgd)
-    lr_decay: float = 0.97  # learning rate multiplied by this after every epoch
+    lr: float = 0.003  # learning rate (per rating for sgd)
+    lr_decay: float = 0.99  # learning rate multiplied by this after every epoch
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
@@ -50,7 +50,7 @@ class OptimConfig:
 class TrainConfig:
     """The loop: epochs, batches, stopping, devices, checkpoints and threads."""
 
-    epochs: int = 60  # most epochs to run
+    epochs: int = 150  # most epochs to run
     patience: int = 5  # stop after this many epochs without a better validation RMSE (0: never)
     batch_size: int = 1024  # ratings per step across all ranks (each rank takes its share)
     eval_batch_size: int = 65_536  # ratings per evaluation batch

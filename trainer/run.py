@@ -1,12 +1,21 @@
-"""A finished run folder as a thing to use: its model, its id maps, its post-step."""
+"""A finished run folder as a thing to use: predictions, recommendations, similar items,
+embeddings keyed by original ids, and the rank-0 clustering post-step.
+
+    run = load_run("runs/ml100k")
+    run.recommend(user=196, n=10)
+    run.similar_items(run.find_item("Star Wars"), n=10)
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.dataset as pads
 import torch
 
 from trainer.clustering import ClusterConfig, cluster_items, write_cluster_outputs
@@ -15,39 +24,154 @@ from trainer.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def load_item_embeddings(run_dir: str | Path) -> tuple[torch.Tensor, pd.DataFrame]:
-    """(num_items, dim) float32 item factors and the items table, from RUN_DIR alone."""
-    run = Path(run_dir)
-    model_path = run / "model.pt"
-    if not model_path.is_file():
-        raise InputError(f"{model_path}: not found; {run} is not a finished run (train it "
-                         "with `shardmf train SHARDS_DIR --out RUN_DIR`)")
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
-    items = pd.read_parquet(run / "items.parquet")
-    return payload["state_dict"]["item_factors.weight"], items
+class TrainedRun:
+    """The best-epoch model of RUN_DIR with its id maps; everything in original ids."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        model_path = self.run_dir / "model.pt"
+        if not model_path.is_file():
+            raise InputError(f"{model_path}: not found; {self.run_dir} is not a finished run "
+                             "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
+        payload = torch.load(model_path, map_location="cpu", weights_only=True)
+        state = payload["state_dict"]
+        self.user_factors = state["user_factors.weight"].numpy()
+        self.item_factors = state["item_factors.weight"].numpy()
+        self.user_bias = state["user_bias.weight"].numpy()[:, 0]
+        self.item_bias = state["item_bias.weight"].numpy()[:, 0]
+        self.global_mean = float(state["global_mean"])
+        self.scale = tuple(payload["scale"])
+        self.shards_dir = Path(payload["shards_dir"])
+        self.users = pd.read_parquet(self.run_dir / "users.parquet")
+        self.items = pd.read_parquet(self.run_dir / "items.parquet")
+        self._user_index = pd.Index(self.users["original_user_id"])
+        self._item_index = pd.Index(self.items["original_item_id"])
+
+    # ------------------------------------------------------------ ids
+
+    def user_id(self, user) -> int:
+        """Contiguous id of an original user id (text from a command line is converted)."""
+        return _lookup(self._user_index, user, "user", self.run_dir)
+
+    def item_id(self, item) -> int:
+        return _lookup(self._item_index, item, "item", self.run_dir)
+
+    def find_item(self, title: str) -> object:
+        """Original id of the best title match: exact (any case), else the most-rated
+        title containing the text; unknown titles list close matches."""
+        titles = self.items["title"].fillna("")
+        lowered = titles.str.lower()
+        wanted = title.strip().lower()
+        exact = self.items[lowered == wanted]
+        found = exact if len(exact) else self.items[lowered.str.contains(wanted, regex=False)]
+        if len(found) == 0:
+            close = difflib.get_close_matches(title, titles[titles != ""].tolist(), n=5,
+                                              cutoff=0.5)
+            hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
+            raise InputError(f"no item title matches {title!r} in {self.run_dir}{hint}")
+        return found.sort_values("train_ratings", ascending=False)["original_item_id"].iloc[0]
+
+    # ------------------------------------------------------------ using the model
+
+    def predict(self, users, items) -> np.ndarray:
+        """Predicted ratings (clamped to the scale) for pairs of original ids."""
+        u = np.array([self.user_id(x) for x in np.atleast_1d(users)])
+        i = np.array([self.item_id(x) for x in np.atleast_1d(items)])
+        scores = self._scores(u, i)
+        return np.clip(scores, *self.scale)
+
+    def recommend(self, user, n: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
+        """The n items with the highest predicted rating for one user.
+
+        ``exclude_seen`` drops the items the user rated in training (read from the shards;
+        skipped with a warning when the shards are gone).
+        """
+        uid = self.user_id(user)
+        scores = (self.global_mean + self.user_bias[uid] + self.item_bias
+                  + self.item_factors @ self.user_factors[uid])
+        if exclude_seen:
+            seen = self._seen_items(uid)
+            scores[seen] = -np.inf
+        top = _top(scores, n)
+        table = self.items.iloc[top][["original_item_id", "title", "genres"]].copy()
+        table["predicted_rating"] = np.clip(scores[top], *self.scale)
+        return table.reset_index(drop=True)
+
+    def similar_items(self, item, n: int = 10) -> pd.DataFrame:
+        """The n items whose factors point the most the same way (cosine similarity)."""
+        iid = self.item_id(item)
+        norms = np.linalg.norm(self.item_factors, axis=1)
+        cosine = self.item_factors @ self.item_factors[iid] / np.maximum(
+            norms * norms[iid], 1e-12)
+        cosine[iid] = -np.inf
+        top = _top(cosine, n)
+        table = self.items.iloc[top][["original_item_id", "title", "genres",
+                                      "train_ratings"]].copy()
+        table["similarity"] = cosine[top]
+        return table.reset_index(drop=True)
+
+    def item_embeddings(self) -> pd.DataFrame:
+        """Item factors (columns f0..f{dim-1}) and bias, indexed by original item id."""
+        return _embedding_frame(self.item_factors, self.item_bias, self._item_index)
+
+    def user_embeddings(self) -> pd.DataFrame:
+        return _embedding_frame(self.user_factors, self.user_bias, self._user_index)
+
+    def _scores(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return (self.global_mean + self.user_bias[u] + self.item_bias[i]
+                + np.einsum("bd,bd->b", self.user_factors[u], self.item_factors[i]))
+
+    def _seen_items(self, uid: int) -> np.ndarray:
+        folder = self.shards_dir / "train"
+        if not folder.is_dir():
+            log.warning("shards %s are gone: seen items are not excluded", self.shards_dir)
+            return np.array([], dtype=np.int64)
+        dataset = pads.dataset(folder, format="parquet")
+        table = dataset.to_table(columns=["item_id"], filter=pads.field("user_id") == uid)
+        return table.column("item_id").to_numpy().astype(np.int64)
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """A finished run, ready for predict / recommend / similar_items."""
+    return TrainedRun(run_dir)
 
 
 def cluster_run(run_dir: str | Path, config: ClusterConfig) -> dict:
     """The rank-0 post-step: K-Means on item embeddings, scores and report in RUN_DIR."""
-    run = Path(run_dir)
-    embeddings, items = load_item_embeddings(run)
-    metrics_path = run / "metrics.json"
+    run = load_run(run_dir)
+    metrics_path = run.run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     try:
-        result = cluster_items(embeddings.numpy(), items, config)
+        result = cluster_items(run.item_factors, run.items, config)
     except ValueError as e:
         raise InputError(str(e)) from e
-    summary = write_cluster_outputs(result, run, metrics)
-    log.info("clusters: k=%d over %d items; %s", summary["k"], summary["items_clustered"],
-             _score_line(summary))
-    return summary
+    return write_cluster_outputs(result, run.run_dir, metrics)
 
 
-def _score_line(summary: dict) -> str:
-    scores = summary["scores"]
-    parts = [f"silhouette {scores['silhouette']:.3f}"] if scores.get("silhouette") else []
-    for name in ("nmi", "ari", "purity", "multilabel_purity"):
-        score = scores.get(name)
-        if score and score.get("score") is not None:
-            parts.append(f"{name} {score['score']:.3f} (chance {score['baseline_mean']:.3f})")
-    return ", ".join(parts) or "no scores"
+def _lookup(index: pd.Index, original, kind: str, run_dir: Path) -> int:
+    key = original
+    if pd.api.types.is_integer_dtype(index.dtype) and isinstance(original, str):
+        try:
+            key = int(original)
+        except ValueError:
+            key = None
+    elif not pd.api.types.is_integer_dtype(index.dtype):
+        key = str(original)
+    position = index.get_indexer([key])[0] if key is not None else -1
+    if position < 0:
+        raise InputError(f"{kind} {original!r} is not in {run_dir} (ids are the original "
+                         f"ones from the ratings, e.g. {index[0]!r})")
+    return int(position)
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    n = min(n, int(np.isfinite(scores).sum()))
+    top = np.argpartition(-scores, n - 1)[:n] if n else np.array([], dtype=np.int64)
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
+def _embedding_frame(factors: np.ndarray, bias: np.ndarray, index: pd.Index) -> pd.DataFrame:
+    frame = pd.DataFrame(factors, index=index,
+                         columns=[f"f{k}" for k in range(factors.shape[1])])
+    frame["bias"] = bias
+    return frame

@@ -1,0 +1,145 @@
+"""The shardmf command line as a user meets it: help, one-line errors, and using a run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from launch.cli import main
+
+COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
+            "export")
+
+
+def _write_ratings(path: Path, rows: int = 3000, seed: int = 0) -> None:
+    """Ratings where users 1-40 love items 1-30 and hate 31-60, and the rest the opposite."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, 81, rows)
+    items = rng.integers(1, 61, rows)
+    likes = (users <= 40) == (items <= 30)
+    noise = rng.integers(0, 2, rows)
+    ratings = np.where(likes, 5 - noise, 1 + noise)
+    frame = pd.DataFrame({"user": users, "item": items, "rating": ratings})
+    frame.drop_duplicates(["user", "item"]).to_csv(path, sep="\t", header=False, index=False)
+    titles = pd.DataFrame({"item_id": range(1, 61),
+                           "title": [f"Film {i}" for i in range(1, 61)],
+                           "genres": ["Drama" if i <= 30 else "Horror" for i in range(1, 61)]})
+    titles.to_csv(path.parent / "items.csv", index=False)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: shardmf" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("1\t2\t5\t1\n1\t3\t4\t2\t9\n", "line 2"),
+    ("1\t2\t5\t1\n1\t3\tabc\t2\n", "'abc' is not a number"),
+    ("", "is empty"),
+])
+def test_bad_file_is_one_line_exit_2_and_nothing_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture, content: str, expected: str) -> None:
+    source = tmp_path / "ratings.tsv"
+    source.write_text(content)
+    out = tmp_path / "shards"
+    code = main(["prepare", str(source), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("shardmf: error: ") and expected in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ratings.tsv"]
+
+
+def test_bad_flag_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "ratings.tsv"
+    _write_ratings(source)
+    code = main(["prepare", str(source), "--out", str(tmp_path / "s"), "--val-fraction", "2"])
+    assert code == 2
+    assert "--val-fraction 2.0" in capsys.readouterr().err
+
+
+def test_train_on_missing_shards_names_the_file(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "manifest.json: not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    source = root / "u.data"
+    _write_ratings(source, rows=6000)
+    run = root / "run"
+    code = main(["run", str(source), "--items", str(root / "items.csv"), "--out", str(run),
+                 "--dim", "8", "--init-std", "0.1", "--lr", "0.02", "--epochs", "15",
+                 "--batch-size", "256", "--threads", "1", "--clusters", "2",
+                 "--min-item-ratings", "5", "--num-shards", "2"])
+    assert code == 0
+    return run
+
+
+def test_run_learns_the_two_tastes(trained_run: Path) -> None:
+    from trainer import load_run
+
+    run = load_run(trained_run)
+    predicted = run.predict([1, 1, 80, 80], [1, 60, 1, 60])
+    assert predicted[0] > 4 and predicted[3] > 4
+    assert predicted[1] < 2 and predicted[2] < 2
+    clusters = pd.read_parquet(trained_run / "item_clusters.parquet")
+    by_genre = clusters.groupby("genres")["cluster"].nunique()
+    assert (by_genre == 1).all()  # each planted genre lands in one cluster
+
+
+def test_recommend_and_similar_print_titles(trained_run: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    assert main(["recommend", str(trained_run), "--user", "3", "-n", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 5
+    assert all("Drama" in line for line in lines)  # user 3 loves items 1-30
+    assert main(["similar", str(trained_run), "--title", "Film 45", "-n", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "Film 45 (id 45)" in out[0]
+    assert all("Horror" in line for line in out[1:])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["recommend", "--user", "999"], "user '999' is not in"),
+    (["similar", "--item", "12345"], "item '12345' is not in"),
+    (["similar", "--title", "Flim 4"], "close matches: 'Film 4'"),
+])
+def test_unknown_ids_and_titles(trained_run: Path, capsys: pytest.CaptureFixture,
+                                args: list[str], expected: str) -> None:
+    code = main([args[0], str(trained_run), *args[1:]])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path: Path) -> None:
+    assert main(["export", str(trained_run), "--format", "npy", "--out", str(tmp_path)]) == 0
+    factors = np.load(tmp_path / "items_factors.npy")
+    ids = pd.read_parquet(tmp_path / "items_ids.parquet")
+    assert factors.shape == (60, 8) and len(ids) == 60
+    assert ids["original_item_id"].tolist() == list(range(1, 61))
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "pq")]) == 0
+    table = pd.read_parquet(tmp_path / "pq" / "users_embeddings.parquet")
+    assert list(table.columns[:2]) == ["original_user_id", "f0"]
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),
+                                                    ("trainer", "dask")])
+def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> None:
+    code = (f"import sys, {package}; "
+            f"sys.exit(1 if any(m == '{forbidden}' or m.startswith('{forbidden}.') "
+            "for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
