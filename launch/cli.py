@@ -4,6 +4,8 @@
     shardmf train SHARDS_DIR --out RUN_DIR --nproc N   torchrun N ranks, then clusters
     shardmf cluster RUN_DIR                       re-run the rank-0 post-step alone
     shardmf run INPUT... --out RUN_DIR            prepare, train and cluster in one go
+    shardmf export-split SHARDS_DIR --out DIR     the splits as TSV, for other tools
+    shardmf recommend | similar | export RUN_DIR  use a trained run
     shardmf synth --out RAW_DIR                   a rating set with planted genres
     shardmf demo                                  synth -> run on 2 processes, with figures
 
@@ -79,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="ratings files, folders, globs or fsspec URLs")
     prepare.add_argument("--out", required=True, metavar="SHARDS_DIR")
     _add_prepare_arguments(prepare, PrepareConfig, SourceOptions)
+
+    export_split = command("export-split", _export_split, "Write the train/val/test splits "
+                           "of SHARDS_DIR back as TSV with original ids, for other tools.")
+    export_split.add_argument("shards_dir", metavar="SHARDS_DIR")
+    export_split.add_argument("--out", required=True, metavar="DIR")
+    export_split.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     train = command("train", _train, "Train on shards with torchrun (N local processes, or "
                     "several nodes), then cluster the item embeddings on rank 0.")
@@ -197,6 +205,14 @@ def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
              counts["ratings"]["train"], counts["ratings"]["val"], counts["ratings"]["test"],
              manifest["partition"]["num_shards"], manifest["seconds"])
     return manifest
+
+
+def _export_split(values: dict) -> int:
+    from data_shards.export import export_split
+
+    written = export_split(values["shards_dir"], values["out"])
+    log.info("wrote %s to %s", ", ".join(f"{s} {n}" for s, n in written.items()), values["out"])
+    return 0
 
 
 def _train(values: dict) -> int:

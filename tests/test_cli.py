@@ -13,7 +13,7 @@ import pytest
 from launch.cli import main
 
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
-            "export")
+            "export", "export-split")
 
 
 def _write_ratings(path: Path, rows: int = 3000, seed: int = 0) -> None:
@@ -143,3 +143,14 @@ def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> Non
             f"sys.exit(1 if any(m == '{forbidden}' or m.startswith('{forbidden}.') "
             "for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_export_split_round_trips_the_ratings(trained_run: Path, tmp_path: Path) -> None:
+    assert main(["export-split", str(trained_run / "shards"), "--out", str(tmp_path)]) == 0
+    parts = [pd.read_csv(tmp_path / f"{s}.tsv", sep="\t", header=None,
+                         names=["user", "item", "rating"]) for s in ("train", "val", "test")]
+    exported = pd.concat(parts).sort_values(["user", "item"]).reset_index(drop=True)
+    source = pd.read_csv(trained_run.parent / "u.data", sep="\t", header=None,
+                         names=["user", "item", "rating"])
+    source = source.sort_values(["user", "item"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(exported, source, check_dtype=False)

@@ -1,0 +1,48 @@
+"""Write a shard set's splits back as plain TSV with original ids, so that other tools
+(Surprise, Spark, LibRec, a notebook) can train and test on exactly the same rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from data_shards.errors import InputError
+
+SPLITS = ("train", "val", "test")
+
+
+def export_split(shards_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """OUT/train.tsv, val.tsv, test.tsv: user, item, rating[, timestamp], no header.
+
+    Returns the rows written per split. Shards are read one file at a time, so memory is
+    bounded by the largest shard, not the split.
+    """
+    root = Path(shards_dir)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: not found; is {root} the output of "
+                         "`shardmf prepare`?")
+    manifest = json.loads(manifest_path.read_text())
+    users = pd.read_parquet(root / manifest["users_file"])["original_user_id"].to_numpy()
+    items = pd.read_parquet(root / manifest["items_file"])["original_item_id"].to_numpy()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in SPLITS:
+        target = out / f"{split}.tsv"
+        tmp = target.with_name(target.name + ".tmp")
+        rows = 0
+        with tmp.open("w", newline="") as handle:
+            for entry in manifest["files"][split]:
+                frame = pq.read_table(root / entry["path"]).to_pandas()
+                frame["user_id"] = users[frame["user_id"].to_numpy()]
+                frame["item_id"] = items[frame["item_id"].to_numpy()]
+                frame.to_csv(handle, sep="\t", header=False, index=False, lineterminator="\n")
+                rows += len(frame)
+        os.replace(tmp, target)
+        written[split] = rows
+    return written
