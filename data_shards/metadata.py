@@ -21,7 +21,8 @@ ML100K_GENRES = (
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
-ID_ALIASES = ("itemid", "movieid", "id", "item", "movie", "bookid", "productid", "asin")
+ID_ALIASES = ("itemid", "movieid", "id", "item", "movie", "bookid", "productid", "asin",
+              "isbn")
 TITLE_ALIASES = ("title", "movietitle", "name", "itemname", "booktitle")
 GENRE_ALIASES = ("genres", "genre", "class", "classes", "categories", "category", "tags")
 NO_GENRE = {"", "(no genres listed)", "unknown"}
@@ -85,8 +86,8 @@ def _read_table(path: str, genre_sep: str | None, options: dict) -> pd.DataFrame
     with fsspec.open(path, "rt", compression="infer", encoding="utf-8", newline="",
                      **options) as handle:
         first = handle.readline()
-    delimiter = "\t" if "\t" in first else ("|" if first.count("|") > first.count(",")
-                                            else ",")
+    # The header's most frequent candidate (',' on a tie, e.g. a one-column header).
+    delimiter = "\t" if "\t" in first else max((",", "|", ";"), key=first.count)
     with fsspec.open(path, "rb", compression="infer", **options) as handle:
         raw = pd.read_csv(handle, sep=delimiter, dtype=str, keep_default_na=False)
     normalised = {normalise_name(c): c for c in raw.columns}

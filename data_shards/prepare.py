@@ -137,7 +137,7 @@ def _prepare_into(tmp: Path, source: RatingSource, config: PrepareConfig) -> dic
         (tmp / split).mkdir()
     tasks = [
         dask.delayed(_finalise_shard)(staging, tmp, split_code, shard, len(user_vocab),
-                                      len(item_vocab), config)
+                                      len(item_vocab), "timestamp" in ratings.columns, config)
         for split_code in range(len(SPLITS)) for shard in range(num_shards)
     ]
     with TqdmCallback(desc="write shards", mininterval=1.0, leave=False):
@@ -195,7 +195,7 @@ def _vocabulary(uniques: pd.Series) -> pd.Index:
     if pd.api.types.is_integer_dtype(values.dtype):
         return pd.Index(np.sort(values.to_numpy(dtype="int64")))
     text = values.astype("str")
-    if text.str.fullmatch(r"-?(0|[1-9][0-9]{0,17})").all():
+    if text.str.fullmatch(r"0|-?[1-9][0-9]{0,17}").all():  # "-0", "007": text, not 0 and 7
         return pd.Index(np.sort(text.astype("int64").to_numpy()))
     return pd.Index(np.sort(text.to_numpy(dtype=object)).astype(str), dtype="str")
 
@@ -210,7 +210,9 @@ def pair_hash(users: pd.Series, items: pd.Series, seed: int) -> np.ndarray:
     """A 64-bit hash of (user, item, seed) that no partitioning or shard count can change."""
     hu = pd.util.hash_pandas_object(users, index=False).to_numpy()
     hi = pd.util.hash_pandas_object(items, index=False).to_numpy()
-    return _mix(hu ^ _mix(hi + np.uint64(seed % 2**64) * _MIX_SHARD))
+    # The seed term wraps modulo 2**64 in Python: numpy warns on scalar uint64 overflow.
+    salt = np.uint64(seed * int(_MIX_SHARD) % 2**64)
+    return _mix(hu ^ _mix(hi + salt))
 
 
 def split_codes(hashes: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -264,11 +266,12 @@ def _routed_meta(with_time: bool) -> pd.DataFrame:
 
 
 def _finalise_shard(staging: Path, out: Path, split_code: int, shard: int, num_users: int,
-                    num_items: int, config: PrepareConfig) -> dict:
+                    num_items: int, with_time: bool, config: PrepareConfig) -> dict:
     """Resolve repeated pairs, shuffle and write one shard; returns its manifest entry."""
     bucket = staging / f"split={split_code}" / f"shard={shard}"
     table = pq.read_table(bucket) if bucket.exists() else None
-    frame = table.to_pandas() if table is not None else _routed_meta(False).drop(
+    # An empty shard keeps the full schema (timestamp included), like every other shard.
+    frame = table.to_pandas() if table is not None else _routed_meta(with_time).drop(
         columns=["split", "shard"])
     frame = frame.drop(columns=[c for c in ("split", "shard") if c in frame], errors="ignore")
     frame, duplicates = _resolve_duplicates(frame, config.duplicates)

@@ -43,6 +43,7 @@ HEADER_ALIASES = {
 DELIMITER_CANDIDATES = ("::", "\t", ",", ";", "|")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 TEXT_BLOCKSIZE = 64 * 2**20
+UNIX_EPOCH = pd.Timestamp(0, tz="UTC")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,13 +115,15 @@ def read_ratings(source: RatingSource) -> dd.DataFrame:
             storage_options=source.storage_options or None,
         )
     else:
+        # Every field is read, not just usecols: with usecols pandas silently drops the extra
+        # fields of a ragged row instead of raising. Unused fields stay text (never inferred
+        # per block) and _normalise_partition drops them.
         frame = dd.read_csv(
             list(source.paths),
             sep=_single_char(source.delimiter),
             header=0 if source.header else None,
             names=list(source.field_names),
-            usecols=[source.columns[n] for n in wanted],
-            dtype={source.columns[n]: ("float64" if n == "rating" else "str") for n in wanted},
+            dtype=dict.fromkeys(source.field_names, "str") | {source.columns["rating"]: "float64"},
             encoding=source.encoding,
             quoting=csv.QUOTE_MINIMAL if source.delimiter != "\t" else csv.QUOTE_NONE,
             blocksize=None if _is_compressed(source.paths[0]) else TEXT_BLOCKSIZE,
@@ -128,8 +131,9 @@ def read_ratings(source: RatingSource) -> dd.DataFrame:
             storage_options=source.storage_options or None,
             keep_default_na=True,
         )
-    frame = frame.rename(columns={source.columns[n]: n for n in wanted})
-    return frame.map_partitions(_normalise_partition, meta=_normalise_partition(frame._meta))
+    columns = {n: source.columns[n] for n in wanted}
+    return frame.map_partitions(_normalise_partition, columns,
+                                meta=_normalise_partition(frame._meta, columns))
 
 
 def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> InputError:
@@ -193,29 +197,37 @@ def _split_lines(handle: io.TextIOBase, delimiter: str):
             yield []
 
 
-def _normalise_partition(frame: pd.DataFrame) -> pd.DataFrame:
-    """Integer ids stay int64 (cheap to hash and encode); anything else becomes stripped text."""
+def _normalise_partition(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Integer ids stay int64 (cheap to hash and encode); anything else becomes stripped text.
+
+    ``columns`` maps logical names to source columns; other source columns are dropped.
+    """
     out = pd.DataFrame(index=frame.index)
     for name in ("user", "item"):
-        column = frame[name]
+        column = frame[columns[name]]
         if pd.api.types.is_integer_dtype(column.dtype):
             out[name] = column.astype("int64")
         else:
             out[name] = column.astype("str").str.strip().where(column.notna())
-    out["rating"] = frame["rating"].astype("float64")
-    if "timestamp" in frame:
-        out["timestamp"] = _unix_seconds(frame["timestamp"])
+    out["rating"] = frame[columns["rating"]].astype("float64")
+    if "timestamp" in columns:
+        out["timestamp"] = _unix_seconds(frame[columns["timestamp"]])
     return out
 
 
 def _unix_seconds(column: pd.Series) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(column.dtype):
+    if pd.api.types.is_datetime64_any_dtype(column.dtype):
+        stamps = pd.to_datetime(column, utc=True)
+    elif pd.api.types.is_numeric_dtype(column.dtype):
         return column.fillna(-1).astype("int64")
-    numeric = pd.to_numeric(column, errors="coerce")
-    if numeric.notna().all() or column.isna().all():
-        return numeric.fillna(-1).astype("int64")
-    stamps = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
-    return (stamps.astype("int64") // 10**9).where(stamps.notna(), -1).astype("int64")
+    else:
+        numeric = pd.to_numeric(column, errors="coerce")
+        if numeric.notna().all() or column.isna().all():
+            return numeric.fillna(-1).astype("int64")
+        stamps = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
+    # Through a timedelta, not astype(int64): the datetime unit (s, ms, us, ns) varies.
+    seconds = (stamps - UNIX_EPOCH) // pd.Timedelta(seconds=1)
+    return seconds.fillna(-1).astype("int64")
 
 
 # ---------------------------------------------------------------- resolving inputs
@@ -357,10 +369,11 @@ def _layout_delimiter(layout: str) -> str | None:
 
 
 def _sniff_delimiter(lines: list[str], path: str) -> str:
-    """The candidate that splits every sampled line into the same number (>1) of fields."""
+    """The first candidate that splits the first line, and at least half the sampled lines,
+    into the same number (>= 3) of fields; a ragged line is left for validation to report."""
     for candidate in DELIMITER_CANDIDATES:
-        counts = {len(list(_split_lines(io.StringIO(line), candidate))[0]) for line in lines}
-        if len(counts) == 1 and counts.pop() >= 3:
+        counts = [len(list(_split_lines(io.StringIO(line), candidate))[0]) for line in lines]
+        if counts[0] >= 3 and 2 * counts.count(counts[0]) >= len(counts):
             return candidate
     if lines and len(lines[0].split()) >= 3:
         return " "
