@@ -102,6 +102,7 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     source = resolve_source(inputs, source_options or SourceOptions())
     log.info("reading %d file(s) as %s", len(source.paths), source.layout)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     tmp.mkdir(parents=True)
     try:
         manifest = _prepare_into(tmp, source, config)
@@ -110,6 +111,8 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:  # folders made for --out go too: nothing is left behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return manifest
 

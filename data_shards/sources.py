@@ -281,7 +281,7 @@ def _sibling_items(fs, protocol: str, ratings_path: str) -> str | None:
 
 def _detect_layout(path: str, options: SourceOptions) -> str:
     name = PurePosixPath(re.sub(r"\.(gz|bz2|xz|zst)$", "", path)).name.lower()
-    if name.endswith(".parquet") or name.endswith(".pq"):
+    if name.endswith(".parquet") or name.endswith(".pq") or _has_parquet_magic(path, options):
         return "parquet"
     first = _first_lines(path, options, 2)
     if name == "u.data" or re.fullmatch(r"u\d?\.(base|test)|u[ab]\.(base|test)", name):
@@ -291,6 +291,15 @@ def _detect_layout(path: str, options: SourceOptions) -> str:
     if first and first[0].replace(" ", "").lower().startswith("userid,movieid,rating"):
         return "movielens-csv"
     return "tsv" if name.endswith(".tsv") or (first and "\t" in first[0]) else "csv"
+
+
+def _has_parquet_magic(path: str, options: SourceOptions) -> bool:
+    """Parquet files start with PAR1, whatever they are called."""
+    try:
+        with fsspec.open(path, "rb", **options.storage_options) as handle:
+            return handle.read(4) == b"PAR1"
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e})") from e
 
 
 def _first_lines(path: str, options: SourceOptions, count: int) -> list[str]:

@@ -351,3 +351,21 @@ def test_config_validation(field: str, value, message: str) -> None:
     base = {"test_fraction": 0.5} if field == "val_fraction" and value == 0.6 else {}
     with pytest.raises(InputError, match=message):
         PrepareConfig(**(base | {field: value}))
+
+
+def test_failed_prepare_leaves_no_folders_it_created(tmp_path: Path) -> None:
+    source = tmp_path / "ratings.csv"
+    source.write_text("user,item,rating\n1,2,abc\n")
+    with pytest.raises(InputError, match="line 2"):
+        prepare([str(source)], tmp_path / "a" / "b" / "shards", PrepareConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.csv"]
+
+
+def test_parquet_without_its_suffix_is_read_as_parquet(tmp_path: Path) -> None:
+    source = tmp_path / "ratings.bin"
+    pd.DataFrame({"user_id": [1, 2, 3, 1], "item_id": [1, 1, 2, 2],
+                  "rating": [4.0, 3.0, 5.0, 1.0]}).to_parquet(source)
+    manifest = prepare([str(source)], tmp_path / "out", PrepareConfig(val_fraction=0,
+                                                                      test_fraction=0))
+    assert manifest["sources"][0]["layout"] == "parquet"
+    assert manifest["counts"]["ratings"]["train"] == 4
