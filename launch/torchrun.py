@@ -88,15 +88,28 @@ def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
             f"--max-restarts={options.max_restarts}", "--module", "trainer", *trainer_args]
     # Threads are set per rank by the trainer; this only silences torchrun's warning.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    # A failure is reported below in one line (its rank printed the details): torchrun's own
+    # "failed (exitcode: ...)" log line would only repeat it.
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     try:
         run(parse_args(args))
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        if failure.exitcode == 2:
-            return 2  # a user error, already printed by rank 0
-        raise RuntimeError(f"training failed on rank {rank} (exit code {failure.exitcode}); "
-                           "its error is printed above") from None
+        # Ranks that torchrun stopped after the first failure died of its signal (a negative
+        # exit code): they are not the cause, and rank 0 among them is the usual one. Failure
+        # times have one-second resolution, so a rank that failed on its own because it lost
+        # its peer cannot be told from the first one: name every rank that failed on its own.
+        failures = sorted((rank, f.exitcode) for rank, f in e.failures.items())
+        failed = [(rank, code) for rank, code in failures if code > 0] or failures
+        if any(code == 2 for _, code in failed):
+            return 2  # a user error, already printed (by rank 0, or by the rank that met it)
+        ranks = ", ".join(str(rank) for rank, _ in failed)
+        codes = ", ".join(str(code) for _, code in failed)
+        if len(failed) == 1:
+            raise RuntimeError(f"training failed on rank {ranks} (exit code {codes}); its "
+                               "error is printed above") from None
+        raise RuntimeError(f"training failed on ranks {ranks} (exit codes {codes}); their errors "
+                           "are printed above, and the first is the cause (a rank that loses "
+                           "its peer fails too)") from None
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A batch is cut from Arrow arrays converted once per row group, never built row by row.
 Every epoch yields exactly ``steps`` batches on every rank: a rank with fewer ratings wraps
-around its (reshuffled) row groups, so uneven shards cannot make one rank wait forever.
+around its row groups (rows reshuffled), so uneven shards cannot make one rank wait forever.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ COLUMNS = ["user_id", "item_id", "rating"]
 def read_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row group as (int64 users, int64 items, float32 ratings)."""
     table = pq.ParquetFile(piece.path).read_row_group(piece.row_group, columns=COLUMNS)
+    if table.num_rows != piece.rows:  # possible only with --verify none
+        # A ValueError, not an InputError: only the rank reading this row group sees it.
+        raise ValueError(f"shard {piece.path.parent.name}/{piece.path.name}: row group "
+                         f"{piece.row_group} has {table.num_rows:,} rows, manifest says "
+                         f"{piece.rows:,}")
     return (table.column(0).to_numpy().astype(np.int64),
             table.column(1).to_numpy().astype(np.int64),
             table.column(2).to_numpy().astype(np.float32))
@@ -35,11 +40,14 @@ def steps_per_epoch(pieces: list[Piece], batch_size: int) -> int:
 
 
 class TrainBatches(IterableDataset):
-    """One epoch of one rank's training batches, shuffled by (seed, epoch, rank, worker).
+    """One epoch of one rank's training batches, shuffled by (seed, epoch, rank).
 
-    Row groups are visited in a seeded random order and their rows permuted; with
-    ``num_workers`` > 0 each DataLoader worker takes every k-th row group and an equal
-    share of the steps, and the DataLoader's round-robin keeps the order deterministic.
+    Row groups are visited in a seeded random order, wrapping around until ``steps``
+    batches are cut, and each visit permutes its rows with its own seeded stream. That plan
+    is a function of (seed, epoch, rank) alone: with ``num_workers`` > 0 every DataLoader
+    worker cuts its own contiguous run of the same batches, reading only the row groups that
+    run covers, so workers yield exactly the batches of a single-process loader (each rating
+    once per pass), in the DataLoader's deterministic round-robin order.
     """
 
     def __init__(self, pieces: list[Piece], batch_size: int, steps: int, seed: int,
@@ -52,35 +60,37 @@ class TrainBatches(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        order = [self.pieces[i] for i in rng.permutation(len(self.pieces))]
-        mine = order[worker::workers] or order  # more workers than pieces: share them
-        steps = self.steps // workers + (worker < self.steps % workers)
-        return _batches(mine, self.batch_size, steps, rng)
+        first = self.steps * worker // workers
+        last = self.steps * (worker + 1) // workers
+        return self._batches(first * self.batch_size, last * self.batch_size)
 
-
-def _batches(pieces: list[Piece], batch_size: int, steps: int,
-             rng: np.random.Generator) -> Iterator[Batch]:
-    pending: list[tuple[np.ndarray, ...]] = []
-    buffered = 0
-    produced = 0
-    index = 0
-    while produced < steps:
-        while buffered < batch_size:
-            columns = read_piece(pieces[index % len(pieces)])
-            index += 1
-            permutation = rng.permutation(len(columns[0]))
-            pending.append(tuple(c[permutation] for c in columns))
-            buffered += len(permutation)
-        merged = [np.concatenate(parts) for parts in zip(*pending)]
-        for start in range(0, buffered - batch_size + 1, batch_size):
-            if produced == steps:
-                return
-            yield tuple(torch.from_numpy(c[start:start + batch_size]) for c in merged)
-            produced += 1
-        used = (buffered // batch_size) * batch_size
-        pending = [tuple(c[used:] for c in merged)]
-        buffered -= used
+    def _batches(self, start: int, stop: int) -> Iterator[Batch]:
+        """Batches cut from rows [start, stop) of the epoch's stream (multiples of the batch)."""
+        order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(
+            len(self.pieces))
+        pending: list[tuple[np.ndarray, ...]] = []
+        buffered = 0
+        offset = 0  # stream position of the current visit's first row
+        visit = 0
+        while offset < stop:
+            piece = self.pieces[order[visit % len(order)]]
+            end = offset + piece.rows
+            if end > start:  # rows before this worker's run are skipped without reading
+                columns = read_piece(piece)
+                rng = np.random.default_rng([self.seed, self.epoch, self.rank, visit])
+                keep = rng.permutation(piece.rows)[max(start - offset, 0):min(stop, end) - offset]
+                pending.append(tuple(c[keep] for c in columns))
+                buffered += len(keep)
+                if buffered >= self.batch_size:
+                    merged = [np.concatenate(parts) for parts in zip(*pending)]
+                    used = (buffered // self.batch_size) * self.batch_size
+                    for cut in range(0, used, self.batch_size):
+                        yield tuple(torch.from_numpy(c[cut:cut + self.batch_size])
+                                    for c in merged)
+                    pending = [tuple(c[used:] for c in merged)]
+                    buffered -= used
+            offset = end
+            visit += 1
 
 
 def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool) -> DataLoader:

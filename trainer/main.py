@@ -74,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(values: dict, rank: int) -> int:
-    model_config = config_from_values(ModelConfig, values)
-    optim_config = config_from_values(OptimConfig, values)
-    train_config = config_from_values(TrainConfig, values)
-    clusters = values.get("clusters", ClusterConfig.clusters)
-    post = cluster_config({**values, "clusters": max(clusters, 2)})
+    try:
+        model_config = config_from_values(ModelConfig, values)
+        optim_config = config_from_values(OptimConfig, values)
+        train_config = config_from_values(TrainConfig, values)
+        clusters = values.get("clusters", ClusterConfig.clusters)
+        post = cluster_config({**values, "clusters": max(clusters, 2)})
+    except ValueError as e:  # a bad flag: the same on every rank
+        raise InputError(str(e)) from e
     env = init_distributed(train_config.device, train_config.backend, train_config.timeout_s)
     try:
         torch.set_num_threads(train_config.threads or max(
@@ -99,7 +102,10 @@ def configure_logging(rank: int) -> None:
 
 
 def _fail(error: Exception, rank: int) -> int:
-    """User errors are the same on every rank: rank 0 prints the one line."""
-    if rank == 0:
-        print(f"shardmf: error: {error}", file=sys.stderr)
+    """An InputError is the same on every rank (flags, manifest, checkpoint): rank 0 prints
+    the one line. Another ValueError may hit one rank alone (pyarrow on a damaged row group),
+    so whichever rank meets it says so: a silent rank would leave nothing to read."""
+    if rank == 0 or not isinstance(error, InputError):
+        where = f"rank {rank}: " if rank else ""
+        print(f"shardmf: error: {where}{error}", file=sys.stderr)
     return 2

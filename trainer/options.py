@@ -84,16 +84,40 @@ def load_toml(path: Path, config_classes: tuple[type, ...]) -> dict:
         if name not in known:
             raise InputError(f"--config {path}: unknown key {key!r}; known keys are "
                              f"{', '.join(sorted(known))}")
-        if isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
+        values[name] = _toml_value(path, key, value, known[name])
     return values
+
+
+def _toml_value(path: Path, key: str, value, kind):
+    """A TOML value checked against its field's type, so a wrong type is one clear error."""
+    origin = typing.get_origin(kind)
+    union = origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
+    for option in [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]:
+        base = typing.get_origin(option) or option
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if base is float and number:
+            return float(value)
+        if base is int and number and int(value) == value:  # 3 or 3.0, never 3.5
+            return int(value)
+        if base is tuple and isinstance(value, list):
+            return tuple(value)
+        if base in (bool, str, dict) and isinstance(value, base):
+            return value
+    raise InputError(f"--config {path}: {key} = {value!r} is not a valid "
+                     f"{getattr(kind, '__name__', str(kind))}")
 
 
 def _parser_for(kind):
     origin = typing.get_origin(kind)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        if set(args) == {int, str}:  # e.g. --clusters 20 | auto: a number when it is one
+            def int_or_text(text: str) -> int | str:
+                try:
+                    return int(text)
+                except ValueError:
+                    return text
+            return int_or_text
         return _parser_for(args[0])
     if origin is tuple:
         return _number_pair

@@ -1,0 +1,544 @@
+"""Single-process tests of the trainer: manifest checks, rank striding, batches, model, eval,
+options and configs. Rank and world size are arguments, so "rank 1 of 2" is built here
+without any process group; the real multi-process runs are in test_distributed.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from launch.torchrun import TorchrunOptions
+from trainer.baseline import bias_baseline_rmse
+from trainer.clustering import ClusterConfig
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.data import TrainBatches, eval_batches, read_piece, steps_per_epoch, train_loader
+from trainer.distributed import DistEnv
+from trainer.errors import InputError
+from trainer.main import build_parser
+from trainer.main import main as trainer_main
+from trainer.model import BiasedMF
+from trainer.options import (
+    TRAIN_CONFIGS,
+    add_config_arguments,
+    apply_config_file,
+    config_from_values,
+    field_comments,
+)
+from trainer.shards import Piece, open_shards, pieces_for_rank
+from trainer.train import evaluate, train
+
+torch.set_num_threads(1)
+
+SINGLE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
+                 device=torch.device("cpu"), backend=None)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def copy_shards(shards_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's shards, safe to damage."""
+    return Path(shutil.copytree(shards_dir, tmp_path / "shards"))
+
+
+def edit_manifest(shards: Path, change) -> None:
+    path = shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def write_pieces(path: Path, sizes: list[int]) -> list[Piece]:
+    """One Parquet file whose row groups have the given sizes; user_id numbers the rows
+    0..n-1, so a row's identity survives any shuffle."""
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
+                        ("rating", pa.float32())])
+    start = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for size in sizes:
+            ids = np.arange(start, start + size, dtype=np.int64)
+            writer.write_table(pa.table({"user_id": ids, "item_id": ids % 7,
+                                         "rating": (ids % 5 + 1).astype(np.float32)},
+                                        schema=schema), row_group_size=size)
+            start += size
+    assert [pq.ParquetFile(path).metadata.row_group(i).num_rows
+            for i in range(len(sizes))] == sizes
+    return [Piece(path, index, size) for index, size in enumerate(sizes)]
+
+
+def batches(dataset: TrainBatches, workers: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    return list(train_loader(dataset, workers, pin_memory=False))
+
+
+def row_ids(batch_list) -> list[int]:
+    return [int(u) for users, _, _ in batch_list for u in users]
+
+
+# --- manifest verification -------------------------------------------------------------
+
+
+def test_open_shards_reads_global_facts(trainer_shards_dir: Path) -> None:
+    shards = open_shards(trainer_shards_dir, "full")
+    assert shards.num_users == 300 and shards.num_items == 150
+    assert shards.scale == (1.0, 5.0)
+    assert 1.0 < shards.train_mean < 5.0
+    assert sum(p.rows for p in shards.pieces("train")) == shards.rows("train")
+    assert len(shards.pieces("train")) > 4  # several row groups per shard
+
+
+def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(InputError, match=r"manifest\.json: not found.*unfinished"):
+        open_shards(tmp_path / "shards")
+    with pytest.raises(InputError, match=r"nowhere[/\\]manifest\.json: not found"):
+        open_shards(tmp_path / "nowhere")
+
+
+def test_bad_manifest_version(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    edit_manifest(shards, lambda m: m.update(format_version=99))
+    with pytest.raises(InputError, match=r"manifest\.json: format version 99"):
+        open_shards(shards)
+
+
+def test_manifest_not_json(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    (shards / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"manifest\.json: not valid JSON"):
+        open_shards(shards)
+
+
+def test_missing_shard_file(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    (shards / "train" / "part-00002.parquet").unlink()
+    with pytest.raises(InputError, match=r"shard train/part-00002\.parquet: missing"):
+        open_shards(shards)
+
+
+def test_changed_byte_size(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    with (shards / "val" / "part-00001.parquet").open("ab") as handle:
+        handle.write(b"extra")
+    with pytest.raises(InputError, match=r"shard val/part-00001\.parquet: [\d,]+ bytes, "
+                                         r"manifest says [\d,]+"):
+        open_shards(shards)
+
+
+def test_row_count_mismatch(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    edit_manifest(shards, lambda m: m["files"]["train"][1].update(
+        rows=m["files"]["train"][1]["rows"] + 1))
+    with pytest.raises(InputError, match=r"shard train/part-00001\.parquet: [\d,]+ rows, "
+                                         r"manifest says [\d,]+"):
+        open_shards(shards)
+
+
+def test_row_group_mismatch(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+
+    def regroup(manifest: dict) -> None:
+        groups = manifest["files"]["train"][0]["row_groups"]
+        manifest["files"]["train"][0]["row_groups"] = [groups[0] + groups[1], *groups[2:]]
+
+    edit_manifest(shards, regroup)
+    with pytest.raises(InputError, match=r"shard train/part-00000\.parquet: row groups"):
+        open_shards(shards)
+
+
+def test_checksum_only_checked_in_full_mode(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    path = shards / "test" / "part-00003.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the data pages: same size, same footer
+    path.write_bytes(bytes(data))
+    open_shards(shards, "quick")
+    open_shards(shards, "none")
+    with pytest.raises(InputError, match=r"shard test/part-00003\.parquet: checksum"):
+        open_shards(shards, "full")
+
+
+def test_unknown_verify_mode(trainer_shards_dir: Path) -> None:
+    with pytest.raises(InputError, match="--verify 'fast'"):
+        open_shards(trainer_shards_dir, "fast")
+
+
+def test_row_group_size_is_checked_when_reading(trainer_shards_dir: Path,
+                                                tmp_path: Path) -> None:
+    """With --verify none a wrong manifest is caught where a row group is read."""
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    edit_manifest(shards, lambda m: m["files"]["train"][0].update(
+        row_groups=[1999, *m["files"]["train"][0]["row_groups"][1:]]))
+    piece = open_shards(shards, "none").pieces("train")[0]
+    with pytest.raises(ValueError, match=r"train/part-00000\.parquet: row group 0 has 2,000 "
+                                         r"rows, manifest says 1,999"):
+        read_piece(piece)
+
+
+# --- row groups per rank ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 12])
+def test_pieces_for_rank_cover_every_row_group_once(trainer_shards_dir: Path,
+                                                    world_size: int) -> None:
+    pieces = open_shards(trainer_shards_dir).pieces("train")
+    shares = [pieces_for_rank(pieces, rank, world_size) for rank in range(world_size)]
+    taken = Counter((p.path, p.row_group) for share in shares for p in share)
+    assert sorted(taken) == sorted((p.path, p.row_group) for p in pieces)
+    assert set(taken.values()) == {1}
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shares == [pieces_for_rank(pieces, rank, world_size) for rank in range(world_size)]
+
+
+def test_pieces_skip_empty_row_groups(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    shards = copy_shards(trainer_shards_dir, tmp_path)
+    edit_manifest(shards, lambda m: m["files"]["val"][0].update(row_groups=[0]))
+    assert len(open_shards(shards, "none").pieces("val")) == 3
+
+
+# --- training batches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_batches_for_rank_of_two(trainer_shards_dir: Path, rank: int) -> None:
+    """Rank r of 2, built in-process: exactly `steps` full batches (steps agreed as max)."""
+    pieces = open_shards(trainer_shards_dir).pieces("train")
+    rank_batch = 300
+    steps = max(steps_per_epoch(pieces_for_rank(pieces, r, 2), rank_batch) for r in (0, 1))
+    mine = pieces_for_rank(pieces, rank, 2)
+    got = batches(TrainBatches(mine, rank_batch, steps, seed=0, epoch=0, rank=rank))
+    assert len(got) == steps
+    for users, items, ratings in got:
+        assert users.shape == items.shape == ratings.shape == (rank_batch,)
+        assert users.dtype == items.dtype == torch.int64 and ratings.dtype == torch.float32
+        assert int(users.max()) < 300 and int(items.max()) < 150
+    # Every rating of the rank is seen in the epoch (the shortfall rank wraps around).
+    mine_rows = {(int(u), int(i)) for piece in mine for u, i in zip(*read_piece(piece)[:2])}
+    seen = {(int(u), int(i)) for users, items, _ in got for u, i in zip(users, items)}
+    assert seen == mine_rows
+
+
+def test_batches_deterministic_per_seed_and_epoch(tmp_path: Path) -> None:
+    pieces = write_pieces(tmp_path / "p.parquet", [100, 60, 140])
+    one = row_ids(batches(TrainBatches(pieces, 50, 6, seed=3, epoch=1, rank=0)))
+    assert one == row_ids(batches(TrainBatches(pieces, 50, 6, seed=3, epoch=1, rank=0)))
+    assert sorted(one) == list(range(300))
+    for other in (dict(seed=3, epoch=2, rank=0), dict(seed=4, epoch=1, rank=0),
+                  dict(seed=3, epoch=1, rank=1)):
+        changed = row_ids(batches(TrainBatches(pieces, 50, 6, **other)))
+        assert changed != one, other
+        assert sorted(changed) == list(range(300)), other
+
+
+def test_every_rating_once_when_steps_fill_the_epoch(tmp_path: Path) -> None:
+    pieces = write_pieces(tmp_path / "p.parquet", [120, 80, 100, 20])
+    assert steps_per_epoch(pieces, 40) == 8
+    got = batches(TrainBatches(pieces, 40, 8, seed=0, epoch=0, rank=0))
+    assert [len(b[0]) for b in got] == [40] * 8
+    assert sorted(row_ids(got)) == list(range(320))
+    # Ratings travel with their ids (the three columns are permuted together).
+    for users, items, ratings in got:
+        assert torch.equal(items, users % 7)
+        assert torch.equal(ratings, (users % 5 + 1).float())
+
+
+def test_wrap_around_on_a_short_rank(tmp_path: Path) -> None:
+    """A rank with 150 rows asked for 10 batches of 40 (the other rank's step count)."""
+    pieces = write_pieces(tmp_path / "p.parquet", [100, 50])
+    got = batches(TrainBatches(pieces, 40, 10, seed=0, epoch=0, rank=1))
+    ids = row_ids(got)
+    assert len(got) == 10 and all(len(b[0]) == 40 for b in got)
+    assert sorted(ids[:150]) == list(range(150))  # the first pass sees each rating once
+    counts = Counter(ids)
+    assert set(counts) == set(range(150)) and set(counts.values()) <= {2, 3}
+    assert ids[150:300] != ids[:150]  # rows are reshuffled on the second pass
+
+
+@pytest.mark.parametrize("sizes,batch,steps", [
+    ([130, 70, 45, 200], 64, 7),  # uneven row groups, a partial last batch filled by wrapping
+    ([100, 100, 100, 100], 50, 8),  # exactly one pass
+    ([30], 16, 5),  # more workers' runs than row groups, several passes
+])
+def test_two_loader_workers_yield_the_same_multiset(tmp_path: Path, sizes, batch,
+                                                     steps) -> None:
+    pieces = write_pieces(tmp_path / "p.parquet", sizes)
+    dataset = TrainBatches(pieces, batch, steps, seed=1, epoch=2, rank=0)
+    inline = batches(dataset, workers=0)
+    workers = batches(dataset, workers=2)
+    assert len(inline) == len(workers) == steps
+    assert all(len(b[0]) == batch for b in workers)
+    assert Counter(row_ids(inline)) == Counter(row_ids(workers))
+    assert row_ids(workers) == row_ids(batches(dataset, workers=2))  # deterministic order
+
+
+def test_no_pieces_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no training row groups"):
+        TrainBatches([], 8, 1, seed=0, epoch=0, rank=0)
+
+
+def test_eval_batches_cover_rows_in_order(tmp_path: Path) -> None:
+    pieces = write_pieces(tmp_path / "p.parquet", [10, 7])
+    got = list(eval_batches(pieces, 4))
+    assert [len(b[0]) for b in got] == [4, 4, 2, 4, 3]
+    assert row_ids(got) == list(range(17))
+
+
+# --- the model -------------------------------------------------------------------------
+
+
+def small_model(sparse: bool = True, **config) -> BiasedMF:
+    torch.manual_seed(0)
+    return BiasedMF(6, 4, 3.5, ModelConfig(dim=3, **config), sparse=sparse)
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_forward_shapes(size: int) -> None:
+    model = small_model()
+    users = torch.zeros(size, dtype=torch.int64)
+    items = torch.arange(size, dtype=torch.int64) % 4
+    prediction, penalty = model(users, items)
+    assert prediction.shape == penalty.shape == (size,)
+    assert model.predict(users, items, (1.0, 5.0)).shape == (size,)
+
+
+def test_prediction_and_penalty_math() -> None:
+    model = small_model(reg=0.1, bias_reg=0.01)
+    with torch.no_grad():
+        model.user_factors.weight[2] = torch.tensor([1.0, 2.0, 0.5])
+        model.item_factors.weight[3] = torch.tensor([0.5, -1.0, 2.0])
+        model.user_bias.weight[2] = 0.25
+        model.item_bias.weight[3] = -0.5
+    prediction, penalty = model(torch.tensor([2]), torch.tensor([3]))
+    dot = 0.5 - 2.0 + 1.0
+    assert prediction.item() == pytest.approx(3.5 + 0.25 - 0.5 + dot)
+    norms = (1 + 4 + 0.25) + (0.25 + 1 + 4)
+    assert penalty.item() == pytest.approx(0.1 * norms + 0.01 * (0.25 ** 2 + 0.5 ** 2))
+    # predict clamps to the rating scale; forward does not.
+    with torch.no_grad():
+        model.user_bias.weight[2] = 10.0
+    assert model(torch.tensor([2]), torch.tensor([3]))[0].item() > 5
+    assert model.predict(torch.tensor([2]), torch.tensor([3]), (1.0, 5.0)).item() == 5.0
+
+
+def test_sparse_gradients_touch_only_batch_rows() -> None:
+    model = small_model(sparse=True)
+    users, items = torch.tensor([1, 4, 1]), torch.tensor([0, 2, 0])
+    prediction, penalty = model(users, items)
+    ((prediction - 4.0).square() + penalty).sum().backward()
+    for table, touched in ((model.user_factors, {1, 4}), (model.user_bias, {1, 4}),
+                           (model.item_factors, {0, 2}), (model.item_bias, {0, 2})):
+        grad = table.weight.grad
+        assert grad.is_sparse
+        assert set(grad.coalesce().indices()[0].tolist()) == touched
+    before = model.user_factors.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    after = model.user_factors.weight.detach()
+    assert torch.equal(before[[0, 2, 3, 5]], after[[0, 2, 3, 5]])
+    assert not torch.equal(before[[1, 4]], after[[1, 4]])
+
+
+def test_dense_gradients_are_zero_off_the_batch() -> None:
+    """Per-example regularisation: untouched rows get no gradient (no dense weight decay)."""
+    model = small_model(sparse=False, reg=1.0, bias_reg=1.0)
+    prediction, penalty = model(torch.tensor([1]), torch.tensor([2]))
+    ((prediction - 4.0).square() + penalty).sum().backward()
+    grad = model.user_factors.weight.grad
+    assert not grad.is_sparse
+    assert grad[1].abs().sum() > 0 and grad[[0, 2, 3, 4, 5]].abs().sum() == 0
+
+
+# --- evaluation and the baseline -------------------------------------------------------
+
+
+def test_evaluate_known_rmse_and_mae(tmp_path: Path) -> None:
+    path = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([0, 1, 2, 3], pa.int64()),
+                             "item_id": pa.array([0, 1, 0, 1], pa.int64()),
+                             "rating": pa.array([1.0, 2.0, 4.0, 5.0], pa.float32())}), path)
+    pieces = [Piece(path, 0, 4)]
+    model = BiasedMF(4, 2, 3.0, ModelConfig(dim=2))
+    with torch.no_grad():
+        model.user_factors.weight.zero_()  # predictions are exactly the global mean
+    config = TrainConfig(eval_batch_size=3)  # two evaluation batches
+    rmse, mae = evaluate(model, pieces, (1.0, 5.0), config, SINGLE)
+    assert rmse == pytest.approx(math.sqrt((4 + 1 + 1 + 4) / 4))
+    assert mae == pytest.approx(1.5)
+    with torch.no_grad():
+        model.global_mean.fill_(9.0)  # clamped to 5 stars before scoring
+    rmse, mae = evaluate(model, pieces, (1.0, 5.0), config, SINGLE)
+    assert rmse == pytest.approx(math.sqrt((16 + 9 + 1 + 0) / 4))
+    assert mae == pytest.approx(2.0)
+    assert evaluate(model, [], (1.0, 5.0), config, SINGLE) == (None, None)
+
+
+def test_bias_baseline_beats_the_mean(trainer_shards_dir: Path) -> None:
+    shards = open_shards(trainer_shards_dir)
+    mean = shards.train_mean
+    ratings = np.concatenate([read_piece(p)[2] for p in shards.pieces("test")])
+    mean_rmse = float(np.sqrt(np.mean((ratings - mean) ** 2)))
+    baseline = bias_baseline_rmse(shards, SINGLE)
+    assert baseline < mean_rmse
+
+
+# --- the loop in one process -----------------------------------------------------------
+
+
+SMALL = dict(batch_size=256, seed=0, threads=1, patience=0)
+
+
+def run_train(shards: Path, run: Path, **options) -> dict:
+    return train(shards, run, ModelConfig(dim=8, reg=0.02), OptimConfig(optimizer="sgd", lr=0.03),
+                 TrainConfig(**{**SMALL, **options}), SINGLE)
+
+
+def test_train_resume_equals_uninterrupted(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    straight = run_train(trainer_shards_dir, tmp_path / "straight", epochs=3)
+    run_train(trainer_shards_dir, tmp_path / "resumed", epochs=1)
+    resumed = run_train(trainer_shards_dir, tmp_path / "resumed", epochs=3, resume=True)
+    assert resumed["test_rmse"] == straight["test_rmse"]
+    assert resumed["epochs"] == 3
+    history = [json.loads(line) for line in
+               (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    straight_history = [json.loads(line) for line in
+                        (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["val_rmse"] for h in history] == [h["val_rmse"] for h in straight_history]
+    assert straight["test_rmse"] < 0.8 * straight["baseline_test_rmse"]
+
+
+def test_resume_without_checkpoint(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"--resume: .*checkpoint\.pt not found"):
+        run_train(trainer_shards_dir, tmp_path / "run", epochs=1, resume=True)
+
+
+def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    """Patience 1 without lr decay: validation RMSE turns up after a few epochs (epoch 5 of
+    this data and seed), training stops one epoch later and the model kept is the best."""
+    run = tmp_path / "run"
+    metrics = train(trainer_shards_dir, run, ModelConfig(dim=8, reg=0.02),
+                    OptimConfig(optimizer="sgd", lr=0.03, lr_decay=1.0),
+                    TrainConfig(**{**SMALL, "patience": 1}, epochs=8), SINGLE)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda h: h["val_rmse"])
+    assert metrics["best_epoch"] == best["epoch"] < metrics["epochs"] == len(history) < 8
+    assert metrics["epochs"] == best["epoch"] + 1
+    assert metrics["val_rmse"] == best["val_rmse"]
+    shards = open_shards(trainer_shards_dir)
+    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, ModelConfig(dim=8))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
+    rmse, _ = evaluate(model, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
+    assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)
+
+
+# --- options and configs ---------------------------------------------------------------
+
+
+ALL_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig, TorchrunOptions)
+
+
+@pytest.mark.parametrize("cls", ALL_CONFIGS)
+def test_every_field_has_a_comment_and_a_flag(cls) -> None:
+    comments = field_comments(cls)
+    assert set(comments) == {f.name for f in fields(cls)}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, cls)
+    for item in fields(cls):
+        action = next(a for a in parser._actions if a.dest == item.name)
+        assert action.option_strings[0] == "--" + item.name.replace("_", "-")
+        assert action.help.startswith(comments[item.name].replace("%", "%%"))
+        assert f"(default: {item.default})" in action.help
+        assert action.default is argparse.SUPPRESS  # the dataclass owns defaults
+
+
+def test_flags_parse_into_configs() -> None:
+    values = vars(build_parser().parse_args(
+        ["S", "--out", "R", "--dim", "8", "--lr", "0.1", "--resume", "--no-resume",
+         "--verify", "full", "--clusters", "3"]))
+    assert values["dim"] == 8 and values["lr"] == 0.1 and values["resume"] is False
+    assert "epochs" not in values  # not given: the dataclass default applies
+    assert config_from_values(ModelConfig, values) == ModelConfig(dim=8)
+    assert config_from_values(TrainConfig, values).verify == "full"
+
+
+def test_toml_below_flags(tmp_path: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text('epochs = 7\nlr = 0.1\nbatch-size = 64\noptimizer = "adagrad"\n'
+                      'resume = true\n')
+    parsed = vars(build_parser().parse_args(
+        ["S", "--out", "R", "--config", str(config), "--epochs", "3", "--no-resume"]))
+    values = apply_config_file(parsed, TRAIN_CONFIGS)
+    train_config = config_from_values(TrainConfig, values)
+    assert train_config.epochs == 3  # flag wins
+    assert train_config.batch_size == 64  # kebab-case key from the file
+    assert train_config.resume is False  # a negated flag wins too
+    assert config_from_values(OptimConfig, values) == OptimConfig(optimizer="adagrad", lr=0.1)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochz = 3\n", r"unknown key 'epochz'; known keys are .*epochs"),
+    ("epochs = \n", "not valid TOML"),
+    ('epochs = "3"\n', r"epochs = '3' is not a valid int"),
+    ("epochs = 2.5\n", r"epochs = 2.5 is not a valid int"),
+    ("resume = 1\n", r"resume = 1 is not a valid bool"),
+])
+def test_bad_toml(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(InputError, match=rf"--config .*bad\.toml: {message}"):
+        apply_config_file({"config": str(config)}, TRAIN_CONFIGS)
+
+
+def test_missing_toml(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        apply_config_file({"config": str(tmp_path / "none.toml")}, TRAIN_CONFIGS)
+
+
+def test_entry_point_reports_bad_config_in_one_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("epochz = 3\n")
+    assert trainer_main(["S", "--out", str(tmp_path / "r"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shardmf: error: --config")
+
+
+def test_entry_point_error_lines_per_rank(capsys) -> None:
+    """An InputError is the same on every rank: only rank 0 prints it. Another ValueError may
+    be one rank's alone (a damaged row group), so that rank prints it, naming itself."""
+    from trainer.main import _fail
+
+    assert _fail(InputError("bad flag"), rank=1) == 2
+    assert capsys.readouterr().err == ""
+    assert _fail(InputError("bad flag"), rank=0) == 2
+    assert capsys.readouterr().err == "shardmf: error: bad flag\n"
+    assert _fail(ValueError("row group 3 unreadable"), rank=1) == 2
+    assert capsys.readouterr().err == "shardmf: error: rank 1: row group 3 unreadable\n"
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: ModelConfig(dim=0), "--dim 0: expected at least 1"),
+    (lambda: ModelConfig(reg=-1.0), "--reg -1.0: expected >= 0"),
+    (lambda: OptimConfig(optimizer="rmsprop"), "--optimizer 'rmsprop': expected sgd"),
+    (lambda: OptimConfig(lr=0.0), "--lr 0.0: expected > 0"),
+    (lambda: OptimConfig(lr_decay=1.5), "--lr-decay 1.5: expected 0 < x <= 1"),
+    (lambda: TrainConfig(epochs=0), "--epochs 0: expected at least 1"),
+    (lambda: TrainConfig(batch_size=0), "--batch-size 0"),
+    (lambda: TrainConfig(device="tpu"), "--device 'tpu'"),
+    (lambda: TrainConfig(verify="some"), "--verify 'some'"),
+    (lambda: TrainConfig(timeout_s=5), "--timeout-s 5: expected at least 10"),
+    (lambda: ClusterConfig(clusters=1), "--clusters 1: expected at least 2"),
+    (lambda: TorchrunOptions(nproc=0), "--nproc 0"),
+    (lambda: TorchrunOptions(nnodes=2), "--nnodes 2 needs --rdzv-endpoint"),
+])
+def test_config_validation(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
