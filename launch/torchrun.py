@@ -57,7 +57,8 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
     from trainer.shards import open_shards
 
     configs = [config_from_values(cls, values) for cls in TRAIN_CONFIGS]
-    cluster_config({**values, "clusters": max(values.get("clusters", 2), 2)})
+    if values.get("clusters") != 0:
+        cluster_config(values)
     train_config = configs[-1]
     shards = open_shards(shards_dir, train_config.verify)
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:

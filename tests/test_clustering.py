@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -14,19 +15,28 @@ import pytest
 
 from trainer import clustering
 from trainer.clustering import ClusterConfig, ClusterResult, cluster_items, write_cluster_outputs
+from trainer.options import add_config_arguments
 
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
-OUTPUTS = {"item_clusters.parquet", "clusters.json", "clusters_pca.png", "report.md"}
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Western"]
+OUTPUTS = {
+    "item_clusters.parquet",
+    "clusters.json",
+    "clusters_pca.png",
+    "report.html",
+    "report.md",
+}
 
 
-def planted(n_per_blob: int = 40, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
-    """Six well-separated blobs, blob b's items tagged with genre b (every third also b+1)."""
+def planted(
+    n_per_blob: int = 40, dim: int = 8, seed: int = 0, blobs: int = 6
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Well-separated blobs, blob b's items tagged with genre b (every third also b+1)."""
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(len(GENRES), dim)) * 10
-    blob = np.repeat(np.arange(len(GENRES)), n_per_blob)
+    centers = rng.normal(size=(blobs, dim)) * 10
+    blob = np.repeat(np.arange(blobs), n_per_blob)
     embeddings = centers[blob] + rng.normal(scale=0.1, size=(len(blob), dim))
     genres = [
-        f"{GENRES[b]}|{GENRES[(b + 1) % len(GENRES)]}" if i % 3 == 0 else GENRES[b]
+        f"{GENRES[b]}|{GENRES[(b + 1) % blobs]}" if i % 3 == 0 else GENRES[b]
         for i, b in enumerate(blob)
     ]
     return embeddings.astype(np.float32), catalogue(genres, rng)
@@ -104,7 +114,11 @@ def test_purity_lift_and_multilabel_purity_by_hand() -> None:
     assert result.scores["purity"]["score"] == pytest.approx(5 / 8)
     assert result.scores["multilabel_purity"]["score"] == pytest.approx(6 / 8)
     first = result.clusters[result.labels[0]]["genres"]
-    assert first[0] == {"genre": "Action", "share": 0.75, "lift": pytest.approx(1.5)}
+    assert first[0] == {"genre": "Action", "items": 3, "share": 0.75, "lift": pytest.approx(1.5)}
+    # The whole distribution is kept, commonest first, each genre with its lift.
+    assert [g["genre"] for g in first] == ["Action", "Comedy", "Drama"]
+    assert first[1]["lift"] == pytest.approx((1 / 4) / (2 / 8))
+    assert result.genre_base_rates[0] == {"genre": "Action", "items": 4, "share": 0.5}
 
 
 def test_min_item_ratings_leaves_items_out_and_counts_them() -> None:
@@ -185,12 +199,20 @@ def test_outputs_are_complete_strict_and_typed(tmp_path: Path) -> None:
     written = strict_json((tmp_path / "clusters.json").read_text())
     assert written == summary
     assert written["k"] == 6
+    assert written["k_requested"] == 6
+    assert written["k_selection"] is None
+    assert written["algorithm"] == "kmeans"
+    assert written["normalize"] is False
     assert written["items_clustered"] == 240
     assert written["items_left_out"] == 0
     assert written["min_item_ratings"] == 20
     assert written["seed"] == 0
     assert set(written["scores"]) == {"silhouette", "nmi", "ari", "purity", "multilabel_purity"}
     assert set(written["scores"]["nmi"]) == {"score", "baseline_mean", "baseline_std", "z"}
+    rates = {rate["genre"]: rate["share"] for rate in written["genre_base_rates"]}
+    tagged = sum("Action" in genres.split("|") for genres in items["genres"])
+    assert rates["Action"] == pytest.approx(tagged / 240)
+    assert sum(c["items_with_genres"] for c in written["clusters"]) == 240
     top = written["clusters"][0]["top_items"][0]
     assert isinstance(top["original_item_id"], int)
     assert top["title"].startswith("Movie ")
@@ -221,6 +243,7 @@ def test_outputs_are_complete_strict_and_typed(tmp_path: Path) -> None:
     assert "std above chance" in report
     assert "](clusters_pca.png)" in report
     assert report.count("\n| ") >= 6 + 4 + 4  # cluster rows, score rows, run figures
+    assert "](report.html)" not in report  # the HTML is named, not linked as a figure
 
 
 def test_string_ids_missing_titles_two_clusters_and_a_singleton(tmp_path: Path) -> None:
@@ -271,11 +294,13 @@ def test_a_failed_write_leaves_no_temporary_files_and_no_report(
             raise OSError("disk full")
         real_replace(source, target)
 
+    write_cluster_outputs(result, tmp_path)  # an earlier, complete clustering of the run
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         write_cluster_outputs(result, tmp_path)
-    # The report is written last, so its absence marks the set as incomplete.
-    assert {p.name for p in tmp_path.iterdir()} == {"item_clusters.parquet", "clusters.json"}
+    # The old reports went first and the new ones come last, so no report is left to
+    # vouch for a half-rewritten set.
+    assert {p.name for p in tmp_path.iterdir()} == OUTPUTS - {"report.md", "report.html"}
 
 
 def test_large_catalogues_estimate_silhouette_on_a_seeded_sample(
@@ -297,6 +322,15 @@ def test_large_catalogues_estimate_silhouette_on_a_seeded_sample(
     ("field", "value"),
     [
         ("clusters", 1),
+        ("clusters", 0),
+        ("clusters", -3),
+        ("clusters", "Auto"),
+        ("clusters", "20"),
+        ("clusters", None),
+        ("k_min", 1),
+        ("k_max", 1),
+        ("algorithm", "dbscan"),
+        ("normalize", "yes"),
         ("min_item_ratings", -1),
         ("top_items", 0),
         ("seed", -1),
@@ -333,3 +367,137 @@ def test_result_is_frozen() -> None:
     assert isinstance(result, ClusterResult)
     with pytest.raises(AttributeError):
         result.labels = np.zeros(1)  # type: ignore[misc]
+
+
+def test_config_rejects_k_max_below_k_min() -> None:
+    with pytest.raises(ValueError, match=r"^--k-max 5: expected at least --k-min \(8\)"):
+        ClusterConfig(clusters="auto", k_min=8, k_max=5)
+
+
+def test_flags_parse_clusters_as_a_number_or_auto() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ClusterConfig)
+
+    def parse(*argv: str) -> dict:
+        return vars(parser.parse_args(argv))
+
+    assert parse("--clusters", "12") == {"clusters": 12}
+    assert parse("--clusters", "auto", "--k-max", "12") == {"clusters": "auto", "k_max": 12}
+    assert parse("--algorithm", "minibatch", "--normalize") == {
+        "algorithm": "minibatch",
+        "normalize": True,
+    }
+    # A typo reaches the config, which names the flag and what it expects.
+    with pytest.raises(ValueError, match=r"^--clusters 'atuo': expected"):
+        ClusterConfig(**parse("--clusters", "atuo"))
+    help_text = " ".join(parser.format_help().split())
+    assert "clusters k (2 or more), or auto: best silhouette over k-min..k-max" in help_text
+
+
+def test_auto_k_finds_the_planted_number_of_blobs(tmp_path: Path) -> None:
+    embeddings, items = planted(n_per_blob=15, blobs=7)
+    result = cluster_items(embeddings, items, ClusterConfig(clusters="auto", baseline_shuffles=5))
+
+    assert result.k == 7
+    selection = result.k_selection
+    assert selection["chosen_k"] == 7
+    assert selection["sample_size"] == 105
+    assert [entry["k"] for entry in selection["silhouette_by_k"]] == list(range(4, 31))
+    best = max(entry["silhouette"] for entry in selection["silhouette_by_k"])
+    assert best == next(e["silhouette"] for e in selection["silhouette_by_k"] if e["k"] == 7)
+    assert result.scores["nmi"]["score"] == pytest.approx(1.0)
+    assert len(result.clusters) == 7
+
+    summary = write_cluster_outputs(result, tmp_path)
+    written = strict_json((tmp_path / "clusters.json").read_text())
+    assert written == summary
+    assert written["k"] == 7
+    assert written["k_requested"] == "auto"
+    assert written["k_selection"]["silhouette_by_k"][0]["k"] == 4
+    assert {p.name for p in tmp_path.iterdir()} == OUTPUTS | {"silhouette_by_k.png"}
+
+    # Clustering the run again with a fixed k removes the now stale k-selection figure.
+    fixed = ClusterConfig(clusters=7, baseline_shuffles=2)
+    write_cluster_outputs(cluster_items(embeddings, items, fixed), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == OUTPUTS
+
+
+def test_auto_k_scans_a_seeded_sample_and_caps_k_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    embeddings, items = planted(n_per_blob=6, blobs=5)  # 30 items
+    monkeypatch.setattr(clustering, "_SELECTION_SAMPLE", 20)
+    config = ClusterConfig(clusters="auto", k_min=3, k_max=40, seed=3, baseline_shuffles=2)
+
+    first = cluster_items(embeddings, items, config)
+    assert first.k_selection["sample_size"] == 20
+    assert first.k_selection["k_max"] == 19  # silhouette needs k <= n - 1
+    assert first.k == 5
+    assert len(first.labels) == 30  # the final fit covers every kept item
+    second = cluster_items(embeddings, items, config)
+    assert first.k_selection == second.k_selection
+    np.testing.assert_array_equal(first.labels, second.labels)
+
+
+def test_auto_k_with_too_few_items_is_a_clear_error() -> None:
+    embeddings, items = planted(n_per_blob=1, blobs=4)
+    with pytest.raises(
+        ValueError,
+        match=r"--clusters auto: --k-min 4 needs at least 5 items with at least 20 training "
+        r"ratings, found 4",
+    ):
+        cluster_items(embeddings, items, ClusterConfig(clusters="auto"))
+
+
+def test_minibatch_recovers_planted_blobs_deterministically() -> None:
+    embeddings, items = planted(n_per_blob=15)
+    config = ClusterConfig(clusters=6, algorithm="minibatch", seed=5, baseline_shuffles=5)
+
+    first = cluster_items(embeddings, items, config)
+    assert first.algorithm == "minibatch"
+    assert first.scores["nmi"]["score"] == pytest.approx(1.0)
+    second = cluster_items(embeddings, items, config)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.distances, second.distances)
+    assert first.scores == second.scores
+
+
+def test_algorithm_auto_switches_to_minibatch_for_large_catalogues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    embeddings, items = planted(n_per_blob=10)  # 60 items
+    config = ClusterConfig(clusters=6, baseline_shuffles=2)
+    assert cluster_items(embeddings, items, config).algorithm == "kmeans"
+    # Lowered from 100,000 so that the switch happens on a small catalogue.
+    monkeypatch.setattr(clustering, "MINIBATCH_ABOVE", 59)
+    result = cluster_items(embeddings, items, config)
+    assert result.algorithm == "minibatch"
+    assert result.scores["nmi"]["score"] == pytest.approx(1.0)
+
+
+def test_normalize_clusters_by_direction_not_length() -> None:
+    # Three directions; the lengths of the vectors spread over 1..50 (as popularity can
+    # spread them), so Euclidean K-Means on the raw vectors splits by length instead.
+    rng = np.random.default_rng(4)
+    directions = np.eye(3, 6) + 0.5
+    blob = np.repeat(np.arange(3), 40)
+    lengths = np.exp(rng.uniform(0, np.log(50), size=(len(blob), 1)))
+    noise = rng.normal(scale=0.02, size=(len(blob), 6))
+    embeddings = (directions[blob] + noise) * lengths
+    items = catalogue([GENRES[b] for b in blob], rng)
+
+    raw = cluster_items(embeddings.astype(np.float32), items, ClusterConfig(clusters=3))
+    cosine = cluster_items(
+        embeddings.astype(np.float32), items, ClusterConfig(clusters=3, normalize=True)
+    )
+    assert raw.scores["nmi"]["score"] < 0.5
+    assert cosine.scores["nmi"]["score"] == pytest.approx(1.0)
+    # Distances and the projection are measured in the clustered (unit-vector) space.
+    assert cosine.distances.max() < 0.2
+    assert np.abs(cosine.projection).max() <= 2.0
+
+
+def test_normalize_keeps_zero_vectors_finite() -> None:
+    embeddings, items = planted(n_per_blob=10)
+    embeddings[0] = 0.0
+    result = cluster_items(embeddings, items, ClusterConfig(clusters=6, normalize=True))
+    assert np.isfinite(result.distances).all()
+    assert result.scores["silhouette"] is not None

@@ -192,10 +192,10 @@ def test_two_ranks_match_one_rank(two_rank_run: Path, trainer_shards_dir: Path,
 
 def test_uneven_shards_take_equal_steps(trainer_uneven_shards_dir: Path,
                                         tmp_path: Path) -> None:
-    """Rank 0 holds about twice rank 1's rows; both take the collective step count."""
+    """The ranks hold different numbers of rows; both take the collective step count."""
     pieces = open_shards(trainer_uneven_shards_dir).pieces("train")
     rows = [sum(p.rows for p in pieces_for_rank(pieces, rank, 2)) for rank in (0, 1)]
-    assert rows[0] >= 1.5 * rows[1], rows  # the fixture really is lopsided
+    assert abs(rows[0] - rows[1]) >= 1000, rows  # the fixture really is uneven
     run = tmp_path / "run"
     shardmf_train(trainer_uneven_shards_dir, run, 2, "--epochs", "2", *NO_CLUSTERS)
     config = json.loads((run / "config.json").read_text())

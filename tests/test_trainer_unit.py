@@ -196,7 +196,8 @@ def test_pieces_for_rank_cover_every_row_group_once(trainer_shards_dir: Path,
     taken = Counter((p.path, p.row_group) for share in shares for p in share)
     assert sorted(taken) == sorted((p.path, p.row_group) for p in pieces)
     assert set(taken.values()) == {1}
-    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    rows = [sum(p.rows for p in share) for share in shares]
+    assert max(rows) - min(rows) <= max(p.rows for p in pieces)
     assert shares == [pieces_for_rank(pieces, rank, world_size) for rank in range(world_size)]
 
 
@@ -542,3 +543,10 @@ def test_entry_point_error_lines_per_rank(capsys) -> None:
 def test_config_validation(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_pieces_for_rank_balance_rows_not_counts() -> None:
+    pieces = [Piece(Path(f"part-{i}"), 0, rows) for i, rows in enumerate([4000, 1000, 1000,
+                                                                          1000, 1000])]
+    shares = [pieces_for_rank(pieces, rank, 2) for rank in range(2)]
+    assert [sum(p.rows for p in share) for share in shares] == [4000, 4000]

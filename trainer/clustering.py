@@ -1,19 +1,23 @@
-"""Rank-0 post-step: cluster the learned item embeddings and report how well they match genre.
+"""Rank-0 post-step: cluster the learned item embeddings and score the clusters against genre.
 
 Matrix factorisation learns item embeddings from ratings alone; if items of
-one genre land in one K-Means cluster, the factors captured genre without
-ever seeing it. Every genre score is quoted beside a shuffled-label baseline
-so that "NMI 0.12" can be read as "far above chance" or "chance".
+one genre land in one cluster, the factors captured genre without ever seeing
+it. Every genre score is quoted beside a shuffled-label baseline so that
+"NMI 0.12" can be read as "far above chance" or "chance".
 
-`cluster_items` is pure computation; `write_cluster_outputs` writes, each file
-atomically, into the run directory:
+`cluster_items` is pure computation (K-Means or MiniBatchKMeans from
+scikit-learn, k given or chosen by silhouette); `write_cluster_outputs` is the
+one entry point that writes, each file atomically, into the run directory:
 
 - ``item_clusters.parquet``: one row per clustered item (original_item_id,
   item_id, title, genres, cluster int32, distance float32).
-- ``clusters.json``: k, counts, scores with baselines, per-cluster summaries.
-- ``clusters_pca.png``: 2-D PCA projection coloured by cluster.
-- ``report.md``: the human summary, written last so that its presence means
-  the other files are complete.
+- ``clusters.json``: k (and how it was chosen), counts, scores with baselines,
+  genre base rates, per-cluster summaries.
+- ``clusters_pca.png``, ``training_curves.png`` (when the run has
+  ``metrics.jsonl``), ``silhouette_by_k.png`` (with ``--clusters auto``).
+- ``report.html`` (self-contained) and ``report.md``, rendered by
+  `trainer.report` and written last: their presence means the other files are
+  complete and belong to the same clustering.
 """
 
 from __future__ import annotations
@@ -32,25 +36,34 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    normalized_mutual_info_score,
+    pairwise_distances,
+    silhouette_score,
+)
 
 logger = logging.getLogger(__name__)
 
-# k-means++ restarts: a few guard against a poor start at little cost; more
-# matter only for catalogues far larger than K-Means is worth running on.
+ALGORITHMS = ("auto", "kmeans", "minibatch")
+# Above this many kept items, algorithm "auto" switches to MiniBatchKMeans: full
+# K-Means passes over every item per iteration and per restart.
+MINIBATCH_ABOVE = 100_000
+# k-means++ restarts: a few guard against a poor start at little cost.
 _KMEANS_INITS = 4
-# Silhouette is O(n^2); above this many items it is estimated on a sample.
+_MINIBATCH_SIZE = 4096  # items per MiniBatchKMeans step
+# Silhouette is O(n^2); above this many items it is estimated on a seeded sample.
 _SILHOUETTE_SAMPLE = 10_000
+# --clusters auto fits every k on one seeded sample of at most this many items and
+# scores it against one precomputed distance matrix (float64: 8 * n^2 bytes, 128 MB).
+_SELECTION_SAMPLE = 4_000
 # MovieLens writes this instead of leaving the genres empty.
 _NO_GENRE_MARKERS = frozenset({"(no genres listed)"})
-_GENRES_PER_CLUSTER = 5  # genre mix entries kept per cluster in clusters.json
-_REPORT_GENRES = 3  # of those, shown per cluster in report.md
-_REPORT_TITLES = 3  # top titles shown per cluster in report.md
-_ANNOTATED_TITLES = 8  # most-rated items labelled on the PCA plot
+_GENRES_PER_CLUSTER = 20  # genre distribution entries kept per cluster in clusters.json
 _GENRE_SCORES = ("nmi", "ari", "purity", "multilabel_purity")
-_SCORE_NAMES = {
+SCORE_NAMES = {
     "nmi": "NMI (primary genre)",
     "ari": "Adjusted Rand index (primary genre)",
     "purity": "Purity (primary genre)",
@@ -60,6 +73,9 @@ _SCORE_NAMES = {
 PARQUET_NAME = "item_clusters.parquet"
 JSON_NAME = "clusters.json"
 PNG_NAME = "clusters_pca.png"
+CURVES_NAME = "training_curves.png"
+K_SELECTION_NAME = "silhouette_by_k.png"
+HTML_NAME = "report.html"
 REPORT_NAME = "report.md"
 
 
@@ -67,7 +83,11 @@ REPORT_NAME = "report.md"
 class ClusterConfig:
     """How item embeddings are clustered and scored; validated on construction."""
 
-    clusters: int = 20  # number of K-Means clusters (k)
+    clusters: int | str = 20  # clusters k (2 or more), or auto: best silhouette over k-min..k-max
+    k_min: int = 4  # smallest k tried by --clusters auto
+    k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
+    algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)
+    normalize: bool = False  # L2-normalise embeddings before clustering (cosine geometry)
     min_item_ratings: int = 20  # items with fewer training ratings are left out (prior-dominated)
     top_items: int = 10  # items listed per cluster, most training ratings first
     seed: int = 0  # random_state for K-Means, PCA, silhouette sampling and the shuffles
@@ -75,8 +95,20 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         # Same wording as the other configs: each field is also a CLI flag.
+        clusters = self.clusters
+        if clusters != "auto":
+            if isinstance(clusters, bool) or not isinstance(clusters, int):
+                raise ValueError(
+                    f"--clusters {clusters!r}: expected an integer of at least 2, or 'auto'"
+                )
+            if clusters < 2:
+                raise ValueError(
+                    f"--clusters {clusters!r}: expected at least 2, or 'auto' (0, which skips "
+                    "clustering, is handled by the training command, not here)"
+                )
         minimums = {
-            "clusters": 2,
+            "k_min": 2,
+            "k_max": 2,
             "min_item_ratings": 0,
             "top_items": 1,
             "seed": 0,
@@ -89,6 +121,12 @@ class ClusterConfig:
                 raise ValueError(f"{flag} {value!r}: expected an integer")
             if value < minimum:
                 raise ValueError(f"{flag} {value!r}: expected at least {minimum}")
+        if self.k_max < self.k_min:
+            raise ValueError(f"--k-max {self.k_max!r}: expected at least --k-min ({self.k_min})")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm {self.algorithm!r}: expected kmeans | minibatch | auto")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"--normalize {self.normalize!r}: expected true or false")
         if self.seed >= 2**32:
             # scikit-learn's random_state accepts 0..2**32-1 only.
             raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
@@ -102,11 +140,18 @@ class ClusterResult:
     """
 
     config: ClusterConfig
+    k: int  # clusters used: config.clusters, or the one chosen by silhouette
+    algorithm: str  # "kmeans" or "minibatch" (config "auto" resolved)
+    # None unless config.clusters == "auto": method, sample_size, k_min, k_max (as
+    # searched), silhouette_by_k [{"k", "silhouette"}], chosen_k.
+    k_selection: dict[str, Any] | None
     # Kept items (train_ratings >= min_item_ratings) in item_id order: item_id,
     # original_item_id, title, genres (null where unknown), train_ratings.
     items: pd.DataFrame
     labels: np.ndarray  # (n_kept,) int32 cluster of each kept item
-    distances: np.ndarray  # (n_kept,) float32 Euclidean distance to its centroid
+    # (n_kept,) float32 Euclidean distance to its centroid, in the clustered space
+    # (unit vectors when config.normalize).
+    distances: np.ndarray
     projection: np.ndarray  # (n_kept, 2) float32 PCA coordinates for the plot
     explained_variance: tuple[float, float]  # variance ratio of the two PCA axes
     items_left_out: int  # items below min_item_ratings
@@ -115,6 +160,9 @@ class ClusterResult:
     # silhouette: float | None; nmi, ari, purity, multilabel_purity: None when
     # genres are unknown, else {"score", "baseline_mean", "baseline_std", "z"}.
     scores: dict[str, Any]
+    # Share of the kept items with genres that carry each genre, commonest first:
+    # [{"genre", "items", "share"}]; empty when genres are unknown.
+    genre_base_rates: list[dict[str, Any]]
     # One dict per cluster: cluster, size, top_items, genres (see clusters.json).
     clusters: list[dict[str, Any]]
 
@@ -122,7 +170,7 @@ class ClusterResult:
 def cluster_items(
     item_embeddings: np.ndarray, items: pd.DataFrame, config: ClusterConfig
 ) -> ClusterResult:
-    """Cluster the embeddings of well-rated items with K-Means and score them against genres.
+    """Cluster the embeddings of well-rated items and score the clusters against genres.
 
     Args:
         item_embeddings: (num_items, dim) float array; row i is contiguous item id i.
@@ -134,13 +182,13 @@ def cluster_items(
         The labels, distances, projection, scores and per-cluster summaries of the kept items.
 
     Raises:
-        ValueError: inputs disagree with the contract, or fewer items than clusters remain.
+        ValueError: inputs disagree with the contract, or too few items remain for k.
     """
     embeddings = _check_inputs(item_embeddings, items)
     train_ratings = items["train_ratings"].to_numpy(dtype=np.int64)
     keep = train_ratings >= config.min_item_ratings
     n_kept = int(keep.sum())
-    if n_kept < config.clusters:
+    if config.clusters != "auto" and n_kept < config.clusters:
         raise ValueError(
             f"--clusters {config.clusters} exceeds the number of items with at least "
             f"{config.min_item_ratings} training ratings ({n_kept}); "
@@ -162,37 +210,44 @@ def cluster_items(
             f"item_embeddings: {bad} kept item(s) have non-finite values; "
             "the checkpoint is corrupt or training diverged"
         )
+    x = _clustering_space(x, config.normalize)
+    algorithm = _resolve_algorithm(config.algorithm, n_kept)
 
-    kmeans = KMeans(n_clusters=config.clusters, n_init=_KMEANS_INITS, random_state=config.seed)
-    labels = kmeans.fit_predict(x).astype(np.int32)
-    centers = kmeans.cluster_centers_[labels]
+    k_selection = None
+    if config.clusters == "auto":
+        k_selection = _choose_k(x, config)
+        k = k_selection["chosen_k"]
+    else:
+        k = config.clusters
+    estimator = _estimator(algorithm, k, config.seed)
+    labels = estimator.fit_predict(x).astype(np.int32)
+    centers = estimator.cluster_centers_[labels]
     distances = np.linalg.norm(x.astype(np.float64) - centers, axis=1).astype(np.float32)
 
     with_genres, vocabulary, membership, primary = _encode_genres(kept["genres"])
     genres_known = len(np.unique(primary)) >= 2
 
-    rng = np.random.default_rng(config.seed)
-    scores: dict[str, Any] = {"silhouette": _silhouette(x, labels, rng)}
+    # Independent streams, so that e.g. the silhouette sample does not depend on k.
+    silhouette_rng, shuffle_rng = (np.random.default_rng([config.seed, i]) for i in (1, 2))
+    scores: dict[str, Any] = {"silhouette": _silhouette(x, labels, silhouette_rng)}
     if genres_known:
         scores.update(
             _genre_scores(
-                labels[with_genres],
-                config.clusters,
-                primary,
-                membership,
-                config.baseline_shuffles,
-                rng,
+                labels[with_genres], k, primary, membership, config.baseline_shuffles, shuffle_rng
             )
         )
     else:
         scores.update(dict.fromkeys(_GENRE_SCORES))
 
     summaries = _summaries(
-        kept, labels, config, membership if genres_known else None, with_genres, vocabulary
+        kept, labels, k, config, membership if genres_known else None, with_genres, vocabulary
     )
     projection, explained = _project(x, config.seed)
     result = ClusterResult(
         config=config,
+        k=k,
+        algorithm=algorithm,
+        k_selection=k_selection,
         items=kept,
         labels=labels,
         distances=distances,
@@ -202,12 +257,16 @@ def cluster_items(
         items_without_genres=int((~with_genres).sum()),
         genres_known=genres_known,
         scores=scores,
+        genre_base_rates=_base_rates(membership, vocabulary) if genres_known else [],
         clusters=summaries,
     )
     logger.info(
-        "clustered %d items into %d clusters (%d left out with < %d training ratings): %s",
+        "clustered %d items into %d clusters with %s%s (%d left out with < %d training "
+        "ratings): %s",
         n_kept,
-        config.clusters,
+        k,
+        algorithm,
+        " (k by silhouette)" if k_selection else "",
         result.items_left_out,
         config.min_item_ratings,
         _score_line(scores),
@@ -218,29 +277,48 @@ def cluster_items(
 def write_cluster_outputs(
     result: ClusterResult, run_dir: Path, metrics: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write the parquet, JSON, PNG and report into `run_dir`, each atomically, report last.
+    """Write the parquet, JSON, figures and reports into `run_dir`, each atomically.
+
+    The reports of an earlier clustering are removed first and the new ones written
+    last, so that a report in the folder always describes the files beside it.
 
     Args:
         result: from `cluster_items`.
-        run_dir: the run directory (created if missing).
-        metrics: the run's final figures (test_rmse, epochs, ...) to quote in the report.
+        run_dir: the run directory (created if missing); its metrics.json (when `metrics`
+            is None), metrics.jsonl and config.json are read for the reports if present.
+        metrics: the run's final figures (test_rmse, epochs, ...) to quote in the reports.
 
     Returns:
         The dict written to clusters.json.
     """
+    # Imported here: matplotlib is needed only by rank 0, and only at this point.
+    from trainer import report
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = _clusters_json(result)
+    # Everything is rendered before anything is written: a rendering error leaves
+    # the folder as it was.
+    rendered = report.render_all(result, summary, run_dir, metrics)
 
+    for name in (REPORT_NAME, HTML_NAME):
+        (run_dir / name).unlink(missing_ok=True)
     _write_atomic(run_dir / PARQUET_NAME, _parquet_bytes(result))
     _write_atomic(
         run_dir / JSON_NAME,
         (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"),
     )
-    _write_atomic(run_dir / PNG_NAME, _render_pca(result))
-    _write_atomic(run_dir / REPORT_NAME, _report(result, metrics).encode("utf-8"))
+    for name, data in rendered.figures.items():
+        _write_atomic(run_dir / name, data)
+    for name in (CURVES_NAME, K_SELECTION_NAME):
+        if name not in rendered.figures:  # stale from an earlier clustering of this run
+            (run_dir / name).unlink(missing_ok=True)
+    _write_atomic(run_dir / HTML_NAME, rendered.html.encode("utf-8"))
+    _write_atomic(run_dir / REPORT_NAME, rendered.markdown.encode("utf-8"))
     logger.info(
-        "wrote %s, %s, %s and %s to %s", PARQUET_NAME, JSON_NAME, PNG_NAME, REPORT_NAME, run_dir
+        "wrote %s to %s",
+        ", ".join([PARQUET_NAME, JSON_NAME, *rendered.figures, HTML_NAME, REPORT_NAME]),
+        run_dir,
     )
     return summary
 
@@ -313,6 +391,101 @@ def _parse_genres(value: Any) -> list[str]:
     return list(dict.fromkeys(n for n in names if n and n not in _NO_GENRE_MARKERS))
 
 
+# --- clustering -------------------------------------------------------------
+
+
+def _clustering_space(x: np.ndarray, normalize: bool) -> np.ndarray:
+    """(n, dim) float32 embeddings, L2-normalised rows when `normalize` (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not normalize:
+        return x
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _resolve_algorithm(algorithm: str, n_items: int) -> str:
+    if algorithm == "auto":
+        return "minibatch" if n_items > MINIBATCH_ABOVE else "kmeans"
+    return algorithm
+
+
+def _estimator(
+    algorithm: str, k: int, seed: int, n_init: int = _KMEANS_INITS
+) -> KMeans | MiniBatchKMeans:
+    if algorithm == "minibatch":
+        return MiniBatchKMeans(
+            n_clusters=k, n_init=n_init, batch_size=_MINIBATCH_SIZE, random_state=seed
+        )
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+
+
+def _choose_k(x: np.ndarray, config: ClusterConfig) -> dict[str, Any]:
+    """--clusters auto: the k in k_min..k_max with the highest mean silhouette.
+
+    Every k is fitted and scored on one seeded sample (all items when few), against
+    one precomputed distance matrix; the smallest k wins a tie. The scan uses plain
+    K-Means with one k-means++ start whatever the algorithm: on a sample of a few
+    thousand items that is the fastest, and the final fit has its restarts.
+    """
+    rng = np.random.default_rng([config.seed, 0])
+    if len(x) > _SELECTION_SAMPLE:
+        sample = x[np.sort(rng.choice(len(x), size=_SELECTION_SAMPLE, replace=False))]
+    else:
+        sample = x
+    # Silhouette is defined for 2..n-1 clusters.
+    k_max = min(config.k_max, len(sample) - 1)
+    if k_max < config.k_min:
+        raise ValueError(
+            f"--clusters auto: --k-min {config.k_min} needs at least {config.k_min + 1} items "
+            f"with at least {config.min_item_ratings} training ratings, found {len(x)}; "
+            "lower --k-min or --min-item-ratings, or give --clusters a number"
+        )
+    distances = pairwise_distances(sample.astype(np.float64))
+    by_k = []
+    for k in range(config.k_min, k_max + 1):
+        labels = _estimator("kmeans", k, config.seed, n_init=1).fit_predict(sample)
+        found = len(np.unique(labels))  # fewer than k when points coincide
+        score = (
+            float(silhouette_score(distances, labels, metric="precomputed"))
+            if 2 <= found <= len(sample) - 1
+            else None
+        )
+        by_k.append({"k": k, "silhouette": score})
+    scored = [entry for entry in by_k if entry["silhouette"] is not None]
+    if not scored:
+        raise ValueError(
+            f"--clusters auto: the silhouette is undefined for every k in {config.k_min}.."
+            f"{k_max} (too few distinct embeddings); give --clusters a number"
+        )
+    best = max(scored, key=lambda entry: (entry["silhouette"], -entry["k"]))
+    logger.info(
+        "--clusters auto: k=%d has the best silhouette (%.3f) of k=%d..%d on %d items",
+        best["k"],
+        best["silhouette"],
+        config.k_min,
+        k_max,
+        len(sample),
+    )
+    return {
+        "method": "silhouette",
+        "sample_size": len(sample),
+        "k_min": config.k_min,
+        "k_max": k_max,
+        "silhouette_by_k": by_k,
+        "chosen_k": best["k"],
+    }
+
+
+def _project(x: np.ndarray, seed: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """2-D PCA coordinates; a 1-D embedding gets a zero second axis."""
+    n_components = min(2, x.shape[1])
+    pca = PCA(n_components=n_components, random_state=seed)
+    projection = np.zeros((len(x), 2), dtype=np.float32)
+    projection[:, :n_components] = pca.fit_transform(x)
+    ratios = [float(r) for r in pca.explained_variance_ratio_] + [0.0] * (2 - n_components)
+    return projection, (ratios[0], ratios[1])
+
+
 # --- scores -----------------------------------------------------------------
 
 
@@ -377,25 +550,41 @@ def _genre_scores(
     return out
 
 
+def _base_rates(membership: np.ndarray, vocabulary: list[str]) -> list[dict[str, Any]]:
+    """Each genre's share of the clustered items with genres: the denominator of lift."""
+    counts = membership.sum(axis=0)
+    ranked = sorted(range(len(vocabulary)), key=lambda j: (-counts[j], j))
+    return [
+        {
+            "genre": vocabulary[j],
+            "items": int(counts[j]),
+            "share": float(counts[j] / len(membership)),
+        }
+        for j in ranked
+        if counts[j]
+    ]
+
+
 def _summaries(
     kept: pd.DataFrame,
     labels: np.ndarray,
+    k: int,
     config: ClusterConfig,
     membership: np.ndarray | None,
     with_genres: np.ndarray,
     vocabulary: list[str],
 ) -> list[dict[str, Any]]:
-    """Per cluster: size, most-rated items, and genre mix with lift over the catalogue."""
+    """Per cluster: size, most-rated items, and genre distribution with lift."""
     # Most training ratings first, item id breaking ties so the order is stable.
     order = np.lexsort((kept["item_id"].to_numpy(), -kept["train_ratings"].to_numpy()))
     summaries = []
-    for cluster in range(config.clusters):
+    for cluster in range(k):
         members = order[labels[order] == cluster]
         top = [
             {
                 "item_id": int(kept["item_id"].iat[i]),
                 "original_item_id": _json_scalar(kept["original_item_id"].iat[i]),
-                "title": _display_title(kept, i),
+                "title": display_title(kept, i),
                 "train_ratings": int(kept["train_ratings"].iat[i]),
             }
             for i in members[: config.top_items]
@@ -406,7 +595,13 @@ def _summaries(
             else []
         )
         summaries.append(
-            {"cluster": cluster, "size": len(members), "top_items": top, "genres": genres}
+            {
+                "cluster": cluster,
+                "size": len(members),
+                "items_with_genres": int((labels[with_genres] == cluster).sum()),
+                "top_items": top,
+                "genres": genres,
+            }
         )
     return summaries
 
@@ -414,31 +609,28 @@ def _summaries(
 def _genre_mix(
     in_cluster: np.ndarray, membership: np.ndarray, vocabulary: list[str]
 ) -> list[dict[str, Any]]:
-    """The cluster's most common genres, with lift over all clustered items with genres."""
+    """The cluster's genres, commonest first, with lift over the base rate.
+
+    Shares count the cluster's items with genres that carry the genre (an item
+    may carry several); lift = share in the cluster / share among all clustered
+    items with genres, so 1 is "as common as anywhere" and 3 is "three times".
+    """
     if not len(in_cluster):
         return []
-    share = in_cluster.mean(axis=0)
+    counts = in_cluster.sum(axis=0)
+    share = counts / len(in_cluster)
     catalogue_share = membership.mean(axis=0)
     # Highest share first, genre name breaking ties (vocabulary is sorted).
-    ranked = sorted(np.flatnonzero(share), key=lambda j: (-share[j], j))
+    ranked = sorted(np.flatnonzero(counts), key=lambda j: (-counts[j], j))
     return [
         {
             "genre": vocabulary[j],
+            "items": int(counts[j]),
             "share": float(share[j]),
             "lift": float(share[j] / catalogue_share[j]),
         }
         for j in ranked[:_GENRES_PER_CLUSTER]
     ]
-
-
-def _project(x: np.ndarray, seed: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """2-D PCA coordinates; a 1-D embedding gets a zero second axis."""
-    n_components = min(2, x.shape[1])
-    pca = PCA(n_components=n_components, random_state=seed)
-    projection = np.zeros((len(x), 2), dtype=np.float32)
-    projection[:, :n_components] = pca.fit_transform(x)
-    ratios = [float(r) for r in pca.explained_variance_ratio_] + [0.0] * (2 - n_components)
-    return projection, (ratios[0], ratios[1])
 
 
 # --- outputs ----------------------------------------------------------------
@@ -448,7 +640,11 @@ def _clusters_json(result: ClusterResult) -> dict[str, Any]:
     """The clusters.json document: plain Python types, no NaN."""
     config = result.config
     return {
-        "k": config.clusters,
+        "k": result.k,
+        "k_requested": config.clusters,
+        "k_selection": _finite_floats(result.k_selection),
+        "algorithm": result.algorithm,
+        "normalize": config.normalize,
         "items_clustered": len(result.items),
         "items_left_out": result.items_left_out,
         "min_item_ratings": config.min_item_ratings,
@@ -457,6 +653,7 @@ def _clusters_json(result: ClusterResult) -> dict[str, Any]:
         "items_without_genres": result.items_without_genres,
         "baseline_shuffles": config.baseline_shuffles,
         "scores": _finite_floats(result.scores),
+        "genre_base_rates": _finite_floats(result.genre_base_rates),
         "clusters": _finite_floats(result.clusters),
     }
 
@@ -484,163 +681,6 @@ def _parquet_bytes(result: ClusterResult) -> bytes:
     return buffer.getvalue()
 
 
-def _render_pca(result: ClusterResult) -> bytes:
-    """PNG of the PCA projection, one colour and legend entry per cluster."""
-    # Imported here: only rank 0 draws, and the object-oriented Agg API keeps
-    # pyplot's global state (and any interactive backend) out of the process.
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    k = result.config.clusters
-    if k <= 20:
-        # tab20 pairs each hue dark then light; all darks first keeps neighbours distinct.
-        tab20 = colormaps["tab20"].colors
-        colours = (tab20[0::2] + tab20[1::2])[:k]
-    else:
-        colours = colormaps["turbo"](np.linspace(0, 1, k))
-    figure = Figure(figsize=(11, 7.5), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    xy = result.projection
-    # Small, translucent points stay readable for tens of thousands of items.
-    point_size = float(np.clip(20_000 / len(xy), 3, 30))
-    for cluster, summary in enumerate(result.clusters):
-        members = result.labels == cluster
-        if not members.any():
-            continue
-        axes.scatter(
-            xy[members, 0],
-            xy[members, 1],
-            s=point_size,
-            color=colours[cluster],
-            alpha=0.7,
-            linewidths=0,
-            rasterized=True,
-            label=_legend_label(summary),
-        )
-    train_ratings = result.items["train_ratings"].to_numpy()
-    most_rated = np.lexsort((result.items["item_id"].to_numpy(), -train_ratings))
-    for i in most_rated[:_ANNOTATED_TITLES]:
-        axes.annotate(
-            _shorten(_display_title(result.items, i), 32),
-            xy=(xy[i, 0], xy[i, 1]),
-            xytext=(4, 4),
-            textcoords="offset points",
-            fontsize=7,
-        )
-    first, second = result.explained_variance
-    axes.set_xlabel(f"PC1 ({first:.1%} of variance)")
-    axes.set_ylabel(f"PC2 ({second:.1%} of variance)")
-    nmi = result.scores.get("nmi")
-    nmi_text = f", NMI with genre {nmi['score']:.3f}" if nmi else ""
-    # A figure title: constrained layout centres it on the figure, never clipped by the legend.
-    figure.suptitle(
-        f"Item embeddings (PCA) coloured by K-Means cluster\nk={k}, {len(xy):,} items{nmi_text}"
-    )
-    axes.legend(
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        fontsize=7,
-        markerscale=max(1.0, 20 / point_size) ** 0.5,
-        ncols=max(1, math.ceil(k / 30)),
-        title="cluster (size): most over-represented genre",
-        title_fontsize=8,
-    )
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _report(result: ClusterResult, metrics: dict[str, Any] | None) -> str:
-    """report.md: run figures, scores against chance, one row per cluster, the plot."""
-    config = result.config
-    n_kept = len(result.items)
-    lines = [
-        "# Item clusters",
-        "",
-        f"K-Means (k={config.clusters}, seed {config.seed}) on the learned embeddings of "
-        f"{n_kept:,} items with at least {config.min_item_ratings} training ratings; "
-        f"{result.items_left_out:,} items with fewer were left out, since their embeddings "
-        "are mostly the prior.",
-        "",
-    ]
-    scalar_metrics = {
-        key: value
-        for key, value in (metrics or {}).items()
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool)
-    }
-    if scalar_metrics:
-        lines += ["## Run", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {_cell(key)} | {_cell(_number(v))} |" for key, v in scalar_metrics.items()]
-        lines.append("")
-
-    lines += ["## Does the clustering match genre?", ""]
-    silhouette = result.scores["silhouette"]
-    silhouette_text = "undefined (every item alone)" if silhouette is None else f"{silhouette:.3f}"
-    lines.append(
-        f"Silhouette: {silhouette_text} (-1 to 1; higher means tighter, better separated "
-        "clusters; it does not involve genres)."
-    )
-    lines.append("")
-    if result.genres_known:
-        n_genre = n_kept - result.items_without_genres
-        lines += [
-            f"Genre scores use the {n_genre:,} clustered items with known genres"
-            + (
-                f" ({result.items_without_genres:,} without genres excluded)"
-                if result.items_without_genres
-                else ""
-            )
-            + ". The primary genre is the first one listed. Chance baseline: the same score "
-            f"with genres shuffled among those items, {config.baseline_shuffles} times "
-            "(mean ± std).",
-            "",
-            "| score | value | chance baseline | std above chance |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name in _GENRE_SCORES:
-            s = result.scores[name]
-            z = "n/a (constant baseline)" if s["z"] is None else f"{s['z']:.1f}"
-            lines.append(
-                f"| {_SCORE_NAMES[name]} | {s['score']:.3f} | "
-                f"{s['baseline_mean']:.3f} ± {s['baseline_std']:.3f} | {z} |"
-            )
-    else:
-        lines.append(
-            "Genres are unknown for these items, so only the silhouette is reported; the "
-            "clusters below are described by their most-rated items."
-        )
-    lines += [
-        "",
-        "## Clusters",
-        "",
-        "Genre shares count items tagged with the genre; lift = share in the cluster / "
-        "share among all clustered items.",
-        "",
-        "| cluster | size | dominant genres (lift) | most-rated items |",
-        "| --- | --- | --- | --- |",
-    ]
-    for summary in result.clusters:
-        genres = ", ".join(
-            f"{g['genre']} {g['share']:.0%} (×{g['lift']:.1f})"
-            for g in summary["genres"][:_REPORT_GENRES]
-        )
-        titles = "; ".join(item["title"] for item in summary["top_items"][:_REPORT_TITLES])
-        lines.append(
-            f"| {summary['cluster']} | {summary['size']:,} | {_cell(genres or '-')} | "
-            f"{_cell(titles or '-')} |"
-        )
-    lines += [
-        "",
-        f"![Item embeddings, PCA projection coloured by cluster]({PNG_NAME})",
-        "",
-        f"Per-item assignments: `{PARQUET_NAME}`; all figures: `{JSON_NAME}`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write under a temporary name in the same directory, then rename over `path`."""
     # A unique name rather than tempfile.mkstemp, whose 0600 mode would make
@@ -657,11 +697,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-# --- formatting helpers -----------------------------------------------------
+# --- helpers ----------------------------------------------------------------
 
 
-def _display_title(items: pd.DataFrame, row: int) -> str:
-    """The title, or the original id when the source has none."""
+def display_title(items: pd.DataFrame, row: int) -> str:
+    """The title of the item in row `row`, or its original id when the source has none."""
     title = items["title"].iat[row]
     if pd.isna(title) or not str(title).strip():
         return str(items["original_item_id"].iat[row])
@@ -684,19 +724,6 @@ def _finite_floats(value: Any) -> Any:
     return value
 
 
-def _legend_label(summary: dict[str, Any]) -> str:
-    """'7 (60): Adventure ×2.9': the highest lift among the cluster's commonest genres.
-
-    The commonest genre alone would read "Drama" for most clusters of a film
-    catalogue; lift says what sets the cluster apart.
-    """
-    common = summary["genres"][:_REPORT_GENRES]
-    if not common:
-        return f"{summary['cluster']} ({summary['size']:,})"
-    telling = max(common, key=lambda g: g["lift"])
-    return f"{summary['cluster']} ({summary['size']:,}): {telling['genre']} ×{telling['lift']:.1f}"
-
-
 def _score_line(scores: dict[str, Any]) -> str:
     silhouette = scores["silhouette"]
     parts = ["silhouette " + ("n/a" if silhouette is None else f"{silhouette:.3f}")]
@@ -706,20 +733,3 @@ def _score_line(scores: dict[str, Any]) -> str:
         if scores.get(name)
     ]
     return ", ".join(parts)
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _cell(text: str) -> str:
-    """Escape a value for a Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")

@@ -7,6 +7,7 @@ test can build "rank 1 of 2" in one process.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,8 +68,13 @@ def init_distributed(device: str = "auto", backend: str = "auto",
 
 
 def teardown() -> None:
-    """Leave the process group; called on every exit path."""
+    """Leave the process group; called on every exit path.
+
+    DDP's reducer sits in a reference cycle: collect it while the group is alive, or gloo
+    threads may still hold its tensors when the interpreter shuts down (SIGABRT at exit).
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -78,7 +84,8 @@ def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
     if env.backend is None:
         return model
     device_ids = [env.local_rank] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # The only buffer (the global mean) never changes: no need to broadcast it every step.
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

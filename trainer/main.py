@@ -79,7 +79,7 @@ def _run(values: dict, rank: int) -> int:
         optim_config = config_from_values(OptimConfig, values)
         train_config = config_from_values(TrainConfig, values)
         clusters = values.get("clusters", ClusterConfig.clusters)
-        post = cluster_config({**values, "clusters": max(clusters, 2)})
+        post = None if clusters == 0 else cluster_config(values)
     except ValueError as e:  # a bad flag: the same on every rank
         raise InputError(str(e)) from e
     env = init_distributed(train_config.device, train_config.backend, train_config.timeout_s)
@@ -87,10 +87,10 @@ def _run(values: dict, rank: int) -> int:
         torch.set_num_threads(train_config.threads or max(
             1, (os.cpu_count() or 1) // env.local_world_size))
         train(values["shards_dir"], values["out"], model_config, optim_config, train_config,
-              env, extra_config={"cluster": {**vars(post), "clusters": clusters}})
+              env, extra_config={"cluster": vars(post) if post else None})
     finally:
         teardown()
-    if env.is_main and clusters > 0:
+    if env.is_main and post is not None:
         cluster_run(values["out"], post)
     return 0
 

@@ -130,6 +130,8 @@ def _parser_for(kind):
 
 def _metavar(kind) -> str:
     parser = _parser_for(kind)
+    if parser.__name__ == "int_or_text":
+        return "N|auto"
     return {int: "N", float: "X", _number_pair: "MIN,MAX"}.get(parser, "TEXT")
 
 

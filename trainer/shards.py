@@ -121,5 +121,15 @@ def _verify_file(root: Path, entry: dict, full: bool) -> None:
 
 
 def pieces_for_rank(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
-    """Rank r takes row groups r, r + W, r + 2W, ...: deterministic and close to even."""
-    return pieces[rank::world_size]
+    """A deterministic share of the row groups, balanced by rows rather than by count.
+
+    Largest row groups first, each to the rank holding the fewest rows so far: ranks end
+    within one row group of each other, so none wraps around its data much more often.
+    """
+    loads = [0] * world_size
+    owner = {}
+    for index in sorted(range(len(pieces)), key=lambda i: (-pieces[i].rows, i)):
+        lightest = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[index] = lightest
+        loads[lightest] += pieces[index].rows
+    return [piece for index, piece in enumerate(pieces) if owner[index] == rank]

@@ -1,0 +1,938 @@
+"""The run report: figures, ``report.md`` and a self-contained ``report.html``.
+
+Rendering only: `render_all` turns a `ClusterResult` and what the run folder
+holds (metrics.json, metrics.jsonl, config.json, each optional) into PNG bytes
+and two documents; `trainer.clustering.write_cluster_outputs` writes them. The
+HTML embeds its CSS and its PNGs (base64 data URIs), so it opens anywhere, with
+no network and no files beside it. Nothing here reads a clock: the same run
+gives the same report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.clustering import (
+    CURVES_NAME,
+    HTML_NAME,
+    JSON_NAME,
+    K_SELECTION_NAME,
+    PARQUET_NAME,
+    PNG_NAME,
+    SCORE_NAMES,
+    ClusterResult,
+    display_title,
+)
+
+logger = logging.getLogger(__name__)
+
+_ANNOTATED_TITLES = 8  # most-rated items labelled on the PCA plot
+_MD_GENRES, _HTML_GENRES = 3, 4  # commonest genres shown per cluster
+_MD_TITLES, _HTML_TITLES = 3, 5  # most-rated titles shown per cluster
+# An over-represented genre must also be common in the cluster: a lift of 5 on
+# two items is noise.
+_DISTINCTIVE_MIN_SHARE = 0.15
+_DISTINCTIVE_MIN_LIFT = 1.2
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What the run folder says about training; each part absent when its file is."""
+
+    name: str  # the run folder's name
+    metrics: dict[str, Any] | None  # metrics.json: final figures
+    config: dict[str, Any] | None  # config.json: the resolved, nested configuration
+    epochs: list[dict[str, Any]]  # metrics.jsonl: one record per epoch, in epoch order
+
+
+@dataclass(frozen=True)
+class Rendered:
+    figures: dict[str, bytes]  # file name -> PNG, in the order to write them
+    html: str
+    markdown: str
+
+
+def render_all(
+    result: ClusterResult,
+    summary: dict[str, Any],
+    run_dir: Path,
+    metrics: dict[str, Any] | None = None,
+) -> Rendered:
+    """All figures and both reports for `result` (with `summary`, its clusters.json).
+
+    Args:
+        result: from `cluster_items`.
+        summary: the clusters.json document of `result`.
+        run_dir: the run folder whose metrics.jsonl and config.json are quoted.
+        metrics: final figures; None reads run_dir/metrics.json when present.
+    """
+    run = read_run_files(Path(run_dir), metrics)
+    figures = {PNG_NAME: render_pca(result)}
+    curves = render_training_curves(run.epochs, run.metrics)
+    if curves is not None:
+        figures[CURVES_NAME] = curves
+    if result.k_selection is not None:
+        figures[K_SELECTION_NAME] = render_k_selection(result.k_selection)
+    return Rendered(
+        figures=figures,
+        html=render_html(result, summary, run, figures),
+        markdown=render_markdown(result, run, list(figures)),
+    )
+
+
+# --- the run folder ---------------------------------------------------------
+
+
+def read_run_files(run_dir: Path, metrics: dict[str, Any] | None = None) -> RunFiles:
+    """metrics.json (unless given), config.json and metrics.jsonl; unreadable ones are skipped.
+
+    The report is the last step of a long run: a damaged side file costs its
+    section of the report, with a warning, never the clustering.
+    """
+    if metrics is None:
+        metrics = _read_json(run_dir / "metrics.json")
+    return RunFiles(
+        name=run_dir.resolve().name,
+        metrics=metrics,
+        config=_read_json(run_dir / "config.json"),
+        epochs=read_epochs(run_dir / "metrics.jsonl"),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s: not readable JSON (%s); left out of the report", path, e)
+        return None
+    if not isinstance(value, dict):
+        logger.warning("%s: expected a JSON object; left out of the report", path)
+        return None
+    return value
+
+
+def read_epochs(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records in epoch order; for an epoch logged twice (a resumed run), the last."""
+    if not path.is_file():
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        logger.warning("%s: not readable (%s); no training curves", path, e)
+        return []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s line %d: not JSON; skipped", path, number)
+            continue
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            logger.warning("%s line %d: no integer 'epoch'; skipped", path, number)
+            continue
+        by_epoch[epoch] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+# --- figures ----------------------------------------------------------------
+
+
+def cluster_colours(k: int) -> list[str]:
+    """One hex colour per cluster, the same in the plot and the HTML table."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    if k <= 10:
+        colours = colormaps["tab10"].colors[:k]
+    elif k <= 20:
+        # tab20 pairs each hue dark then light; all darks first keeps neighbours distinct.
+        tab20 = colormaps["tab20"].colors
+        colours = (tab20[0::2] + tab20[1::2])[:k]
+    else:
+        colours = colormaps["turbo"](np.linspace(0.05, 0.95, k))
+    return [to_hex(c) for c in colours]
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas, outside pyplot's global state."""
+    # Imported here: only rank 0 draws, and the object-oriented Agg API keeps
+    # pyplot's global state (and any interactive backend) out of the process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    # No metadata beyond the default Software tag: identical runs give identical bytes.
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def render_pca(result: ClusterResult) -> bytes:
+    """PNG of the PCA projection coloured by cluster, the most-rated titles labelled."""
+    k = result.k
+    colours = cluster_colours(k)
+    figure = _figure(11, 7.5)
+    axes = figure.add_subplot()
+    xy = result.projection
+    # Small, translucent points stay readable for tens of thousands of items.
+    point_size = float(np.clip(20_000 / len(xy), 3, 30))
+    for cluster, summary in enumerate(result.clusters):
+        members = result.labels == cluster
+        if not members.any():
+            continue
+        axes.scatter(
+            xy[members, 0],
+            xy[members, 1],
+            s=point_size,
+            color=colours[cluster],
+            alpha=0.7,
+            linewidths=0,
+            rasterized=True,
+            label=legend_label(summary),
+        )
+    most_rated = _most_rated(result)[:_ANNOTATED_TITLES]
+    axes.scatter(
+        xy[most_rated, 0],
+        xy[most_rated, 1],
+        s=max(point_size, 12) * 2,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=0.8,
+    )
+    first, second = result.explained_variance
+    axes.set_xlabel(f"PC1 ({first:.1%} of variance)")
+    axes.set_ylabel(f"PC2 ({second:.1%} of variance)")
+    nmi = result.scores.get("nmi")
+    nmi_text = f", NMI with genre {nmi['score']:.3f}" if nmi else ""
+    space = "unit-normalised " if result.config.normalize else ""
+    # A figure title: constrained layout centres it on the figure, never clipped by the legend.
+    figure.suptitle(
+        f"Item embeddings ({space}PCA) coloured by cluster\n"
+        f"k={k}, {len(xy):,} items{nmi_text}; circled: the most-rated items"
+    )
+    axes.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        markerscale=max(1.0, 20 / point_size) ** 0.5,
+        ncols=max(1, math.ceil(k / 30)),
+        title="cluster (size): most over-represented genre",
+        title_fontsize=8,
+    )
+    _label_points(
+        figure, axes, xy, most_rated, [display_title(result.items, i) for i in most_rated]
+    )
+    return _png(figure)
+
+
+# Label positions tried in turn (offset in points, alignment): the first that
+# overlaps no label placed before wins.
+_LABEL_OFFSETS = [
+    ((5, 4), "left", "bottom"),
+    ((5, -4), "left", "top"),
+    ((-5, 4), "right", "bottom"),
+    ((-5, -4), "right", "top"),
+    ((5, 14), "left", "bottom"),
+    ((-5, -14), "right", "top"),
+]
+
+
+def _label_points(figure, axes, xy: np.ndarray, rows: np.ndarray, labels: list[str]) -> None:
+    """Name the points `rows`, moving a label around its point until it overlaps no other."""
+    from matplotlib import patheffects
+
+    # Settle the constrained layout first, so the extents measured are the final ones.
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    outline = [patheffects.withStroke(linewidth=2.5, foreground="white")]
+    placed = []
+    for row, label in zip(rows, labels):
+        for attempt, (offset, ha, va) in enumerate(_LABEL_OFFSETS):
+            text = axes.annotate(
+                _shorten(label, 32),
+                xy=(xy[row, 0], xy[row, 1]),
+                xytext=offset,
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=8,
+                path_effects=outline,
+            )
+            box = text.get_window_extent(renderer)
+            last = attempt == len(_LABEL_OFFSETS) - 1
+            if last or not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+
+
+def render_training_curves(
+    epochs: list[dict[str, Any]], metrics: dict[str, Any] | None
+) -> bytes | None:
+    """PNG of train loss and validation RMSE per epoch; None without any epoch to plot."""
+    from matplotlib.ticker import MaxNLocator
+
+    loss = _series(epochs, "train_loss")
+    val = _series(epochs, "val_rmse")
+    if not loss[0] and not val[0]:
+        return None
+    metrics = metrics or {}
+    figure = _figure(11, 3.8)
+    left, right = figure.subplots(1, 2)
+    left.plot(*loss, color="#1f77b4", marker="o" if len(loss[0]) <= 30 else None, markersize=3)
+    left.set_title("Training loss")
+    left.set_ylabel("train loss")
+    right.plot(
+        *val,
+        color="#d62728",
+        marker="o" if len(val[0]) <= 30 else None,
+        markersize=3,
+        label="validation RMSE",
+    )
+    right.set_title("Validation RMSE")
+    right.set_ylabel("RMSE")
+    if val[0]:
+        best_epoch = metrics.get("best_epoch")
+        if best_epoch not in val[0]:
+            best_epoch = val[0][int(np.argmin(val[1]))]
+        best = val[1][val[0].index(best_epoch)]
+        right.axvline(best_epoch, color="grey", linestyle=":", linewidth=1)
+        right.scatter(
+            [best_epoch],
+            [best],
+            color="#d62728",
+            zorder=3,
+            label=f"best: epoch {best_epoch}, {best:.4f}",
+        )
+        test_rmse = _finite(metrics.get("test_rmse"))
+        if test_rmse is not None:
+            right.scatter(
+                [best_epoch],
+                [test_rmse],
+                marker="*",
+                s=90,
+                color="black",
+                zorder=3,
+                label=f"test RMSE {test_rmse:.4f}",
+            )
+    baseline = _finite(metrics.get("baseline_test_rmse"))
+    if baseline is not None:
+        right.axhline(
+            baseline,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"bias-only baseline (test) {baseline:.4f}",
+        )
+    right.legend(fontsize=8)
+    for axes in (left, right):
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def render_k_selection(selection: dict[str, Any]) -> bytes:
+    """PNG of the silhouette per k tried by --clusters auto, the chosen k marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    scored = [e for e in selection["silhouette_by_k"] if e["silhouette"] is not None]
+    figure = _figure(7, 3.2)
+    axes = figure.add_subplot()
+    axes.plot(
+        [e["k"] for e in scored],
+        [e["silhouette"] for e in scored],
+        marker="o",
+        markersize=3,
+        color="#1f77b4",
+    )
+    chosen = selection["chosen_k"]
+    best = next(e["silhouette"] for e in scored if e["k"] == chosen)
+    axes.scatter(
+        [chosen], [best], s=80, color="#d62728", zorder=3, label=f"chosen k={chosen} ({best:.3f})"
+    )
+    axes.set_xlabel("k (clusters)")
+    axes.set_ylabel("mean silhouette")
+    axes.set_title(f"Choosing k: silhouette on {selection['sample_size']:,} items")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def _series(epochs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(e["epoch"], _finite(e.get(key))) for e in epochs]
+    points = [(x, y) for x, y in points if y is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _most_rated(result: ClusterResult) -> np.ndarray:
+    """Row positions of the kept items, most training ratings first (item id breaks ties)."""
+    items = result.items
+    return np.lexsort((items["item_id"].to_numpy(), -items["train_ratings"].to_numpy()))
+
+
+# --- shared content ---------------------------------------------------------
+
+
+def legend_label(summary: dict[str, Any]) -> str:
+    """'7 (60): Adventure ×2.9': the cluster's most over-represented common genre.
+
+    The commonest genre alone would read "Drama" for most clusters of a film
+    catalogue; lift says what sets the cluster apart.
+    """
+    telling = distinctive_genres(summary, 1)
+    if not telling:
+        return f"{summary['cluster']} ({summary['size']:,})"
+    g = telling[0]
+    return f"{summary['cluster']} ({summary['size']:,}): {g['genre']} ×{g['lift']:.1f}"
+
+
+def distinctive_genres(summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Up to n genres common in the cluster and over-represented there, highest lift first."""
+    common = [
+        g
+        for g in summary["genres"]
+        if g["share"] >= _DISTINCTIVE_MIN_SHARE and g["lift"] >= _DISTINCTIVE_MIN_LIFT
+    ]
+    return sorted(common, key=lambda g: -g["lift"])[:n]
+
+
+def _intro(result: ClusterResult) -> str:
+    config = result.config
+    how = "K-Means" if result.algorithm == "kmeans" else "MiniBatchKMeans"
+    if result.k_selection:
+        sel = result.k_selection
+        k_text = (
+            f"k={result.k}, chosen as the best silhouette over k={sel['k_min']}..{sel['k_max']}"
+        )
+    else:
+        k_text = f"k={result.k}"
+    space = " after L2-normalising them (cosine geometry)" if config.normalize else ""
+    return (
+        f"{how} ({k_text}, seed {config.seed}) on the learned embeddings{space} of "
+        f"{len(result.items):,} items with at least {config.min_item_ratings} training ratings"
+        + (
+            f"; {result.items_left_out:,} items with fewer were left out, since their "
+            "embeddings are mostly the prior."
+            if result.items_left_out
+            else " (all of them)."
+        )
+    )
+
+
+def _silhouette_text(result: ClusterResult) -> str:
+    silhouette = result.scores["silhouette"]
+    value = "undefined (every item alone)" if silhouette is None else f"{silhouette:.3f}"
+    return (
+        f"Silhouette: {value} (-1 to 1; higher means tighter, better separated clusters; "
+        "it does not involve genres)."
+    )
+
+
+def _genre_scope_text(result: ClusterResult) -> str:
+    n_genre = len(result.items) - result.items_without_genres
+    excluded = (
+        f" ({result.items_without_genres:,} without genres excluded)"
+        if result.items_without_genres
+        else ""
+    )
+    return (
+        f"Genre scores use the {n_genre:,} clustered items with known genres{excluded}. "
+        "The primary genre is the first one listed. Chance baseline: the same score with "
+        f"genres shuffled among those items, {result.config.baseline_shuffles} times "
+        "(mean ± std); z is how many std the score lies above that mean."
+    )
+
+
+_NO_GENRES_TEXT = (
+    "Genres are unknown for these items, so only the silhouette is reported; the "
+    "clusters below are described by their most-rated items."
+)
+_LIFT_TEXT = (
+    "Shares count a cluster's items tagged with the genre (an item may have several); "
+    "lift = share in the cluster / share among all clustered items (the base rate), so "
+    "×2.0 means twice as common as in the catalogue."
+)
+
+
+def _score_rows(result: ClusterResult) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, label in SCORE_NAMES.items():
+        s = result.scores[name]
+        z = "n/a (constant baseline)" if s["z"] is None else f"{s['z']:.1f}"
+        baseline = f"{_fixed(s['baseline_mean'])} ± {_fixed(s['baseline_std'])}"
+        rows.append((label, _fixed(s["score"]), baseline, z))
+    return rows
+
+
+def _scalar_metrics(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
+    return [
+        (key, _number(value))
+        for key, value in (metrics or {}).items()
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    ]
+
+
+def _flat_config(config: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(section, key, value) rows of config.json; top-level scalars in section "run"."""
+    rows = []
+    for key, value in (config or {}).items():
+        if isinstance(value, dict):
+            rows += [(key, k, v) for k, v in _flatten(value)]
+        else:
+            rows.append(("run", key, _config_value(value)))
+    return sorted(rows, key=lambda r: r[0] != "run")  # stable: run first, then file order
+
+
+def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            rows += _flatten(item, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", _config_value(item)))
+    return rows
+
+
+def _clustering_settings(result: ClusterResult) -> list[tuple[str, str]]:
+    """The settings this report's clustering ran with (config.json has those of training)."""
+    config = result.config
+    rows = [
+        ("clusters", _config_value(config.clusters)),
+        ("k", str(result.k)),
+        (
+            "algorithm",
+            f"{config.algorithm} ({result.algorithm})"
+            if config.algorithm == "auto"
+            else config.algorithm,
+        ),
+        ("normalize", _config_value(config.normalize)),
+    ]
+    if result.k_selection:
+        rows += [("k_min", str(config.k_min)), ("k_max", str(config.k_max))]
+    rows += [
+        (name, _config_value(getattr(config, name)))
+        for name in ("min_item_ratings", "top_items", "seed", "baseline_shuffles")
+    ]
+    return rows
+
+
+def _k_edge_note(selection: dict[str, Any]) -> str | None:
+    """A warning when the chosen k sits at an end of the range searched."""
+    chosen = selection["chosen_k"]
+    if chosen == selection["k_min"]:
+        return (
+            "The best k is the smallest one tried: the silhouette may keep rising below "
+            "it, and a flat, low curve means the embeddings have no clear cluster "
+            "structure (common for matrix factorisation); try --k-min or a fixed --clusters."
+        )
+    if chosen == selection["k_max"]:
+        return "The best k is the largest one tried: the silhouette may keep rising above it."
+    return None
+
+
+def _config_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _run_figures_note(run: RunFiles) -> str | None:
+    if run.metrics is None and not run.epochs:
+        return "This folder has no metrics.json or metrics.jsonl: no training figures."
+    return None
+
+
+# --- report.md --------------------------------------------------------------
+
+
+def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str]) -> str:
+    """report.md: the same content as report.html, figures linked rather than embedded."""
+    lines = [f"# What the item embeddings learned: {run.name}", "", _intro(result), ""]
+    metrics = _scalar_metrics(run.metrics)
+    if metrics or CURVES_NAME in figure_names:
+        lines += ["## Training", ""]
+    if metrics:
+        lines += ["| figure | value |", "| --- | --- |"]
+        lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in metrics]
+        lines.append("")
+    if CURVES_NAME in figure_names:
+        lines += [f"![Training loss and validation RMSE per epoch]({CURVES_NAME})", ""]
+    note = _run_figures_note(run)
+    if note:
+        lines += [note, ""]
+
+    lines += ["## Does the clustering match genre?", "", _silhouette_text(result), ""]
+    if result.genres_known:
+        lines += [
+            _genre_scope_text(result),
+            "",
+            "| score | value | chance baseline | std above chance (z) |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {' | '.join(row)} |" for row in _score_rows(result)]
+    else:
+        lines.append(_NO_GENRES_TEXT)
+    lines.append("")
+
+    if result.k_selection:
+        sel = result.k_selection
+        lines += ["## Choosing k", "", f"Silhouette per k on {sel['sample_size']:,} items:", ""]
+        lines += ["| k | silhouette |", "| --- | --- |"]
+        for entry in sel["silhouette_by_k"]:
+            value = "undefined" if entry["silhouette"] is None else f"{entry['silhouette']:.3f}"
+            mark = " (chosen)" if entry["k"] == sel["chosen_k"] else ""
+            lines.append(f"| {entry['k']}{mark} | {value} |")
+        lines += ["", f"![Silhouette per k]({K_SELECTION_NAME})", ""]
+        edge = _k_edge_note(sel)
+        if edge:
+            lines += [edge, ""]
+
+    lines += [
+        "## Map of the embeddings",
+        "",
+        f"![Item embeddings, PCA projection coloured by cluster]({PNG_NAME})",
+        "",
+        "## Clusters",
+        "",
+        _LIFT_TEXT,
+        "",
+        "| cluster | size | commonest genres (share, lift) | most over-represented | "
+        "most-rated items |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for summary in result.clusters:
+        common = ", ".join(
+            f"{g['genre']} {g['share']:.0%} (×{g['lift']:.1f})"
+            for g in summary["genres"][:_MD_GENRES]
+        )
+        telling = ", ".join(
+            f"{g['genre']} ×{g['lift']:.1f}" for g in distinctive_genres(summary, 2)
+        )
+        titles = "; ".join(item["title"] for item in summary["top_items"][:_MD_TITLES])
+        lines.append(
+            f"| {summary['cluster']} | {summary['size']:,} | {_cell(common or '-')} | "
+            f"{_cell(telling or '-')} | {_cell(titles or '-')} |"
+        )
+    lines.append("")
+
+    lines += ["## Configuration", "", "Clustering in this report:", ""]
+    lines += ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in _clustering_settings(result)]
+    lines.append("")
+    config_rows = _flat_config(run.config)
+    if config_rows:
+        lines += ["Training run (config.json):", "", "| setting | value |", "| --- | --- |"]
+        lines += [
+            f"| {_cell(key if section == 'run' else f'{section}.{key}')} | {_cell(value)} |"
+            for section, key, value in config_rows
+        ]
+        lines.append("")
+    lines += [
+        f"Per-item assignments: `{PARQUET_NAME}`; all figures: `{JSON_NAME}`; "
+        f"this report with its figures in one file: `{HTML_NAME}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Escape a value for a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+# --- report.html ------------------------------------------------------------
+
+_CSS = """
+:root { --ink: #1d2430; --muted: #5b6573; --line: #dde2e8; --bg: #f6f7f9; --accent: #2b6cb0; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 26px; margin: 8px 0 4px; }
+h2 { font-size: 19px; margin: 0 0 10px; }
+p { margin: 6px 0 10px; }
+.lede { color: var(--muted); max-width: 900px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 18px 20px; margin: 18px 0; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr));
+  gap: 12px; margin: 18px 0; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
+  letter-spacing: .04em; }
+.card .value { font-size: 22px; font-weight: 600; }
+.card .sub { color: var(--muted); font-size: 12px; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { background: #eef1f5; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+figure { margin: 8px 0; }
+figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
+figcaption { color: var(--muted); font-size: 13px; text-align: center; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 3px;
+  margin-right: 6px; vertical-align: -1px; }
+.genre { display: inline-block; border: 1px solid var(--line); border-radius: 10px;
+  padding: 0 7px; margin: 1px 3px 1px 0; font-size: 13px; white-space: nowrap; }
+.genre.high { background: #e6f4ea; border-color: #9bd3ab; }
+.genre.low { color: var(--muted); }
+.titles { color: var(--ink); font-size: 13px; }
+.muted { color: var(--muted); }
+.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr));
+  gap: 14px; }
+code { background: #eef1f5; padding: 1px 4px; border-radius: 4px; font-size: 13px; }
+footer { color: var(--muted); font-size: 13px; margin-top: 20px; }
+"""
+
+
+def render_html(
+    result: ClusterResult, summary: dict[str, Any], run: RunFiles, figures: dict[str, bytes]
+) -> str:
+    """report.html: one file, CSS inline and figures as data URIs, no external reference."""
+    e = html.escape
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>shardmf report: {e(run.name)}</title>",
+        f"<style>{_CSS}</style></head><body><main>",
+        f"<h1>What the item embeddings learned: {e(run.name)}</h1>",
+        f'<p class="lede">{e(_intro(result))}</p>',
+        _html_cards(result, run),
+    ]
+
+    metrics = _scalar_metrics(run.metrics)
+    if metrics or CURVES_NAME in figures:
+        parts.append("<section><h2>Training</h2>")
+        if CURVES_NAME in figures:
+            parts.append(
+                _html_figure(figures[CURVES_NAME], "Training loss and validation RMSE per epoch")
+            )
+        if metrics:
+            half = math.ceil(len(metrics) / 2)
+            tables = [
+                '<table class="metrics"><tr><th>figure (metrics.json)</th>'
+                '<th class="num">value</th></tr>'
+                + "".join(
+                    f'<tr><td><code>{e(key)}</code></td><td class="num">{e(value)}</td></tr>'
+                    for key, value in chunk
+                )
+                + "</table>"
+                for chunk in (metrics[:half], metrics[half:])
+                if chunk
+            ]
+            parts.append(f'<div class="grid2">{"".join(tables)}</div>')
+        parts.append("</section>")
+    note = _run_figures_note(run)
+    if note:
+        parts.append(f'<section><p class="muted">{e(note)}</p></section>')
+
+    parts += [
+        "<section><h2>Does the clustering match genre?</h2>",
+        f"<p>{e(_silhouette_text(result))}</p>",
+    ]
+    if result.genres_known:
+        parts += [
+            f"<p>{e(_genre_scope_text(result))}</p>",
+            '<table class="scores"><tr><th>score</th><th class="num">value</th>'
+            '<th class="num">chance baseline</th><th class="num">std above chance (z)</th></tr>',
+        ]
+        parts += [
+            f'<tr><td>{e(label)}</td><td class="num"><b>{e(value)}</b></td>'
+            f'<td class="num">{e(baseline)}</td><td class="num">{e(z)}</td></tr>'
+            for label, value, baseline, z in _score_rows(result)
+        ]
+        parts.append("</table>")
+    else:
+        parts.append(f"<p>{e(_NO_GENRES_TEXT)}</p>")
+    parts.append("</section>")
+
+    parts += [
+        "<section><h2>Map of the embeddings</h2>",
+        _html_figure(
+            figures[PNG_NAME],
+            "2-D PCA projection of the clustered item embeddings, coloured by cluster; "
+            "the most-rated items are circled and named.",
+        ),
+        "</section>",
+    ]
+    if result.k_selection and K_SELECTION_NAME in figures:
+        sel = result.k_selection
+        parts += [
+            "<section><h2>Choosing k</h2>",
+            f"<p>k={sel['chosen_k']} had the highest mean silhouette of "
+            f"k={sel['k_min']}..{sel['k_max']}, each fitted on the same seeded sample of "
+            f"{sel['sample_size']:,} items.</p>",
+            _html_figure(figures[K_SELECTION_NAME], "Mean silhouette per k"),
+            f'<p class="muted">{e(_k_edge_note(sel) or "")}</p>',
+            "</section>",
+        ]
+
+    parts += [_html_clusters(result), _html_config(result, run.config)]
+    parts += [
+        "<footer>Files beside this report: "
+        f"<code>{PARQUET_NAME}</code> (cluster of every item), <code>{JSON_NAME}</code> "
+        f"(all figures: {summary['k']} clusters, scores, genre base rates), "
+        f"<code>report.md</code> and the PNGs embedded here.</footer>",
+        "</main></body></html>",
+        "",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _html_cards(result: ClusterResult, run: RunFiles) -> str:
+    """Headline figures: test RMSE against the bias-only baseline, training, clusters, NMI."""
+    metrics = run.metrics or {}
+    cards = []
+    test = _finite(metrics.get("test_rmse"))
+    if test is not None:
+        baseline = _finite(metrics.get("baseline_test_rmse"))
+        sub = f"bias-only baseline {baseline:.4f}" if baseline is not None else ""
+        cards.append(("test RMSE", f"{test:.4f}", sub))
+    if "epochs" in metrics:
+        sub = f"best epoch {metrics['best_epoch']}" if "best_epoch" in metrics else ""
+        if "world_size" in metrics:
+            processes = metrics["world_size"]
+            sub += f"{', ' if sub else ''}{_number(processes)} process"
+            sub += "" if processes == 1 else "es"
+        cards.append(("epochs", _number(metrics["epochs"]), sub))
+    speed = _finite(metrics.get("train_ratings_per_s"))
+    if speed is not None:
+        cards.append(("training speed", f"{speed:,.0f}", "ratings / s"))
+    how = "K-Means" if result.algorithm == "kmeans" else "MiniBatchKMeans"
+    cards.append(
+        ("clusters", str(result.k), f"{how}{', k by silhouette' if result.k_selection else ''}")
+    )
+    silhouette = result.scores["silhouette"]
+    if silhouette is not None:
+        cards.append(("silhouette", f"{silhouette:.3f}", f"{len(result.items):,} items"))
+    nmi = result.scores.get("nmi")
+    if nmi:
+        z = "" if nmi["z"] is None else f", z {nmi['z']:.1f}"
+        cards.append(
+            ("NMI with genre", f"{nmi['score']:.3f}", f"chance {nmi['baseline_mean']:.3f}{z}")
+        )
+    e = html.escape
+    body = "".join(
+        f'<div class="card"><div class="label">{e(label)}</div>'
+        f'<div class="value">{e(value)}</div><div class="sub">{e(sub)}</div></div>'
+        for label, value, sub in cards
+    )
+    return f'<div class="cards">{body}</div>'
+
+
+def _html_figure(png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    alt = html.escape(caption, quote=True)
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _html_clusters(result: ClusterResult) -> str:
+    e = html.escape
+    colours = cluster_colours(result.k)
+    rows = [
+        "<section><h2>Clusters</h2>",
+        f"<p>{e(_LIFT_TEXT)} Green: at least ×1.5.</p>" if result.genres_known else "",
+        '<table class="clusters"><tr><th>cluster</th><th class="num">size</th>'
+        + ("<th>commonest genres (share, lift)</th>" if result.genres_known else "")
+        + "<th>most-rated items (training ratings)</th></tr>",
+    ]
+    for summary in result.clusters:
+        cluster = summary["cluster"]
+        genre_cell = ""
+        if result.genres_known:
+            chips = "".join(_genre_chip(g) for g in summary["genres"][:_HTML_GENRES])
+            telling = distinctive_genres(summary, 1)
+            if telling and telling[0] not in summary["genres"][:_HTML_GENRES]:
+                chips += _genre_chip(telling[0])
+            genre_cell = f"<td>{chips or '-'}</td>"
+        titles = " · ".join(
+            f'{e(item["title"])} <span class="muted">({item["train_ratings"]:,})</span>'
+            for item in summary["top_items"][:_HTML_TITLES]
+        )
+        rows.append(
+            f'<tr><td><span class="swatch" style="background:{colours[cluster]}"></span>'
+            f'{cluster}</td><td class="num">{summary["size"]:,}</td>{genre_cell}'
+            f'<td class="titles">{titles or "-"}</td></tr>'
+        )
+    rows.append("</table></section>")
+    return "\n".join(r for r in rows if r)
+
+
+def _genre_chip(genre: dict[str, Any]) -> str:
+    level = " high" if genre["lift"] >= 1.5 else " low" if genre["lift"] < 0.8 else ""
+    return (
+        f'<span class="genre{level}">{html.escape(genre["genre"])} '
+        f"{genre['share']:.0%} ×{genre['lift']:.1f}</span>"
+    )
+
+
+def _html_config(result: ClusterResult, config: dict[str, Any] | None) -> str:
+    e = html.escape
+    sections: dict[str, list[tuple[str, str]]] = {
+        "clustering in this report": _clustering_settings(result)
+    }
+    for section, key, value in _flat_config(config):
+        name = f"{section} (config.json)"
+        sections.setdefault(name, []).append((key, value))
+    tables = [
+        f'<div><table><tr><th colspan="2">{e(section)}</th></tr>'
+        + "".join(f"<tr><td><code>{e(k)}</code></td><td>{e(v)}</td></tr>" for k, v in entries)
+        + "</table></div>"
+        for section, entries in sections.items()
+    ]
+    return (
+        '<section><h2>Configuration</h2><p class="muted">The clustering settings of this '
+        "report, then the training run's as recorded in config.json (its cluster section "
+        "holds the settings the training command clustered with).</p>"
+        f'<div class="grid2">{"".join(tables)}</div></section>'
+    )
+
+
+# --- formatting -------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _fixed(value: float, digits: int = 3) -> str:
+    """Fixed-point text without the "-0.000" that rounding a tiny negative number gives."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
