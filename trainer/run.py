@@ -22,6 +22,7 @@ from trainer.clustering import ClusterConfig, cluster_items, write_cluster_outpu
 from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
+MIN_ITEM_RATINGS = 20  # items rated less in training have factors that are mostly the prior
 
 
 class TrainedRun:
@@ -80,11 +81,13 @@ class TrainedRun:
         scores = self._scores(u, i)
         return np.clip(scores, *self.scale)
 
-    def recommend(self, user, n: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
+    def recommend(self, user, n: int = 10, exclude_seen: bool = True,
+                  min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
         """The n items with the highest predicted rating for one user.
 
         ``exclude_seen`` drops the items the user rated in training (read from the shards;
-        skipped with a warning when the shards are gone).
+        skipped with a warning when the shards are gone). Items with fewer training ratings
+        than ``min_item_ratings`` are left out: their factors are mostly the prior.
         """
         uid = self.user_id(user)
         scores = (self.global_mean + self.user_bias[uid] + self.item_bias
@@ -92,18 +95,22 @@ class TrainedRun:
         if exclude_seen:
             seen = self._seen_items(uid)
             scores[seen] = -np.inf
+        scores[self._rarely_rated(min_item_ratings)] = -np.inf
         top = _top(scores, n)
         table = self.items.iloc[top][["original_item_id", "title", "genres"]].copy()
         table["predicted_rating"] = np.clip(scores[top], *self.scale)
         return table.reset_index(drop=True)
 
-    def similar_items(self, item, n: int = 10) -> pd.DataFrame:
-        """The n items whose factors point the most the same way (cosine similarity)."""
+    def similar_items(self, item, n: int = 10,
+                      min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
+        """The n items whose factors point the most the same way (cosine similarity),
+        among items with at least ``min_item_ratings`` training ratings."""
         iid = self.item_id(item)
         norms = np.linalg.norm(self.item_factors, axis=1)
         cosine = self.item_factors @ self.item_factors[iid] / np.maximum(
             norms * norms[iid], 1e-12)
         cosine[iid] = -np.inf
+        cosine[self._rarely_rated(min_item_ratings)] = -np.inf
         top = _top(cosine, n)
         table = self.items.iloc[top][["original_item_id", "title", "genres",
                                       "train_ratings"]].copy()
@@ -120,6 +127,9 @@ class TrainedRun:
     def _scores(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         return (self.global_mean + self.user_bias[u] + self.item_bias[i]
                 + np.einsum("bd,bd->b", self.user_factors[u], self.item_factors[i]))
+
+    def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
+        return self.items["train_ratings"].to_numpy() < min_item_ratings
 
     def _seen_items(self, uid: int) -> np.ndarray:
         folder = self.shards_dir / "train"
