@@ -39,10 +39,14 @@ from tqdm.dask import TqdmCallback
 from data_shards.errors import InputError
 from data_shards.metadata import read_item_metadata
 from data_shards.sources import (
+    BAD_ROW_REASONS,
+    REJECT_COLUMNS,
     RatingSource,
     SourceOptions,
     diagnose_text,
+    line_numbers,
     read_ratings,
+    read_ratings_checked,
     resolve_source,
 )
 
@@ -55,14 +59,23 @@ TRAIN_ROWS_PER_SHARD = 2_000_000  # auto shard count: enough shards to keep each
 MIN_SHARDS = 8
 _MIX_SHARD = np.uint64(0x9E3779B97F4A7C15)
 _MIX_ORDER = np.uint64(0xD1B54A32D192ED03)
+_MIX_USER = np.uint64(0x8CB92BA72F3D8DD7)
+
+
+SPLIT_METHODS = ("random", "temporal", "leave-last")
+PARTITION_SCHEMES = ("random", "user")
+BAD_ROW_POLICIES = ("error", "skip")
+MAX_REJECT_EXAMPLES = 1000
+# The ``given`` column of pre-split inputs: -1 (main input: the split method decides), 1, 2.
+GIVEN_CODES = {"train": -1, "val": 1, "test": 2}
 
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
     """How ratings become shards; every field has a CLI flag of the same name."""
 
-    val_fraction: float = 0.05  # share of ratings for validation, by hash of (user, item, seed)
-    test_fraction: float = 0.05  # share of ratings for test
+    val_fraction: float = 0.05  # share of ratings for validation (random and temporal splits)
+    test_fraction: float = 0.05  # share of ratings for test (random and temporal splits)
     seed: int = 0  # drives the split, the shard assignment and the row order
     num_shards: int | None = None  # train shards (val/test get as many); None: auto
     row_group_size: int = 65_536  # rows per Parquet row group: the unit a rank streams
@@ -70,6 +83,10 @@ class PrepareConfig:
     items: str | None = None  # item metadata file; MovieLens siblings are found automatically
     genre_sep: str | None = None  # separator of genres in --items; None: detected
     duplicates: str = "error"  # repeated (user, item) pairs: error | last | mean
+    split: str = "random"  # random (by hash) | temporal (latest overall) | leave-last (per user)
+    leave_last: int = 1  # leave-last: each user's latest N ratings to test, the N before to val
+    partition_by: str = "random"  # shard of a rating: random (by pair) | user (a user's all in one)
+    on_bad_rows: str = "error"  # error (stop at the first) | skip (drop, count, rejects.csv)
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self) -> None:
@@ -86,26 +103,63 @@ class PrepareConfig:
             raise InputError(f"--row-group-size {self.row_group_size}: expected at least 1")
         if self.rating_range is not None and not self.rating_range[0] < self.rating_range[1]:
             raise InputError(f"--rating-range {self.rating_range}: expected MIN < MAX")
-        if self.duplicates not in DUPLICATE_POLICIES:
-            raise InputError(f"--duplicates {self.duplicates!r}: expected one of "
-                             f"{', '.join(DUPLICATE_POLICIES)}")
+        for flag, value, allowed in (("duplicates", self.duplicates, DUPLICATE_POLICIES),
+                                     ("split", self.split, SPLIT_METHODS),
+                                     ("partition-by", self.partition_by, PARTITION_SCHEMES),
+                                     ("on-bad-rows", self.on_bad_rows, BAD_ROW_POLICIES)):
+            if value not in allowed:
+                raise InputError(f"--{flag} {value!r}: expected one of {', '.join(allowed)}")
+        if self.leave_last < 1:
+            raise InputError(f"--leave-last {self.leave_last}: expected at least 1")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What routing needs to give every rating its split and staging bucket."""
+
+    seed: int
+    split: str  # a SPLIT_METHODS entry
+    val_fraction: float  # effective, for the main input
+    test_fraction: float
+    cutoffs: tuple[float, float] | None  # temporal: train < c0 <= val < c1 <= test
+    num_shards: int
+    partition_by: str
+
+    @property
+    def restage(self) -> bool:
+        """leave-last needs a user's ratings together; random partition then moves them."""
+        return self.split == "leave-last" and self.partition_by == "random"
 
 
 def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
-            source_options: SourceOptions | None = None) -> dict:
-    """Write SHARDS_DIR from rating files; return its manifest. Uses the current Dask scheduler."""
+            source_options: SourceOptions | None = None, *,
+            val_inputs: list[str] | None = None, test_inputs: list[str] | None = None) -> dict:
+    """Write SHARDS_DIR from rating files; return its manifest. Uses the current Dask scheduler.
+
+    ``val_inputs``/``test_inputs`` are already-split files (read like ``inputs``) that become
+    the val/test shards as given; ``inputs`` then all go to train, except for a split not
+    given, which the split method takes from ``inputs`` as usual.
+    """
     started = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise InputError(f"{out} already exists and is not empty; pass --overwrite to "
                          "replace it or choose another --out")
-    source = resolve_source(inputs, source_options or SourceOptions())
-    log.info("reading %d file(s) as %s", len(source.paths), source.layout)
+    if (val_inputs or test_inputs) and config.split != "random":
+        raise InputError(f"--split {config.split} and --val-input/--test-input exclude each "
+                         "other: pre-split inputs are used as given")
+    options = source_options or SourceOptions()
+    sources = {"train": resolve_source(inputs, options)}
+    for role, given in (("val", val_inputs), ("test", test_inputs)):
+        if given:
+            sources[role] = resolve_source(list(given), options)
+    for role, source in sources.items():
+        log.info("reading %d %s file(s) as %s", len(source.paths), role, source.layout)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
     tmp.mkdir(parents=True)
     try:
-        manifest = _prepare_into(tmp, source, config)
+        manifest = _prepare_into(tmp, sources, config)
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         _write_json(tmp / "manifest.json", manifest)
         _replace_dir(tmp, out)
@@ -117,52 +171,166 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     return manifest
 
 
-def _prepare_into(tmp: Path, source: RatingSource, config: PrepareConfig) -> dict:
-    scale = config.rating_range or source.rating_scale
-    ratings = _guarded(source, scale, lambda: read_ratings(source))
-    stats = _statistics(ratings, source, scale)
+def _all_paths(sources: dict[str, RatingSource]) -> str:
+    return ", ".join(p for s in sources.values() for p in s.paths)
+
+
+def _read_all(sources: dict[str, RatingSource], scale, skip: bool):
+    """One frame over every input (a ``given`` column when there are pre-split ones)."""
+    frames, blocks = [], []
+    for role, source in sources.items():
+        if skip:
+            frame, found = _guarded(sources, scale,
+                                    lambda s=source: read_ratings_checked(s, scale))
+            if found:  # block numbers index one list over all inputs
+                frame = frame.assign(block=frame["block"].where(frame["block"] < 0,
+                                                                frame["block"] + len(blocks)))
+                blocks.extend(found)
+        else:
+            frame = _guarded(sources, scale, lambda s=source: read_ratings(s))
+        if len(sources) > 1:
+            frame = frame.assign(given=np.int8(GIVEN_CODES[role]))
+        frames.append(frame)
+    with_time = all("timestamp" in f.columns for f in frames)
+    if not with_time:
+        frames = [f.drop(columns="timestamp") if "timestamp" in f.columns else f
+                  for f in frames]
+    checked = frames[0] if len(frames) == 1 else dd.concat(frames)
+    return checked, blocks, with_time
+
+
+def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig) -> dict:
+    main = sources["train"]
+    scale = config.rating_range or main.rating_scale
+    skip = config.on_bad_rows == "skip"
+    checked, blocks, with_time = _read_all(sources, scale, skip)
+    if config.split in ("temporal", "leave-last") and not with_time:
+        raise InputError(f"{_all_paths(sources)}: --split {config.split} needs a timestamp "
+                         f"column and found none (columns: {', '.join(main.columns.values())}); "
+                         "pass --time-col or use --split random")
+    ratings = checked
+    if skip:
+        ratings = checked[checked["reason"] == 0].drop(columns=list(REJECT_COLUMNS))
+    stats = _statistics(ratings, sources, scale, config, checked if skip else None)
     user_vocab = _vocabulary(stats["users"])
     item_vocab = _vocabulary(stats["items"])
     scale = scale or (stats["min"], stats["max"])
-    num_shards = config.num_shards or max(
-        MIN_SHARDS, math.ceil(stats["rows"] * (1 - config.val_fraction - config.test_fraction)
-                              / TRAIN_ROWS_PER_SHARD))
+    given = set(sources) - {"train"}
+    plan = _Plan(
+        seed=config.seed, split=config.split,
+        val_fraction=0.0 if "val" in given else config.val_fraction,
+        test_fraction=0.0 if "test" in given else config.test_fraction,
+        cutoffs=_cutoffs(stats, config), partition_by=config.partition_by,
+        num_shards=config.num_shards or max(MIN_SHARDS, math.ceil(
+            stats["rows"] * (1 - config.val_fraction - config.test_fraction)
+            / TRAIN_ROWS_PER_SHARD)))
+    num_shards = plan.num_shards
     staging = tmp / "_staging"
     routed = ratings.map_partitions(
-        _route_partition, dask.delayed(user_vocab), dask.delayed(item_vocab),
-        config.seed, config.val_fraction, config.test_fraction, num_shards,
-        meta=_routed_meta("timestamp" in ratings.columns),
+        _route_partition, dask.delayed(user_vocab), dask.delayed(item_vocab), plan,
+        meta=_routed_meta(with_time, plan.restage),
     )
     with TqdmCallback(desc="encode and split", mininterval=1.0, leave=False):
-        _guarded(source, scale, lambda: routed.to_parquet(
-            staging, partition_on=["split", "shard"], write_index=False))
+        _guarded(sources, scale, lambda: routed.to_parquet(
+            staging, partition_on=["shard"], write_index=False))
     for split in SPLITS:
         (tmp / split).mkdir()
-    tasks = [
-        dask.delayed(_finalise_shard)(staging, tmp, split_code, shard, len(user_vocab),
-                                      len(item_vocab), "timestamp" in ratings.columns, config)
-        for split_code in range(len(SPLITS)) for shard in range(num_shards)
-    ]
+    sizes = (len(user_vocab), len(item_vocab))
+    early_duplicates = []
+    if plan.restage:
+        # Round 1 per user bucket: duplicates, then each user's latest ratings to val/test;
+        # rows then move on to the shard of their pair, where round 2 writes them.
+        restaged = tmp / "_restaged"
+        tasks = [dask.delayed(_finalise_shard)(staging, tmp, shard, sizes, with_time, config,
+                                               plan, restaged)
+                 for shard in range(num_shards)]
+        with TqdmCallback(desc="leave-last per user", mininterval=1.0, leave=False):
+            early_duplicates = list(dask.compute(*tasks))
+        shutil.rmtree(staging)
+        staging = restaged
+    tasks = [dask.delayed(_finalise_shard)(staging, tmp, shard, sizes, with_time, config,
+                                           plan, None)
+             for shard in range(num_shards)]
     with TqdmCallback(desc="write shards", mininterval=1.0, leave=False):
-        shards = dask.compute(*tasks)
-    shutil.rmtree(staging)
-    return _finish(tmp, source, config, shards, user_vocab, item_vocab, scale, num_shards)
+        shards = [entry for group in dask.compute(*tasks) for entry in group]
+    shutil.rmtree(staging, ignore_errors=True)
+    if skip:
+        _write_rejects(tmp / "rejects.csv", stats["rejects"], blocks, sources)
+    manifest = _finish(tmp, sources, config, shards, early_duplicates, user_vocab, item_vocab,
+                       scale, plan)
+    manifest["bad_rows"] = {reason: int(stats["reasons"].get(code + 1, 0))
+                            for code, reason in enumerate(BAD_ROW_REASONS)} if skip else {}
+    manifest["on_bad_rows"] = config.on_bad_rows
+    manifest["rejects_file"] = "rejects.csv" if skip else None
+    if skip and sum(manifest["bad_rows"].values()):
+        log.warning("skipped %d bad rows (%s); examples in %s",
+                    sum(manifest["bad_rows"].values()),
+                    ", ".join(f"{k} {v}" for k, v in manifest["bad_rows"].items() if v),
+                    "rejects.csv")
+    return manifest
 
 
-def _guarded(source: RatingSource, scale, action):
+def _cutoffs(stats: dict, config: PrepareConfig) -> tuple[float, float] | None:
+    if config.split != "temporal":
+        return None
+    low, high = (float(q) for q in stats["quantiles"])
+    # A zero fraction must take nothing, not the ratings tied at the latest time.
+    if config.test_fraction == 0:
+        high = math.inf
+    if config.val_fraction == 0:
+        low = high
+    return low, high
+
+
+def _write_rejects(path: Path, rejects: pd.DataFrame, blocks: list[tuple[str, int]],
+                   sources: dict[str, RatingSource]) -> None:
+    rejects = rejects.head(MAX_REJECT_EXAMPLES)
+    block_ids = rejects["block"].to_numpy()
+    options = next(iter(sources.values())).storage_options
+    lines = line_numbers(blocks, block_ids, rejects["line"].to_numpy(), options)
+    parquet_paths = ", ".join(p for s in sources.values() if s.is_parquet for p in s.paths)
+    frame = pd.DataFrame({
+        "file": [blocks[b][0] if b >= 0 else parquet_paths for b in block_ids],
+        "line": pd.array([n if n > 0 else None for n in lines], dtype="Int64"),
+        "reason": [BAD_ROW_REASONS[c - 1] for c in rejects["reason"].to_numpy()],
+        "raw": rejects["raw"].to_numpy(dtype=object),
+    })
+    frame.to_csv(path, index=False)
+
+
+def _reject_sample(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[frame["reason"].to_numpy() > 0, list(REJECT_COLUMNS)].head(
+        MAX_REJECT_EXAMPLES)
+
+
+def _guarded(sources: dict[str, RatingSource], scale, action):
     """Turn a parse failure deep inside Dask into one message naming the file and line."""
     try:
         return action()
     except InputError:
         raise
     except (ValueError, TypeError, UnicodeDecodeError, pa.ArrowException, OSError) as e:
+        raise _diagnose(sources, scale, str(e).splitlines()[-1] if str(e) else "") from e
+
+
+def _diagnose(sources: dict[str, RatingSource], scale, detail: str = "") -> InputError:
+    """The first bad line of any text input; else a message naming the Parquet inputs."""
+    generic = None
+    for source in sources.values():
         if source.is_parquet:
-            raise InputError(f"{', '.join(source.paths)}: cannot be read as ratings "
-                             f"({str(e).splitlines()[-1]})") from e
-        raise diagnose_text(source, scale) from e
+            continue
+        error = diagnose_text(source, scale)
+        if not str(error).endswith(f"could not be parsed as {source.layout} ratings"):
+            return error
+        generic = generic or error
+    parquet = [p for s in sources.values() if s.is_parquet for p in s.paths]
+    if parquet:
+        return InputError(f"{', '.join(parquet)}: cannot be read as ratings ({detail})")
+    return generic
 
 
-def _statistics(ratings: dd.DataFrame, source: RatingSource, scale) -> dict:
+def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
+                config: PrepareConfig, checked: dd.DataFrame | None) -> dict:
     rating = ratings["rating"]
     bad = ~np.isfinite(rating)
     if scale is not None:
@@ -176,19 +344,30 @@ def _statistics(ratings: dd.DataFrame, source: RatingSource, scale) -> dict:
         "users": ratings["user"].dropna().unique(),
         "items": ratings["item"].dropna().unique(),
     }
+    if checked is not None:
+        tasks["reasons"] = checked["reason"].value_counts()
+        tasks["rejects"] = checked.map_partitions(_reject_sample,
+                                                  meta=checked._meta[list(REJECT_COLUMNS)])
+    if config.split == "temporal":
+        first = 1.0 - config.val_fraction - config.test_fraction
+        tasks["quantiles"] = ratings["timestamp"].quantile([first, 1.0 - config.test_fraction])
     with TqdmCallback(desc="read and validate", mininterval=1.0, leave=False):
-        values = _guarded(source, scale, lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
+        values = _guarded(sources, scale,
+                          lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
     if values["rows"] == 0:
-        raise InputError(f"{', '.join(source.paths)}: no ratings found (only a header, or "
-                         "empty files)")
+        rejected = int(values["reasons"].sum()) if checked is not None else 0
+        raise InputError(f"{_all_paths(sources)}: no ratings found (" + (
+            f"all {rejected} rows were rejected as bad; see the reasons with --on-bad-rows "
+            "error)" if rejected else "only a header, or empty files)"))
     if values["bad"] or values["missing_ids"]:
-        if source.is_parquet:
+        if all(s.is_parquet for s in sources.values()):
             raise InputError(
-                f"{', '.join(source.paths)}: {int(values['bad'])} rows with a missing, "
+                f"{_all_paths(sources)}: {int(values['bad'])} rows with a missing, "
                 f"non-finite or out-of-range rating and {int(values['missing_ids'])} missing "
                 f"ids (expected finite ratings" +
-                (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")"))
-        raise diagnose_text(source, scale)
+                (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")") +
+                "; pass --on-bad-rows skip to drop them")
+        raise _diagnose(sources, scale)
     return values
 
 
@@ -238,12 +417,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def user_hash(users: pd.Series, seed: int) -> np.ndarray:
+    """A 64-bit hash of (user, seed): the shard of a user under --partition-by user."""
+    hu = pd.util.hash_pandas_object(users, index=False).to_numpy()
+    salt = np.uint64((seed + 1) * int(_MIX_ORDER) % 2**64)
+    return _mix(hu ^ _mix(hu + salt) ^ _MIX_USER)
+
+
 def _route_partition(frame: pd.DataFrame, user_vocab: pd.Index, item_vocab: pd.Index,
-                     seed: int, val_fraction: float, test_fraction: float, num_shards: int,
-                     partition_info: dict | None = None) -> pd.DataFrame:
+                     plan: _Plan, partition_info: dict | None = None) -> pd.DataFrame:
     users = _canonical(frame["user"], user_vocab)
     items = _canonical(frame["item"], item_vocab)
-    hashes = pair_hash(users, items, seed)
+    hashes = pair_hash(users, items, plan.seed)
     number = partition_info["number"] if partition_info else 0
     out = pd.DataFrame({
         "user_id": user_vocab.get_indexer(users).astype(np.int32),
@@ -255,31 +440,102 @@ def _route_partition(frame: pd.DataFrame, user_vocab: pd.Index, item_vocab: pd.I
     # Input order, for --duplicates last when there is no timestamp.
     out["seq"] = (np.int64(number) << np.int64(40)) + np.arange(len(frame), dtype=np.int64)
     out["order"] = _mix(hashes ^ _MIX_ORDER).view(np.int64)
-    out["split"] = split_codes(hashes, val_fraction, test_fraction)
-    out["shard"] = (_mix(hashes ^ _MIX_SHARD) % np.uint64(num_shards)).astype(np.int32)
+    if plan.split == "random":
+        split = split_codes(hashes, plan.val_fraction, plan.test_fraction)
+    elif plan.split == "temporal":
+        stamps = out["timestamp"].to_numpy()
+        low, high = plan.cutoffs
+        split = np.where(stamps < low, 0, np.where(stamps < high, 1, 2)).astype(np.int8)
+    else:  # leave-last: decided per user when the bucket is finalised
+        split = np.full(len(frame), -1, dtype=np.int8)
+    if "given" in frame:
+        given = frame["given"].to_numpy(dtype=np.int8)
+        split = np.where(given >= 0, given, split).astype(np.int8)
+    out["split"] = split
+    pair_shard = (_mix(hashes ^ _MIX_SHARD) % np.uint64(plan.num_shards)).astype(np.int32)
+    if plan.partition_by == "user" or plan.split == "leave-last":
+        user_shard = (user_hash(users, plan.seed) % np.uint64(plan.num_shards))
+        out["shard"] = user_shard.astype(np.int32)
+        if plan.restage:
+            out["pair_shard"] = pair_shard
+    else:
+        out["shard"] = pair_shard
     return out
 
 
-def _routed_meta(with_time: bool) -> pd.DataFrame:
+def _routed_meta(with_time: bool, restage: bool = False) -> pd.DataFrame:
     dtypes = {"user_id": "int32", "item_id": "int32", "rating": "float32"}
     if with_time:
         dtypes["timestamp"] = "int64"
     dtypes.update({"seq": "int64", "order": "int64", "split": "int8", "shard": "int32"})
+    if restage:
+        dtypes["pair_shard"] = "int32"
     return pd.DataFrame({k: pd.Series(dtype=v) for k, v in dtypes.items()})
 
 
-def _finalise_shard(staging: Path, out: Path, split_code: int, shard: int, num_users: int,
-                    num_items: int, with_time: bool, config: PrepareConfig) -> dict:
-    """Resolve repeated pairs, shuffle and write one shard; returns its manifest entry."""
-    bucket = staging / f"split={split_code}" / f"shard={shard}"
+def _leave_last_codes(frame: pd.DataFrame, count: int) -> np.ndarray:
+    """Each user's latest ``count`` ratings -> test (2), the ``count`` before -> val (1).
+
+    Latest by (timestamp, input order). A user's earliest rating always stays in train, so
+    no user is left without training ratings by the split itself.
+    """
+    n = len(frame)
+    if n == 0:
+        return np.zeros(0, dtype=np.int8)
+    users = frame["user_id"].to_numpy()
+    order = np.lexsort((-frame["seq"].to_numpy(), -frame["timestamp"].to_numpy(), users))
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    rank = np.arange(n) - np.repeat(starts, sizes)  # 0: the user's latest rating
+    codes = np.where(rank < count, 2, np.where(rank < 2 * count, 1, 0)).astype(np.int8)
+    codes[rank == np.repeat(sizes, sizes) - 1] = 0
+    out = np.empty(n, dtype=np.int8)
+    out[order] = codes
+    return out
+
+
+_NO_DUPLICATES = {"pairs": 0, "rows": 0, "examples": []}
+
+
+def _finalise_shard(staging: Path, out: Path, shard: int, sizes: tuple[int, int],
+                    with_time: bool, config: PrepareConfig, plan: _Plan,
+                    restage: Path | None) -> list[dict] | dict:
+    """Resolve repeated pairs, settle leave-last splits, shuffle and write one shard's files.
+
+    A pair always lands in one bucket (its shard depends on the pair or on its user), so
+    repeats are found here, across splits. Returns the train/val/test manifest entries, or,
+    with ``restage``, writes the rows on to the bucket of their pair and returns the
+    duplicates found.
+    """
+    bucket = staging / f"shard={shard}"
     table = pq.read_table(bucket) if bucket.exists() else None
     # An empty shard keeps the full schema (timestamp included), like every other shard.
-    frame = table.to_pandas() if table is not None else _routed_meta(with_time).drop(
-        columns=["split", "shard"])
-    frame = frame.drop(columns=[c for c in ("split", "shard") if c in frame], errors="ignore")
+    frame = table.to_pandas() if table is not None else _routed_meta(
+        with_time, restage is not None)
+    frame = frame.drop(columns=["shard"], errors="ignore")
     frame, duplicates = _resolve_duplicates(frame, config.duplicates)
-    frame = frame.sort_values("order", kind="stable").drop(columns=["order", "seq"])
-    split = SPLITS[split_code]
+    if plan.split == "leave-last" and len(frame) and (frame["split"].to_numpy() < 0).any():
+        frame["split"] = _leave_last_codes(frame, config.leave_last)
+    if restage is not None:
+        for target, part in frame.groupby("pair_shard", sort=True):
+            folder = restage / f"shard={int(target)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pandas(part.drop(columns=["pair_shard"]),
+                                                preserve_index=False),
+                           folder / f"part-{shard:05d}.parquet")
+        return duplicates
+    frame = frame.drop(columns=["pair_shard"], errors="ignore")
+    frame = frame.sort_values("order", kind="stable")
+    codes = frame["split"].to_numpy()
+    frame = frame.drop(columns=["order", "seq", "split"])
+    return [_write_shard(out, split, shard, frame[codes == code],
+                         duplicates if code == 0 else _NO_DUPLICATES, sizes, config)
+            for code, split in enumerate(SPLITS)]
+
+
+def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplicates: dict,
+                 sizes: tuple[int, int], config: PrepareConfig) -> dict:
     name = f"{split}/part-{shard:05d}.parquet"
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer,
@@ -298,9 +554,19 @@ def _finalise_shard(staging: Path, out: Path, split_code: int, shard: int, num_u
         "rating_min": float(frame["rating"].min()) if len(frame) else None,
         "rating_max": float(frame["rating"].max()) if len(frame) else None,
     }
+    users = frame["user_id"].to_numpy()
     if split == "train":
-        entry["user_counts"] = np.bincount(frame["user_id"], minlength=num_users)
-        entry["item_counts"] = np.bincount(frame["item_id"], minlength=num_items)
+        # int32 halves what the driver holds until the counts are summed (a shard < 2**31).
+        entry["user_counts"] = np.bincount(users, minlength=sizes[0]).astype(np.int32)
+        entry["item_counts"] = np.bincount(frame["item_id"], minlength=sizes[1]).astype(
+            np.int32)
+        if config.partition_by == "user":
+            entry["users"] = int(np.count_nonzero(entry["user_counts"]))
+            entry["user_id_min"] = int(users.min()) if len(users) else None
+            entry["user_id_max"] = int(users.max()) if len(users) else None
+    else:
+        entry["distinct_users"] = np.unique(users)
+        entry["distinct_items"] = np.unique(frame["item_id"].to_numpy())
     return entry
 
 
@@ -324,23 +590,36 @@ def _resolve_duplicates(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame,
     return kept, found
 
 
-def _finish(tmp: Path, source: RatingSource, config: PrepareConfig, shards: tuple[dict, ...],
-            user_vocab: pd.Index, item_vocab: pd.Index, scale, num_shards: int) -> dict:
+def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
+            shards: list[dict], early_duplicates: list[dict], user_vocab: pd.Index,
+            item_vocab: pd.Index, scale, plan: _Plan) -> dict:
+    source = sources["train"]
     by_split = {s: [e for e in shards if e["path"].startswith(f"{s}/")] for s in SPLITS}
-    repeated = sum(e["duplicates"]["pairs"] for e in shards)
+    found = [e["duplicates"] for e in shards] + list(early_duplicates)
+    repeated = sum(d["pairs"] for d in found)
     if repeated and config.duplicates == "error":
-        examples = [ex for e in shards for ex in e["duplicates"]["examples"]][:3]
+        examples = [ex for d in found for ex in d["examples"]][:3]
         shown = ", ".join(f"(user {user_vocab[u]!s}, item {item_vocab[i]!s})"
                           for u, i in examples)
-        raise InputError(f"{', '.join(source.paths)}: {repeated} (user, item) pairs are rated "
+        raise InputError(f"{_all_paths(sources)}: {repeated} (user, item) pairs are rated "
                          f"more than once, e.g. {shown}; pass --duplicates last or "
                          "--duplicates mean to keep one rating per pair")
     train = by_split["train"]
-    user_counts = sum(e.pop("user_counts") for e in train)
-    item_counts = sum(e.pop("item_counts") for e in train)
+    user_counts = np.zeros(len(user_vocab), dtype=np.int64)
+    item_counts = np.zeros(len(item_vocab), dtype=np.int64)
+    for entry in train:
+        user_counts += entry.pop("user_counts")
+        item_counts += entry.pop("item_counts")
     counts = {s: sum(e["rows"] for e in by_split[s]) for s in SPLITS}
     if counts["train"] == 0:
-        raise InputError(f"{', '.join(source.paths)}: no rating fell into the training split")
+        raise InputError(f"{_all_paths(sources)}: no rating fell into the training split")
+    held_out = {}
+    for split in ("val", "test"):
+        users = np.unique(np.concatenate([e.pop("distinct_users") for e in by_split[split]]))
+        items = np.unique(np.concatenate([e.pop("distinct_items") for e in by_split[split]]))
+        held_out[split] = {"users": len(users), "items": len(items),
+                           "users_unseen_in_train": int((user_counts[users] == 0).sum()),
+                           "items_unseen_in_train": int((item_counts[items] == 0).sum())}
     train_mean = sum(e["rating_sum"] for e in train) / counts["train"]
     kept_min = min(e["rating_min"] for e in shards if e["rating_min"] is not None)
     kept_max = max(e["rating_max"] for e in shards if e["rating_max"] is not None)
@@ -349,19 +628,48 @@ def _finish(tmp: Path, source: RatingSource, config: PrepareConfig, shards: tupl
             entry.pop(key)
         entry["duplicates"] = {k: entry["duplicates"][k] for k in ("pairs", "rows")}
 
-    _write_parquet(tmp / "users.parquet", pd.DataFrame({
+    users_table = pd.DataFrame({
         "user_id": np.arange(len(user_vocab), dtype=np.int32),
         "original_user_id": user_vocab.to_numpy(),
-        "train_ratings": user_counts.astype(np.int64),
-    }))
-    items = _item_table(source, config, item_vocab, item_counts)
+        "train_ratings": user_counts,
+    })
+    partition = {"scheme": plan.partition_by, "num_shards": plan.num_shards,
+                 "row_group_size": config.row_group_size}
+    if plan.partition_by == "user":
+        # The train shard that holds all of a user's ratings: the rank that reads it can own
+        # those users' embeddings alone.
+        vocab = pd.Series(user_vocab.to_numpy())
+        vocab = vocab.astype("int64") if _id_type(user_vocab) == "int64" else vocab.astype("str")
+        users_table["shard"] = (user_hash(vocab, config.seed)
+                                % np.uint64(plan.num_shards)).astype(np.int32)
+        partition["users_file_column"] = "shard"
+    _write_parquet(tmp / "users.parquet", users_table)
+    items_source = next((s for s in sources.values() if s.items_path), source)
+    items = _item_table(items_source, config, item_vocab, item_counts)
     _write_parquet(tmp / "items.parquet", items)
+    split_info = {"method": "given" if len(sources) > 1 else config.split, "seed": config.seed}
+    if config.split in ("random", "temporal") or len(sources) > 1:
+        split_info["fractions"] = {
+            "train": round(1 - config.val_fraction - config.test_fraction, 10),
+            "val": config.val_fraction, "test": config.test_fraction}
+    if len(sources) > 1:
+        split_info["given"] = sorted(set(sources) - {"train"})
+        split_info["fractions"] = {"val": plan.val_fraction, "test": plan.test_fraction}
+    if plan.cutoffs is not None:
+        split_info["cutoffs"] = {"val_from": _json_number(plan.cutoffs[0]),
+                                 "test_from": _json_number(plan.cutoffs[1])}
+    if config.split == "leave-last":
+        split_info["leave_last"] = config.leave_last
+    split_info.update(held_out)
+    described = []
+    for role, src in sources.items():
+        described += [{**d, "split": role} if len(sources) > 1 else d for d in src.describe()]
     return {
         "format_version": MANIFEST_VERSION,
         "created_by": "shardmf prepare",
-        "sources": source.describe(),
+        "sources": described,
         "item_metadata": {
-            "path": config.items or source.items_path,
+            "path": config.items or items_source.items_path,
             "titles": bool(items["title"].notna().any()),
             "genres": bool(items["genres"].notna().any()),
         },
@@ -377,18 +685,18 @@ def _finish(tmp: Path, source: RatingSource, config: PrepareConfig, shards: tupl
         },
         "rating": {"min": kept_min, "max": kept_max, "train_mean": train_mean,
                    "scale": [float(scale[0]), float(scale[1])]},
-        "split": {"method": "hash", "seed": config.seed,
-                  "fractions": {"train": round(1 - config.val_fraction
-                                               - config.test_fraction, 10),
-                                "val": config.val_fraction, "test": config.test_fraction}},
-        "partition": {"scheme": "random", "num_shards": num_shards,
-                      "row_group_size": config.row_group_size},
+        "split": split_info,
+        "partition": partition,
         "duplicates": config.duplicates,
         "config": {k: v for k, v in asdict(config).items() if k != "overwrite"},
         "files": {s: sorted(by_split[s], key=lambda e: e["path"]) for s in SPLITS},
         "users_file": "users.parquet",
         "items_file": "items.parquet",
     }
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isinf(value) else float(value)
 
 
 def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 
 import dask.dataframe as dd
 import fsspec
+import numpy as np
 import pandas as pd
 
 from data_shards.errors import InputError
@@ -477,3 +478,192 @@ def _is_repeated_char(delimiter: str | None) -> bool:
 
 def _is_compressed(path: str) -> bool:
     return path.endswith(COMPRESSED_SUFFIXES)
+
+
+# ---------------------------------------------------------------- --on-bad-rows skip
+
+# Why a row was set aside; code i + 1 in the ``reason`` column (0: a good row).
+BAD_ROW_REASONS = ("ragged_line", "non_numeric_rating", "rating_out_of_range", "missing_id")
+REJECT_COLUMNS = ("reason", "block", "line", "raw")
+
+
+def read_ratings_checked(source: RatingSource, scale: tuple[float, float] | None
+                         ) -> tuple[dd.DataFrame, list[tuple[str, int]]]:
+    """The fixed schema plus ``reason`` (int8, 0 good), ``block``, ``line`` and ``raw``.
+
+    For ``--on-bad-rows skip``. A text block is first parsed exactly as ``read_ratings``
+    does (pandas C parser, vectorised checks); only a block whose fast parse fails or that
+    holds a bad row is parsed again line by line, which gives the line number and raw text
+    of each bad row. Good blocks never pay for that. Returns the frame and the blocks as
+    (path, byte offset) so that ``block``/``line`` can be turned into a file line later.
+    """
+    if source.is_parquet:
+        frame = read_ratings(source)
+        columns = list(frame.columns)
+        return frame.map_partitions(_flag_parquet_partition, scale, columns,
+                                    meta=_flag_parquet_partition(frame._meta, scale,
+                                                                 columns)), []
+    blocks: list[tuple[str, int, int | None]] = []
+    for path in source.paths:
+        if _is_compressed(path):
+            blocks.append((path, 0, None))
+            continue
+        fs, root = fsspec.core.url_to_fs(path, **source.storage_options)
+        size = fs.size(root)
+        blocks.extend((path, offset, TEXT_BLOCKSIZE)
+                      for offset in range(0, max(size, 1), TEXT_BLOCKSIZE))
+    meta = _checked_meta(source)
+    frame = dd.from_map(_read_text_block, [(i, *b) for i, b in enumerate(blocks)],
+                        source=source, scale=scale, meta=meta, enforce_metadata=False,
+                        label="read-ratings-checked")
+    return frame, [(p, o) for p, o, _ in blocks]
+
+
+def _checked_meta(source: RatingSource) -> pd.DataFrame:
+    columns = dict(source.columns)
+    empty = pd.DataFrame({n: pd.Series(dtype="str") for n in source.field_names})
+    empty[columns["rating"]] = empty[columns["rating"]].astype("float64")
+    return _with_reasons(_normalise_partition(empty, columns), None)
+
+
+def _reason_codes(frame: pd.DataFrame, scale) -> np.ndarray:
+    """Vectorised: 0 for a good row, else 1 + the index of its reason in BAD_ROW_REASONS."""
+    codes = np.zeros(len(frame), dtype=np.int8)
+    rating = frame["rating"].to_numpy(dtype=np.float64)
+    if scale is not None:
+        with np.errstate(invalid="ignore"):
+            codes[(rating < scale[0]) | (rating > scale[1])] = 3
+    codes[~np.isfinite(rating)] = 2
+    missing = np.zeros(len(frame), dtype=bool)
+    for name in ("user", "item"):
+        column = frame[name]
+        missing |= column.isna().to_numpy()
+        if not pd.api.types.is_integer_dtype(column.dtype):
+            missing |= (column == "").fillna(False).to_numpy(dtype=bool)
+    codes[missing] = 4
+    return codes
+
+
+def _with_reasons(frame: pd.DataFrame, scale, codes: np.ndarray | None = None,
+                  block: int = -1) -> pd.DataFrame:
+    codes = _reason_codes(frame, scale) if codes is None else codes
+    return frame.assign(reason=codes, block=np.full(len(frame), block, dtype=np.int32),
+                        line=np.full(len(frame), -1, dtype=np.int64),
+                        raw=pd.Series([None] * len(frame), index=frame.index, dtype=object))
+
+
+def _flag_parquet_partition(frame: pd.DataFrame, scale, columns: list[str]) -> pd.DataFrame:
+    out = _with_reasons(frame, scale)
+    bad = out["reason"].to_numpy() > 0
+    if bad.any():  # raw text of the few bad rows only
+        out.loc[bad, "raw"] = [repr(tuple(row)) for row in
+                               frame.loc[bad, columns].itertuples(index=False)]
+    return out
+
+
+def _read_text_block(spec: tuple[int, str, int, int | None], source: RatingSource,
+                     scale) -> pd.DataFrame:
+    index, path, offset, length = spec
+    with fsspec.open(path, "rb", compression="infer", **source.storage_options) as handle:
+        if length is None:
+            data = handle.read()
+        else:
+            data = fsspec.utils.read_block(handle, offset, length, delimiter=b"\n")
+    skip_header = source.header and offset == 0
+    try:
+        parsed = pd.read_csv(
+            io.BytesIO(data), sep=_single_char(source.delimiter),
+            header=0 if skip_header else None, names=list(source.field_names),
+            dtype=dict.fromkeys(source.field_names, "str") | {source.columns["rating"]:
+                                                              "float64"},
+            encoding=source.encoding,
+            quoting=csv.QUOTE_MINIMAL if source.delimiter != "\t" else csv.QUOTE_NONE,
+            keep_default_na=True)
+        frame = _normalise_partition(parsed, source.columns)
+        codes = _reason_codes(frame, scale)
+        if not codes.any():
+            return _with_reasons(frame, scale, codes, index)
+    except (ValueError, TypeError, UnicodeDecodeError):  # pandas' ParserError is a ValueError
+        pass
+    return _read_text_block_slowly(data, index, skip_header, source, scale)
+
+
+def _read_text_block_slowly(data: bytes, index: int, skip_header: bool,
+                            source: RatingSource, scale) -> pd.DataFrame:
+    """Line by line: only for a block known to hold a bad row (per-row Python is fine)."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    try:
+        text = data.decode(source.encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source.paths[0]}: not valid {source.encoding} text ({e.reason}); "
+                         "pass --encoding (e.g. latin-1)") from e
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    expected = len(source.field_names)
+    good_rows, good_lines, bad_lines, bad_raw = [], [], [], []
+    for number, line in enumerate(lines):
+        line = line.rstrip("\r")
+        if (number == 0 and skip_header) or not line.strip():
+            continue
+        fields = next(_split_lines(io.StringIO(line), source.delimiter), [])
+        if len(fields) == expected:
+            good_rows.append(fields)
+            good_lines.append(number)
+        else:
+            bad_lines.append(number)
+            bad_raw.append(line)
+    raw = pd.DataFrame(good_rows, columns=list(source.field_names), dtype=object)
+    raw = raw.where(~raw.isin(STR_NA_VALUES), None)
+    rating_col = source.columns["rating"]
+    raw[rating_col] = pd.to_numeric(raw[rating_col].astype(object).where(
+        raw[rating_col].notna(), None), errors="coerce").astype("float64")
+    frame = _with_reasons(_normalise_partition(raw, source.columns), scale, block=index)
+    frame["line"] = np.asarray(good_lines, dtype=np.int64)
+    bad = frame["reason"].to_numpy() > 0
+    if bad.any():
+        frame.loc[bad, "raw"] = [lines[n].rstrip("\r") for n in frame.loc[bad, "line"]]
+    if bad_lines:
+        ragged = frame.iloc[:0].reindex(range(len(bad_lines)))
+        ragged = ragged.assign(reason=np.int8(1), block=np.int32(index),
+                               line=np.asarray(bad_lines, dtype=np.int64), raw=bad_raw)
+        if "timestamp" in ragged:
+            ragged["timestamp"] = np.int64(-1)
+        frame = pd.concat([frame, ragged], ignore_index=True)
+    return frame.astype(_checked_dtypes(frame))
+
+
+def _checked_dtypes(frame: pd.DataFrame) -> dict:
+    dtypes = {"rating": "float64", "reason": "int8", "block": "int32", "line": "int64"}
+    if "timestamp" in frame:
+        dtypes["timestamp"] = "int64"
+    return dtypes
+
+
+def line_numbers(blocks: list[tuple[str, int]], block_ids: np.ndarray, lines: np.ndarray,
+                 storage_options: dict) -> np.ndarray:
+    """1-based file lines of rejects from (block, line within block); -1 where unknown.
+
+    Counts the newlines before each block's start (the first line break at or after its
+    byte offset): a scan of the file prefix, run only for the few rejects shown.
+    """
+    before: dict[int, int] = {}
+    for block in sorted({int(b) for b in block_ids if b >= 0}):
+        path, offset = blocks[block]
+        if offset == 0:
+            before[block] = 0
+            continue
+        count = 0
+        with fsspec.open(path, "rb", **storage_options) as handle:
+            remaining = offset
+            while remaining > 0:
+                chunk = handle.read(min(remaining, 16 * 2**20))
+                if not chunk:
+                    break
+                count += chunk.count(b"\n")
+                remaining -= len(chunk)
+        # The block starts after the first line break at or after its offset.
+        before[block] = count + 1
+    return np.array([before[int(b)] + int(n) + 1 if b >= 0 and n >= 0 else -1
+                     for b, n in zip(block_ids, lines)], dtype=np.int64)

@@ -4,6 +4,7 @@
     shardmf train SHARDS_DIR --out RUN_DIR --nproc N   torchrun N ranks, then clusters
     shardmf cluster RUN_DIR                       re-run the rank-0 post-step alone
     shardmf run INPUT... --out RUN_DIR            prepare, train and cluster in one go
+    shardmf verify SHARDS_DIR [--full]            check the shard files against the manifest
     shardmf export-split SHARDS_DIR --out DIR     the splits as TSV, for other tools
     shardmf recommend | similar | export RUN_DIR  use a trained run
     shardmf synth --out RAW_DIR                   a rating set with planted genres
@@ -77,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = command("prepare", _prepare, "Read ratings with Dask, validate them, encode "
                       "ids, split train/val/test and write Parquet shards plus a manifest.")
-    prepare.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="ratings files, folders, globs or fsspec URLs")
+    prepare.add_argument("inputs", nargs="*", metavar="INPUT",
+                         help="ratings files, folders, globs or fsspec URLs (or --movielens)")
     prepare.add_argument("--out", required=True, metavar="SHARDS_DIR")
     _add_prepare_arguments(prepare, PrepareConfig, SourceOptions)
+
+    verify = command("verify", _verify, "Check every shard file against the manifest: "
+                     "sizes, rows and row groups (with --full also SHA-256 checksums).")
+    verify.add_argument("shards_dir", metavar="SHARDS_DIR")
+    verify.add_argument("--full", action="store_true", help="also compare SHA-256 checksums")
+    verify.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     export_split = command("export-split", _export_split, "Write the train/val/test splits "
                            "of SHARDS_DIR back as TSV with original ids, for other tools.")
@@ -104,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", _run, "Prepare, train and cluster in one go: INPUT -> "
                   "RUN_DIR/shards -> RUN_DIR.")
-    run.add_argument("inputs", nargs="+", metavar="INPUT")
+    run.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="ratings files, folders, globs or fsspec URLs (or --movielens)")
     run.add_argument("--out", required=True, metavar="RUN_DIR")
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as "
                      "the flags (flags given here win)")
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("-n", type=int, default=10, help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
+    recommend.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
+                           help="leave out items with fewer training ratings (default: 20)")
     recommend.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     similar = command("similar", _similar, "Items whose embeddings point the same way as "
@@ -140,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--item", help="original item id")
     which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
     similar.add_argument("-n", type=int, default=10, help="how many items (default: 10)")
+    similar.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
+                         help="leave out items with fewer training ratings (default: 20)")
     similar.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     export = command("export", _export, "Write a run's user and item embeddings with their "
@@ -160,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_prepare_arguments(parser, prepare_config, source_options) -> None:
+    from data_shards.movielens import RELEASES
+
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--val-input", nargs="+", default=[], metavar="FILE",
+                        help="already-split validation ratings, used as given (same layout "
+                        "and options as INPUT); INPUT then goes to train")
+    inputs.add_argument("--test-input", nargs="+", default=[], metavar="FILE",
+                        help="already-split test ratings, used as given")
+    which = inputs.add_mutually_exclusive_group()
+    which.add_argument("--movielens", choices=RELEASES, metavar="NAME",
+                       help="a MovieLens release by name, downloaded once into $SHARDMF_CACHE "
+                       f"(default ~/.cache/shardmf) and checked: {', '.join(RELEASES)}")
+    which.add_argument("--movielens-path", metavar="ZIP|DIR",
+                       help="a MovieLens release zip or extracted folder on disk")
     add_config_arguments(parser, source_options, skip=("storage_options",),
                          title="input columns and parsing")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -192,19 +218,49 @@ def _prepare(values: dict) -> int:
 
 
 def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
-    from data_shards import PrepareConfig, SourceOptions, prepare
+    from data_shards import (
+        PrepareConfig,
+        SourceOptions,
+        fetch_movielens,
+        movielens_path,
+        prepare,
+    )
 
     storage = dict(_key_value(kv) for kv in values.get("storage_option", []))
     source = config_from_values(SourceOptions, {**values, "storage_options": storage})
     config = config_from_values(PrepareConfig, values)
+    inputs = list(inputs)
+    if values.get("movielens"):
+        inputs.append(str(fetch_movielens(values["movielens"])))
+    elif values.get("movielens_path"):
+        inputs.append(str(movielens_path(values["movielens_path"])))
+    if not inputs:
+        raise ValueError("no input given: name ratings files or folders, or pass "
+                         "--movielens NAME / --movielens-path ZIP")
     with dask_client(values.get("dask_scheduler"), values.get("workers")):
-        manifest = prepare(inputs, out, config, source)
+        manifest = prepare(inputs, out, config, source,
+                           val_inputs=values.get("val_input") or None,
+                           test_inputs=values.get("test_input") or None)
     counts = manifest["counts"]
     log.info("prepared %s: %d users, %d items, ratings train %d / val %d / test %d, "
              "%d train shards, in %.1f s", out, counts["users"], counts["items"],
              counts["ratings"]["train"], counts["ratings"]["val"], counts["ratings"]["test"],
              manifest["partition"]["num_shards"], manifest["seconds"])
     return manifest
+
+
+def _verify(values: dict) -> int:
+    from trainer.shards import open_shards
+
+    shards = open_shards(values["shards_dir"], verify="full" if values["full"] else "quick")
+    manifest = shards.manifest
+    files = sum(len(entries) for entries in manifest["files"].values())
+    counts = manifest["counts"]["ratings"]
+    print(f"OK {values['shards_dir']}: {files} files match the manifest "
+          f"({'sizes, rows, row groups, sha256' if values['full'] else 'sizes, rows, row groups'}"
+          f"); ratings train {counts['train']:,} / val {counts['val']:,} / "
+          f"test {counts['test']:,}")
+    return 0
 
 
 def _export_split(values: dict) -> int:
@@ -288,7 +344,7 @@ def _demo(values: dict) -> int:
           f"{metrics['baseline_test_rmse']:.4f}")
     print(f"  item clusters vs planted genres: NMI {nmi.get('score', float('nan')):.3f} "
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
-    print(f"  report: {run / 'report.md'}")
+    print(f"  report: {run / 'report.html'} (and report.md)")
     return 0
 
 
@@ -298,7 +354,8 @@ def _recommend(values: dict) -> int:
     if values["n"] < 1:
         raise ValueError(f"-n {values['n']}: expected at least 1")
     run = load_run(values["run_dir"])
-    table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"])
+    table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
+                          min_item_ratings=values["min_item_ratings"])
     print(f"top {len(table)} for user {values['user']} (predicted rating):")
     for row in table.itertuples():
         print(f"  {row.predicted_rating:4.2f}  {_label(row)}")
@@ -314,7 +371,7 @@ def _similar(values: dict) -> int:
     item = values["item"] if values["item"] is not None else run.find_item(values["title"])
     anchor = run.items.iloc[run.item_id(item)]
     print(f"items most similar to {_label(anchor)} (cosine similarity):")
-    for row in run.similar_items(item, values["n"]).itertuples():
+    for row in run.similar_items(item, values["n"], values["min_item_ratings"]).itertuples():
         print(f"  {row.similarity:5.3f}  {_label(row)}")
     return 0
 

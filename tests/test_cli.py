@@ -13,7 +13,7 @@ import pytest
 from launch.cli import main
 
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
-            "export", "export-split")
+            "export", "export-split", "verify")
 
 
 def _write_ratings(path: Path, rows: int = 3000, seed: int = 0) -> None:

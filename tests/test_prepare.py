@@ -151,8 +151,10 @@ def test_fractions_close_to_requested(tmp_path: Path, twenty_k: Path) -> None:
     # Binomial sd at 20k rows is under 0.003; 0.015 is five of them.
     assert counts["val"] / 20_000 == pytest.approx(0.1, abs=0.015)
     assert counts["test"] / 20_000 == pytest.approx(0.2, abs=0.015)
-    assert manifest["split"] == {"method": "hash", "seed": 0, "fractions": {
+    split = {k: v for k, v in manifest["split"].items() if k not in ("val", "test")}
+    assert split == {"method": "random", "seed": 0, "fractions": {
         "train": 0.7, "val": 0.1, "test": 0.2}}
+    assert manifest["split"]["val"]["users_unseen_in_train"] == 0
 
 
 def test_same_seed_gives_identical_shards_and_manifest(tmp_path: Path, twenty_k: Path,
@@ -235,6 +237,7 @@ def test_manifest_matches_the_files(tmp_path: Path, make_ratings, ratings_writer
     assert manifest["format_version"] == 1
     assert manifest["partition"] == {"scheme": "random", "num_shards": 3,
                                      "row_group_size": 64}
+    assert manifest["bad_rows"] == {} and manifest["rejects_file"] is None
     assert sorted(p.name for p in out.iterdir()) == [
         "items.parquet", "manifest.json", "test", "train", "users.parquet", "val"]
 
