@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the trained model (original ids; seen items excluded).")
     recommend.add_argument("run_dir", metavar="RUN_DIR")
     recommend.add_argument("--user", required=True, help="original user id")
-    recommend.add_argument("-n", type=int, default=10, help="how many items (default: 10)")
+    recommend.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
     recommend.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = similar.add_mutually_exclusive_group(required=True)
     which.add_argument("--item", help="original item id")
     which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
-    similar.add_argument("-n", type=int, default=10, help="how many items (default: 10)")
+    similar.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
     similar.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
                          help="leave out items with fewer training ratings (default: 20)")
     similar.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
+
+
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
+    return number
 
 
 def _add_prepare_arguments(parser, prepare_config, source_options) -> None:
@@ -351,8 +358,6 @@ def _demo(values: dict) -> int:
 def _recommend(values: dict) -> int:
     from trainer import load_run
 
-    if values["n"] < 1:
-        raise ValueError(f"-n {values['n']}: expected at least 1")
     run = load_run(values["run_dir"])
     table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
                           min_item_ratings=values["min_item_ratings"])
@@ -365,8 +370,6 @@ def _recommend(values: dict) -> int:
 def _similar(values: dict) -> int:
     from trainer import load_run
 
-    if values["n"] < 1:
-        raise ValueError(f"-n {values['n']}: expected at least 1")
     run = load_run(values["run_dir"])
     item = values["item"] if values["item"] is not None else run.find_item(values["title"])
     anchor = run.items.iloc[run.item_id(item)]
