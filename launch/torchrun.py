@@ -27,7 +27,7 @@ class TorchrunOptions:
     nnodes: int = 1  # nodes taking part; each runs this same command
     rdzv_endpoint: str | None = None  # HOST:PORT every node can reach (c10d rendezvous)
     rdzv_id: str = "shardmf"  # job id shared by the nodes of one run
-    max_restarts: int = 0  # restarts of all ranks after a failure (elastic torchrun)
+    max_restarts: int = 0  # restarts of all ranks after a failure; they resume from the checkpoint
 
     def __post_init__(self) -> None:
         if self.nproc < 1:

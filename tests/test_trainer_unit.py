@@ -23,7 +23,7 @@ from trainer.baseline import bias_baseline_rmse
 from trainer.clustering import ClusterConfig
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.data import TrainBatches, eval_batches, read_piece, steps_per_epoch, train_loader
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, TestFault
 from trainer.errors import InputError
 from trainer.main import build_parser
 from trainer.main import main as trainer_main
@@ -550,3 +550,84 @@ def test_pieces_for_rank_balance_rows_not_counts() -> None:
                                                                           1000, 1000])]
     shares = [pieces_for_rank(pieces, rank, 2) for rank in range(2)]
     assert [sum(p.rows for p in share) for share in shares] == [4000, 4000]
+
+
+# --- mid-epoch checkpoints and the test-only fault hook --------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_start_step_continues_the_same_sequence(tmp_path: Path, workers: int) -> None:
+    """Resuming at step s yields exactly batches s.. of the uninterrupted epoch, also with
+    loader workers (whose round robin is replayed, including exhausted workers)."""
+    pieces = write_pieces(tmp_path / "p.parquet", [130, 70, 45, 200])
+    full = batches(TrainBatches(pieces, 64, 8, seed=1, epoch=2, rank=0), workers)
+    for start in range(0, 9):
+        rest = batches(TrainBatches(pieces, 64, 8, seed=1, epoch=2, rank=0, start_step=start),
+                       workers)
+        assert row_ids(rest) == row_ids(full[start:]), start
+    with pytest.raises(ValueError, match="start step 9 outside"):
+        TrainBatches(pieces, 64, 8, seed=1, epoch=2, rank=0, start_step=9)
+
+
+def test_mid_epoch_resume_equals_uninterrupted(trainer_shards_dir: Path,
+                                               tmp_path: Path) -> None:
+    """Crash 7 steps into epoch 2, with a checkpoint every 5 steps: the resumed run redoes
+    the steps after the last checkpoint and ends with the same figures."""
+    straight = run_train(trainer_shards_dir, tmp_path / "straight", epochs=2)
+    steps = json.loads((tmp_path / "straight" / "config.json").read_text())["steps_per_epoch"]
+    crashing = DistEnv(**{**SINGLE.__dict__, "test_fault": TestFault("raise", 0, steps + 7)})
+    run = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match=f"injected failure on rank 0 before step {steps + 7}"):
+        train(trainer_shards_dir, run, ModelConfig(dim=8, reg=0.02),
+              OptimConfig(optimizer="sgd", lr=0.03),
+              TrainConfig(**SMALL, epochs=2, checkpoint_every=5), crashing)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and 1 <= saved["step"] <= 6
+    assert (steps + saved["step"]) % 5 == 0
+    assert len(saved["history"]) == 1 and len(saved["loss_sums"]) == 1
+    resumed = run_train(trainer_shards_dir, run, epochs=2, resume=True, checkpoint_every=5)
+    timing = {"train_seconds", "train_ratings_per_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in straight.items() if k not in timing}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    straight_lines = [json.loads(x) for x in
+                      (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("epoch", "train_loss", "val_rmse", "val_mae", "lr"):
+        assert [h[key] for h in lines] == [h[key] for h in straight_lines], key
+
+
+def test_mid_epoch_checkpoint_refuses_another_shape(trainer_shards_dir: Path,
+                                                    tmp_path: Path) -> None:
+    crashing = DistEnv(**{**SINGLE.__dict__, "test_fault": TestFault("raise", 0, 10)})
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        train(trainer_shards_dir, run, ModelConfig(dim=8, reg=0.02),
+              OptimConfig(optimizer="sgd", lr=0.03),
+              TrainConfig(**SMALL, epochs=1, checkpoint_every=4), crashing)
+    with pytest.raises(InputError, match=r"written mid-epoch by a run with 1 rank\(s\), 256 "
+                                         r"ratings .* this run has 1 rank\(s\), 512"):
+        run_train(trainer_shards_dir, run, epochs=1, resume=True, batch_size=512)
+
+
+def test_fresh_run_removes_a_stale_checkpoint(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    """So that a torchrun restart before this run's first checkpoint cannot resume another."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"an older run's")
+    crashing = DistEnv(**{**SINGLE.__dict__, "test_fault": TestFault("raise", 0, 1)})
+    with pytest.raises(RuntimeError, match="injected"):
+        train(trainer_shards_dir, run, ModelConfig(dim=8), OptimConfig(),
+              TrainConfig(**SMALL, epochs=1), crashing)
+    assert not (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("text", ["kill:1", "boom:1:3", "kill:x:3", "raise:0:0"])
+def test_test_fault_spec_is_checked(text: str) -> None:
+    with pytest.raises(InputError, match="SHARDMF_TEST_FAULT"):
+        TestFault.parse(text)
+    assert TestFault.parse("kill:1:40") == TestFault("kill", 1, 40)
+
+
+def test_checkpoint_every_validation() -> None:
+    with pytest.raises(ValueError, match="--checkpoint-every -1: expected >= 0"):
+        TrainConfig(checkpoint_every=-1)

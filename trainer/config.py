@@ -62,6 +62,7 @@ class TrainConfig:
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt
+    checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
     timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job
 
     def __post_init__(self) -> None:
@@ -78,4 +79,5 @@ class TrainConfig:
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.verify in ("quick", "full", "none"), "verify", self.verify,
                "quick | full | none")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")

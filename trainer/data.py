@@ -48,21 +48,48 @@ class TrainBatches(IterableDataset):
     worker cuts its own contiguous run of the same batches, reading only the row groups that
     run covers, so workers yield exactly the batches of a single-process loader (each rating
     once per pass), in the DataLoader's deterministic round-robin order.
+
+    ``start_step`` resumes an epoch mid-way: batches ``start_step..steps-1`` of the same plan
+    are cut from row ``start_step * batch_size`` of the epoch's stream, so a run resumed from
+    a mid-epoch checkpoint neither repeats nor skips a batch.
     """
 
     def __init__(self, pieces: list[Piece], batch_size: int, steps: int, seed: int,
-                 epoch: int, rank: int) -> None:
+                 epoch: int, rank: int, start_step: int = 0) -> None:
         if not pieces:
             raise ValueError("a rank has no training row groups")
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start step {start_step} outside the epoch's 0..{steps} steps")
         self.pieces, self.batch_size, self.steps = pieces, batch_size, steps
         self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.start_step = start_step
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        first = self.steps * worker // workers
-        last = self.steps * (worker + 1) // workers
+        first, last = self.worker_runs(workers)[worker]
         return self._batches(first * self.batch_size, last * self.batch_size)
+
+    def worker_runs(self, workers: int) -> list[tuple[int, int]]:
+        """The [first, last) plan steps each DataLoader worker yields, after ``start_step``.
+
+        An epoch gives worker w the contiguous run ``steps * w // W .. steps * (w+1) // W``,
+        and the DataLoader takes one batch from each worker in turn, skipping a worker once
+        it is exhausted. A resumed epoch replays that round robin for the ``start_step``
+        batches already consumed, then rotates the workers so the one whose turn is next
+        comes first: the resumed loader yields what the uninterrupted one still had to.
+        """
+        bounds = [(self.steps * w // workers, self.steps * (w + 1) // workers)
+                  for w in range(workers)]
+        position = [first for first, _ in bounds]
+        turn = 0
+        for _ in range(self.start_step):
+            while position[turn] >= bounds[turn][1]:  # exhausted: its turn yields nothing
+                turn = (turn + 1) % workers
+            position[turn] += 1
+            turn = (turn + 1) % workers
+        order = [(turn + w) % workers for w in range(workers)]
+        return [(position[w], bounds[w][1]) for w in order]
 
     def _batches(self, start: int, stop: int) -> Iterator[Batch]:
         """Batches cut from rows [start, stop) of the epoch's stream (multiples of the batch)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +23,48 @@ from trainer.errors import InputError
 
 T = TypeVar("T")
 
+# Test-only fault injection, read here once like every other environment variable:
+# SHARDMF_TEST_FAULT=KIND:RANK:STEP makes rank RANK, on the first attempt of a job only
+# (TORCHELASTIC_RESTART_COUNT 0 or unset), fail just before global step STEP (1-based,
+# counted across epochs). KIND "kill" sends itself SIGKILL (a crashed node: no cleanup, no
+# traceback); "raise" raises RuntimeError (a bug in one rank). Unset, it does nothing; it
+# exists so tests can crash a rank at a known point without racing a process tree.
+TEST_FAULT_ENV = "SHARDMF_TEST_FAULT"
+FAULT_KINDS = ("kill", "raise")
+
+
+@dataclass(frozen=True)
+class TestFault:
+    """A fault to inject (tests only): ``kind`` on ``rank`` before global step ``step``."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    kind: str
+    rank: int
+    step: int
+
+    @classmethod
+    def parse(cls, text: str) -> TestFault:
+        try:
+            kind, rank, step = text.split(":")
+            fault = cls(kind, int(rank), int(step))
+        except ValueError as e:
+            raise InputError(f"{TEST_FAULT_ENV}={text!r}: expected KIND:RANK:STEP with KIND "
+                             f"one of {', '.join(FAULT_KINDS)}, e.g. kill:1:40") from e
+        if fault.kind not in FAULT_KINDS or fault.step < 1:
+            raise InputError(f"{TEST_FAULT_ENV}={text!r}: expected KIND:RANK:STEP with KIND "
+                             f"one of {', '.join(FAULT_KINDS)} and STEP >= 1")
+        return fault
+
+    def maybe_fire(self, rank: int, global_step: int) -> None:
+        """Fail here if this is the rank and step; otherwise return at once."""
+        if rank != self.rank or global_step != self.step:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure on rank {rank} before "
+                           f"step {global_step}")
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,6 +76,8 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     backend: str | None  # None: a single process without a process group
+    restart_count: int = 0  # torchrun's restarts of this job so far (>0: resume if possible)
+    test_fault: TestFault | None = None  # tests only: see SHARDMF_TEST_FAULT
 
     @property
     def is_main(self) -> bool:
@@ -41,11 +86,19 @@ class DistEnv:
 
 def init_distributed(device: str = "auto", backend: str = "auto",
                      timeout_s: int = 600) -> DistEnv:
-    """Read RANK/LOCAL_RANK/WORLD_SIZE once (absent: one process), set the device, join."""
+    """Read RANK/LOCAL_RANK/WORLD_SIZE once (absent: one process), set the device, join.
+
+    Also read once: TORCHELASTIC_RESTART_COUNT (a job restarted by ``torchrun
+    --max-restarts`` resumes from its checkpoint) and the test-only SHARDMF_TEST_FAULT.
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    fault_text = os.environ.get(TEST_FAULT_ENV)
+    # A fault fires on the first attempt only, so a restarted job can finish.
+    test_fault = TestFault.parse(fault_text) if fault_text and restart_count == 0 else None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -61,10 +114,31 @@ def init_distributed(device: str = "auto", backend: str = "auto",
     if backend == "nccl" and device != "cuda":
         raise InputError("--backend nccl needs --device cuda; use gloo on the CPU")
     if world_size == 1:
-        return DistEnv(rank, local_rank, 1, 1, torch_device, None)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=torch_device if device == "cuda" else None)
-    return DistEnv(rank, local_rank, world_size, local_world_size, torch_device, backend)
+        return DistEnv(rank, local_rank, 1, 1, torch_device, None, restart_count, test_fault)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, timeout=timeout,
+                            device_id=torch_device if device == "cuda" else None,
+                            **_restart_safe_store(rank, world_size, restart_count, timeout))
+    return DistEnv(rank, local_rank, world_size, local_world_size, torch_device, backend,
+                   restart_count, test_fault)
+
+
+def _restart_safe_store(rank: int, world_size: int, restart_count: int,
+                        timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a store whose keys are private to this attempt of the job.
+
+    torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE=True), and
+    it outlives a restart with no per-attempt prefix (torch 2.13): after ``--max-restarts``
+    restarts the job, gloo on a new rank can read the dead attempt's addresses and fail with
+    "connectFullMesh ... Connection refused". A prefix per restart keeps attempts apart.
+    Without the agent store, init_process_group's own env:// rendezvous is used unchanged.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size=world_size, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"shardmf/attempt-{restart_count}", store),
+            "rank": rank, "world_size": world_size}
 
 
 def teardown() -> None:

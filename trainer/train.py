@@ -4,6 +4,11 @@ Per step, each rank scores its share of the global batch, back-propagates the su
 squared error plus the per-example L2 penalty, and DDP all-reduces the gradients (sparse
 rows on gloo, so communication grows with the batch, not the tables). After each epoch
 all ranks evaluate their share of the validation rows and reduce sums and counts.
+
+Rank 0 checkpoints after every epoch and, with ``--checkpoint-every N``, every N steps
+within one; a checkpoint holds the exact data position, so ``--resume`` (or a restart by
+``torchrun --max-restarts``) continues mid-epoch without repeating or skipping a batch, and
+finishes with the same figures as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from tqdm import tqdm
 from trainer.baseline import bias_baseline_rmse
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
-from trainer.distributed import DistEnv, all_reduce, unwrap, wrap_model
+from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast, unwrap, wrap_model
 from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
@@ -63,8 +69,17 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     ddp_model = wrap_model(model, env)
     optimizer = build_optimizer(model, optim_config)
     state = _TrainState()
-    if train_config.resume:
-        state = _load_checkpoint(run / CHECKPOINT, model, optimizer)
+    shape = {"world_size": env.world_size, "rank_batch_size": rank_batch, "steps": steps,
+             "loader_workers": train_config.loader_workers}
+    if _should_resume(run, train_config, env):
+        state = _load_checkpoint(run / CHECKPOINT, model, optimizer, shape)
+        if env.is_main:
+            log.info("resuming from %s: %d epoch(s) done, then %d of %d steps", run / CHECKPOINT,
+                     state.epoch, state.step, steps)
+    elif env.is_main and (run / CHECKPOINT).is_file():
+        # A fresh run: a checkpoint left by an earlier run in this folder must not be taken
+        # for this run's own if torchrun restarts the job before its first checkpoint.
+        (run / CHECKPOINT).unlink()
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         # On resume, epochs after the checkpoint are dropped: they will be run again.
@@ -82,14 +97,22 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
 
     val_pieces = pieces_for_rank(shards.pieces("val"), env.rank, env.world_size)
     train_seconds = sum(h["seconds"] for h in state.history)
+
+    def checkpoint_mid_epoch(step: int, loss_sums: list[float], seconds: float) -> None:
+        """Every rank calls this at the same step (it holds a collective); rank 0 writes."""
+        sums = _gather_floats(loss_sums, env)
+        if env.is_main:
+            state.step, state.loss_sums, state.epoch_seconds = step, sums, seconds
+            _save_checkpoint(run / CHECKPOINT, model, optimizer, state, shape)
+
     for epoch in range(state.epoch, train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
-        started = time.perf_counter()
-        loss_mean = _train_epoch(ddp_model, optimizer, train_pieces, rank_batch, steps, epoch,
-                                 train_config, env)
-        seconds = time.perf_counter() - started
+        loss_mean, seconds = _train_epoch(ddp_model, optimizer, train_pieces, rank_batch,
+                                          steps, epoch, train_config, env, state,
+                                          checkpoint_mid_epoch)
+        state.step, state.loss_sums, state.epoch_seconds = 0, None, 0.0
         train_seconds += seconds
         val_rmse, val_mae = evaluate(model, val_pieces, shards.scale, train_config, env)
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
@@ -111,7 +134,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                      "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})")
             with (run / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _save_checkpoint(run / CHECKPOINT, model, optimizer, state)
+            _save_checkpoint(run / CHECKPOINT, model, optimizer, state, shape)
         if train_config.patience and state.bad_epochs >= train_config.patience:
             if env.is_main:
                 log.info("stopping: no better validation RMSE for %d epochs",
@@ -175,19 +198,31 @@ def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimiz
 
 def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  pieces: list[Piece], rank_batch: int, steps: int, epoch: int,
-                 config: TrainConfig, env: DistEnv) -> float:
+                 config: TrainConfig, env: DistEnv, state: _TrainState,
+                 checkpoint: Callable[[int, float, float], None]) -> tuple[float, float]:
+    """One epoch, or its rest from ``state.step``; returns (mean loss, epoch seconds)."""
+    started = time.perf_counter()
     model.train()
-    dataset = TrainBatches(pieces, rank_batch, steps, config.seed, epoch, env.rank)
+    first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
+    dataset = TrainBatches(pieces, rank_batch, steps, config.seed, epoch, env.rank,
+                           start_step=first)
     loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda")
     # DDP averages gradients over ranks; scaling each rank's sum by W makes the update the
     # gradient of the sum over the global batch, so the learning rate is per rating.
     scale = float(env.world_size)
-    total = torch.zeros((), dtype=torch.float64, device=env.device)
+    # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
+    # resumed epoch adds the same numbers in the same order as an uninterrupted one.
+    start_total = state.loss_sums[env.rank] if state.loss_sums else 0.0
+    total = torch.tensor(start_total, dtype=torch.float64, device=env.device)
     progress = tqdm(total=steps * rank_batch * env.world_size, unit="rating", unit_scale=True,
                     desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
-                    leave=False, dynamic_ncols=True)
-    step = 0
-    for step, (users, items, ratings) in enumerate(loader, 1):
+                    leave=False, dynamic_ncols=True, initial=first * rank_batch * env.world_size)
+    every = config.checkpoint_every
+    fault = env.test_fault
+    step = first
+    for step, (users, items, ratings) in enumerate(loader, first + 1):
+        if fault is not None:
+            fault.maybe_fire(env.rank, epoch * steps + step)
         users = users.to(env.device, non_blocking=True)
         items = items.to(env.device, non_blocking=True)
         ratings = ratings.to(env.device, non_blocking=True)
@@ -203,12 +238,15 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     f"rank {env.rank}: the training loss became non-finite by step {step} of "
                     f"epoch {epoch + 1}; lower --lr or raise --reg")
             progress.update(min(step, steps) * rank_batch * env.world_size - progress.n)
+        if every and (epoch * steps + step) % every == 0 and step < steps:
+            # (the end of an epoch is checkpointed after validation, by the caller)
+            checkpoint(step, total.item(), state.epoch_seconds + time.perf_counter() - started)
     progress.close()
     if step != steps:  # the other ranks would wait in a collective for the missing steps
         raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, expected "
                            f"{steps} like every rank")
     mean = all_reduce([total.item(), steps * rank_batch], env)
-    return mean[0] / mean[1]
+    return mean[0] / mean[1], state.epoch_seconds + time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -248,10 +286,13 @@ def _copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
 
 
 class _TrainState:
-    """What a checkpoint must restore to continue exactly where an epoch ended."""
+    """What a checkpoint must restore to continue exactly where it was written."""
 
     def __init__(self) -> None:
-        self.epoch = 0
+        self.epoch = 0  # epochs completed; the one in progress is this (0-based)
+        self.step = 0  # steps completed in the epoch in progress (0: at an epoch boundary)
+        self.loss_sums: list[float] | None = None  # each rank's loss sum over those steps
+        self.epoch_seconds = 0.0  # training seconds spent on those steps
         self.best_val = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
@@ -259,25 +300,76 @@ class _TrainState:
         self.history: list[dict] = []
 
 
+STATE_KEYS = ("epoch", "step", "loss_sums", "epoch_seconds", "best_val", "best_epoch",
+              "bad_epochs", "best_model", "history")
+
+
+def _should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
+    """--resume, or a job restarted by torchrun (--max-restarts) that has a checkpoint.
+
+    Rank 0 looks and tells the others, so all ranks take the same branch.
+    """
+    if config.resume:
+        return True
+    if env.restart_count == 0:
+        return False
+    found = on_main_then_broadcast(lambda: (run / CHECKPOINT).is_file(), env)
+    if env.is_main:
+        log.warning("restart %d of this job: %s", env.restart_count,
+                    "resuming from its checkpoint" if found else
+                    "no checkpoint yet, starting again")
+    return found
+
+
+def _gather_floats(value: float, env: DistEnv) -> list[float]:
+    """Each rank's number, by rank, on every rank: a sum of one-hot vectors, so exact."""
+    one_hot = [0.0] * env.world_size
+    one_hot[env.rank] = value
+    return all_reduce(one_hot, env)
+
+
 def _save_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                     state: _TrainState) -> None:
+                     state: _TrainState, shape: dict) -> None:
+    """Rank 0 only; written to a temporary name, then renamed (a crash leaves the old one)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "epoch": state.epoch, "best_val": state.best_val,
-                  "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
-                  "best_model": state.best_model, "history": state.history}, path)
+                  "rng": rng, "shape": shape,
+                  **{key: getattr(state, key) for key in STATE_KEYS}}, path)
 
 
-def _load_checkpoint(path: Path, model: BiasedMF,
-                     optimizer: torch.optim.Optimizer) -> _TrainState:
+def _load_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                     shape: dict) -> _TrainState:
+    """Every rank reads the same file (the run folder is on storage all ranks share)."""
     if not path.is_file():
         raise InputError(f"--resume: {path} not found; start without --resume")
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = _TrainState()
+    for key in STATE_KEYS:
+        setattr(state, key, payload.get(key, getattr(state, key)))  # older: epoch ends only
+    saved = payload.get("shape")
+    if state.step and saved != shape:
+        # The data position is a step of this rank's plan: another world size or batch
+        # size has another plan. At an epoch boundary any shape can continue.
+        raise InputError(f"--resume: {path} was written mid-epoch by a run with "
+                         f"{_describe(saved)}; this run has {_describe(shape)}. Resume with "
+                         "the same number of ranks and --batch-size")
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
-    state = _TrainState()
-    for key in ("epoch", "best_val", "best_epoch", "bad_epochs", "best_model", "history"):
-        setattr(state, key, payload[key])
+    if "rng" in payload:
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     return state
+
+
+def _describe(shape: dict | None) -> str:
+    if not shape:
+        return "an unknown shape"
+    return (f"{shape['world_size']} rank(s), {shape['rank_batch_size']} ratings per rank "
+            f"per step, {shape['steps']} steps per epoch, {shape['loader_workers']} loader "
+            "worker(s)")
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
