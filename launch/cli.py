@@ -337,7 +337,7 @@ def _demo(values: dict) -> int:
         prepare([str(raw)], shards, PrepareConfig(overwrite=True))
     # A small model suits the planted 16-dimensional world and keeps the demo near two minutes.
     settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12,
-                "clusters": 8, "threads": 1}
+                "threads": 1}
     code = launch_training(str(shards), str(run), settings,
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
