@@ -15,6 +15,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pytest
+import zstandard
 
 from data_shards import InputError, PrepareConfig, SourceOptions, prepare
 from data_shards.metadata import read_item_metadata
@@ -307,12 +308,14 @@ def test_half_stars_and_zero_half_to_four_scale(tmp_path: Path, make_ratings, ra
                     rating_range=(0.5, 4.0))
 
 
-def test_gzip_compressed_csv(tmp_path: Path, make_ratings, ratings_writer,
-                             shard_reader) -> None:
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_csv(tmp_path: Path, make_ratings, ratings_writer, shard_reader,
+                        suffix: str) -> None:
     frame = make_ratings(num_ratings=150, seed=4)
     plain = ratings_writer(frame, tmp_path / "raw", "csv")
-    packed = tmp_path / "ratings.csv.gz"
-    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    packed = tmp_path / f"ratings.csv{suffix}"
+    compress = gzip.compress if suffix == ".gz" else zstandard.ZstdCompressor().compress
+    packed.write_bytes(compress(plain.read_bytes()))
     out = tmp_path / "shards"
     manifest = run_prepare([packed], out)
     assert manifest["sources"] == [{"path": str(packed), "layout": "csv"}]
@@ -592,6 +595,16 @@ def test_unknown_format_and_missing_input(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"broken\.parquet: not a readable Parquet file"):
         run_prepare([tmp_path / "broken.parquet"], tmp_path / "out")
     assert_nothing_written(tmp_path, "out")
+
+
+def test_truncated_parquet_is_an_input_error(tmp_path: Path, make_ratings) -> None:
+    whole = tmp_path / "whole.parquet"
+    make_ratings(num_ratings=500, seed=2).to_parquet(whole)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"cut\.parquet"):
+        run_prepare([cut], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_parquet_with_a_missing_rating_is_an_input_error(tmp_path: Path) -> None:
