@@ -1,10 +1,13 @@
-"""Training throughput: the trainer's step (1 and 2 ranks, sparse and dense gradients) against
-a best-case hand-written PyTorch kernel on the same table sizes, with a per-step breakdown.
+"""Training throughput: the trainer's step (1 and 2 ranks, sparse and dense gradients, DDP or
+the packed sync) against a best-case hand-written PyTorch kernel on the same table sizes,
+with a per-step breakdown and the bytes communicated per step.
 
     shardmf synth --out /tmp/bench_tp/raw --num-users 162541 --num-items 59047 \\
         --num-ratings 5000000
     shardmf prepare /tmp/bench_tp/raw --out /tmp/bench_tp/shards --num-shards 4
     python bench/train_throughput.py /tmp/bench_tp/shards --repeats 3
+    python bench/train_throughput.py - --tables 10000000 1000000 --dim 16 \\
+        --configs 1-sparse,2-sparse-ddp,2-sparse-packed   # random ids, no shards
 
 Every configuration runs in its own process (2 ranks through torchrun, gloo), one torch
 thread per process, and the configurations are interleaved ``--repeats`` times so that
@@ -19,7 +22,9 @@ TrainBatches, BiasedMF, wrap_model/DDP, build_optimizer, the same loss):
   from the DataLoader), forward (+loss), backward (under DDP this includes the gradient
   all-reduce), optimizer (zero_grad + step).
 * the same timed loop inside ``model.no_sync()``: backward without the all-reduce.
-  communication = backward - backward(no_sync).
+  communication = backward - backward(no_sync). With ``--sync packed`` (no DDP) the sync
+  call is its own timed phase, and its returned bytes are recorded; for DDP the bytes are
+  estimated from each rank's unique touched rows (int64 ids + float32 values).
 
 The kernel: index_select the touched rows, score, gradients by hand, scatter_add_ updates
 with an expanded (B, k) index; no data loading, no communication (PERF_FACTS.md's
@@ -81,9 +86,23 @@ def kernel(num_users: int, num_items: int, dim: int, batch: int, steps: int,
     return {"ratings_per_s": batch * steps / seconds, "step_ms": 1000 * seconds / steps}
 
 
+def random_batches(num_users: int, num_items: int, rank_batch: int, seed: int):
+    """Endless uniform (users, items, ratings) batches: tables too big to prepare shards for."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield (torch.randint(0, num_users, (rank_batch,), generator=gen),
+               torch.randint(0, num_items, (rank_batch,), generator=gen),
+               torch.randint(1, 6, (rank_batch,), generator=gen).float())
+
+
 def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
-                   gradients: str) -> dict | None:
-    """One rank of a trainer measurement (run under torchrun for 2 ranks)."""
+                   gradients: str, sync: str, tables: tuple[int, int] | None) -> dict | None:
+    """One rank of a trainer measurement (run under torchrun for 2 ranks).
+
+    ``tables``: (users, items) of a random-batch run without shards (no "loop" figure).
+    """
     import torch
 
     from trainer.config import ModelConfig, OptimConfig, TrainConfig
@@ -91,80 +110,125 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
     from trainer.distributed import all_reduce, init_distributed, teardown, wrap_model
     from trainer.model import BiasedMF
     from trainer.shards import open_shards, pieces_for_rank
-    from trainer.train import _train_epoch, _TrainState, build_optimizer
+    from trainer.sync import PackedSparseSync
+    from trainer.train import _train_epoch, _TrainState, build_optimizer, sparse_tables
 
     torch.set_num_threads(1)
     env = init_distributed("cpu", "gloo", 300)
     try:
-        shards = open_shards(shards_dir, "none")
-        pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
         warm = 3
-        needed = 3 * steps + 2 * warm
-        if steps_per_epoch(pieces, rank_batch) < needed:
-            raise SystemExit(f"rank {env.rank}: too few ratings for {needed} steps")
+        if tables is None:
+            shards = open_shards(shards_dir, "none")
+            num_users, num_items, mean = shards.num_users, shards.num_items, shards.train_mean
+            pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
+            needed = 3 * steps + 2 * warm
+            if steps_per_epoch(pieces, rank_batch) < needed:
+                raise SystemExit(f"rank {env.rank}: too few ratings for {needed} steps")
+        else:
+            (num_users, num_items), mean = tables, 3.5
         torch.manual_seed(0)
         model_config = ModelConfig(dim=dim)
         train_config = TrainConfig(batch_size=rank_batch * env.world_size, seed=0,
                                    gradients=gradients, threads=1)
-        model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
-                         model_config, sparse=gradients == "sparse")
-        ddp = wrap_model(model, env)
+        model = BiasedMF(num_users, num_items, mean, model_config,
+                         sparse=gradients == "sparse")
+        packed = sync == "packed" and env.backend is not None
+        if packed:
+            step_model, grad_sync = model, PackedSparseSync(sparse_tables(model), env)
+        else:
+            step_model, grad_sync = wrap_model(model, env), None
         optimizer = build_optimizer(model, OptimConfig(optimizer="sgd", lr=0.001))
-        scale = float(env.world_size)
+        scale = 1.0 if packed else float(env.world_size)
 
-        # 1. The real loop, over the first `steps` batches of epoch 0.
-        started = time.perf_counter()
-        _train_epoch(ddp, optimizer, pieces, rank_batch, steps, 0, train_config, env,
-                     _TrainState(), lambda *a: None)
-        loop_s = all_reduce([time.perf_counter() - started], env, "max")[0]
+        loop_s = None
+        if tables is None:  # 1. The real loop, over the first `steps` batches of epoch 0.
+            started = time.perf_counter()
+            _train_epoch(step_model, optimizer, pieces, rank_batch, steps, 0, train_config,
+                         env, _TrainState(), lambda *a: None, grad_sync)
+            loop_s = all_reduce([time.perf_counter() - started], env, "max")[0]
 
         # 2./3. Timed phases, with and without gradient synchronisation (epoch 1's data).
-        def timed(sync: bool, epoch: int) -> dict:
-            data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank)
-            loader = iter(train_loader(data, 0, False))
-            totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+        # Packed: the sync is its own phase. DDP: it hides in backward; no_sync() tells.
+        def timed(sync_now: bool, epoch: int) -> dict:
+            if tables is None:
+                data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank)
+                loader = iter(train_loader(data, 0, False))
+            else:
+                loader = random_batches(num_users, num_items, rank_batch,
+                                        1000 * epoch + env.rank)
+            phases = ("data", "forward", "backward", "sync", "optimizer")
+            totals = dict.fromkeys(phases, 0.0)
+            moved = rows = 0
             for s in range(steps + warm):
                 t0 = time.perf_counter()
                 users, items, ratings = next(loader)
                 t1 = time.perf_counter()
-                prediction, penalty = ddp(users, items)
+                prediction, penalty = step_model(users, items)
                 loss = ((prediction - ratings).square() + penalty).sum()
                 t2 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 (loss * scale).backward()
                 t3 = time.perf_counter()
-                optimizer.step()
+                if grad_sync is not None and sync_now:
+                    moved += grad_sync() if s >= warm else 0
+                elif not sync_now and s >= warm and gradients == "sparse":
+                    # rows DDP's 4 sparse all-reduces send (coalesced: unique rows)
+                    rows += sum(p.grad.coalesce().indices().shape[1]
+                                for p, _ in sparse_tables(model))
                 t4 = time.perf_counter()
+                optimizer.step()
+                t5 = time.perf_counter()
                 if s >= warm:
-                    for key, value in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3,
+                                                   t5 - t4)):
                         totals[key] += value
-            return {k: 1000 * v / steps for k, v in totals.items()}
+            result = {k: 1000 * v / steps for k, v in totals.items()}
+            result["bytes"] = moved / steps
+            result["rows"] = rows / steps
+            return result
 
-        if env.backend is not None:
-            with ddp.no_sync():
+        if env.backend is not None and not packed:
+            with step_model.no_sync():
                 unsynced = timed(False, 2)
             all_reduce([0.0], env)  # line the ranks up again after the unsynced steps
         synced = timed(True, 1)
-        if env.backend is None:
+        if env.backend is None or packed:
             unsynced = synced
-        ms = all_reduce([*synced.values(), unsynced["backward"]], env, "max")
-        result = dict(zip(synced, ms[:4]))
-        result["backward_no_sync"] = ms[4]
-        result["communication"] = max(ms[2] - ms[4], 0.0)
-        result["step"] = sum(ms[:4])
+        keys = ("data", "forward", "backward", "sync", "optimizer")
+        ms = all_reduce([*(synced[k] for k in keys), unsynced["backward"]], env, "max")
+        result = dict(zip(keys, ms[:5]))
+        result["backward_no_sync"] = ms[5]
+        if packed:
+            result["communication"] = ms[3]
+            result["bytes_per_step"] = synced["bytes"]
+        elif env.backend is not None and gradients == "sparse":
+            result["communication"] = max(ms[2] - ms[5], 0.0)
+            # gloo's sparse all-reduce all-gathers int64 indices and float32 values of each
+            # rank's unique rows (the factor rows; the bias tables add 12 B per row)
+            rows = all_reduce([unsynced["rows"]], env)[0]
+            result["bytes_per_step"] = rows * (8 + 4 * dim + 12)
+        else:
+            result["communication"] = max(ms[2] - ms[5], 0.0)
+            result["bytes_per_step"] = 0.0 if env.backend is None else (
+                4.0 * sum(p.numel() for p in model.parameters()) * env.world_size)
+        result["step"] = sum(ms[:5])
         result["timed_ratings_per_s"] = rank_batch * env.world_size / (result["step"] / 1000)
-        result["loop_ratings_per_s"] = steps * rank_batch * env.world_size / loop_s
+        if loop_s is not None:
+            result["loop_ratings_per_s"] = steps * rank_batch * env.world_size / loop_s
         return result if env.is_main else None
     finally:
         teardown()
 
 
-def run_config(args, ranks: int, gradients: str) -> dict:
-    out = Path(args.work) / f"result-{ranks}-{gradients}.json"
+def run_config(args, ranks: int, gradients: str, sync: str = "ddp",
+               tables: tuple[int, int] | None = None) -> dict:
+    out = Path(args.work) / f"result-{ranks}-{gradients}-{sync}.json"
     out.unlink(missing_ok=True)
     worker = [str(Path(__file__).resolve()), args.shards, "--worker", "--gradients", gradients,
-              "--dim", str(args.dim), "--rank-batch", str(args.rank_batch),
+              "--sync", sync, "--dim", str(args.dim), "--rank-batch", str(args.rank_batch),
               "--steps", str(args.steps), "--result", str(out)]
+    if tables is not None:
+        worker += ["--tables", str(tables[0]), str(tables[1])]
     if ranks == 1:
         command = [sys.executable, *worker]
     else:
@@ -172,7 +236,7 @@ def run_config(args, ranks: int, gradients: str) -> dict:
                    f"--nproc-per-node={ranks}", *worker]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, timeout=600)
+                          stderr=subprocess.PIPE, text=True, timeout=900)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
@@ -188,21 +252,37 @@ def run_kernel(args, num_users: int, num_items: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+CONFIGS = {  # name: (kind, ranks, gradients, sync)
+    "kernel": ("kernel", 1, "-", "-"),
+    "1-sparse": ("trainer", 1, "sparse", "-"),
+    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp"),
+    "2-sparse-packed": ("trainer", 2, "sparse", "packed"),
+    "1-dense": ("trainer", 1, "dense", "-"),
+    "2-dense-ddp": ("trainer", 2, "dense", "ddp"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shards")
+    parser.add_argument("shards", help="SHARDS_DIR (ignored with --tables)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--rank-batch", type=int, default=8192, help="ratings per rank per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--tables", type=int, nargs=2, metavar=("USERS", "ITEMS"),
+                        help="random uniform batches on tables of this size instead of shards")
     parser.add_argument("--work", default="/tmp/bench_tp/work")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gradients", default="sparse", help=argparse.SUPPRESS)
+    parser.add_argument("--sync", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    tables = tuple(args.tables) if args.tables else None
     if args.worker:
         result = trainer_worker(args.shards, args.dim, args.rank_batch, args.steps,
-                                args.gradients)
+                                args.gradients, args.sync, tables)
         if result is not None:
             Path(args.result).write_text(json.dumps(result))
         return
@@ -210,28 +290,32 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from trainer.shards import open_shards
 
-    shards = open_shards(args.shards, "none")
+    if tables is None:
+        shards = open_shards(args.shards, "none")
+        facts = {"num_users": shards.num_users, "num_items": shards.num_items,
+                 "train_ratings": shards.rows("train")}
+    else:
+        facts = {"num_users": tables[0], "num_items": tables[1], "train_ratings": None}
+    facts.update(dim=args.dim, rank_batch=args.rank_batch, steps=args.steps,
+                 repeats=args.repeats, data="random uniform" if tables else args.shards)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    configs = [("kernel", 1, "-"), ("trainer", 1, "sparse"), ("trainer", 2, "sparse"),
-               ("trainer", 1, "dense"), ("trainer", 2, "dense")]
+    configs = [CONFIGS[name] for name in args.configs.split(",")]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            kind, ranks, gradients = config
-            result = (run_kernel(args, shards.num_users, shards.num_items) if kind == "kernel"
-                      else run_config(args, ranks, gradients))
+            kind, ranks, gradients, sync = config
+            result = (run_kernel(args, facts["num_users"], facts["num_items"])
+                      if kind == "kernel" else run_config(args, ranks, gradients, sync, tables))
             runs[config].append(result)
-            print(f"repeat {repeat + 1}: {kind} {ranks} rank(s) {gradients}: "
+            print(f"repeat {repeat + 1}: {kind} {ranks} rank(s) {gradients} {sync}: "
                   f"{json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
     summary = []
     for config, results in runs.items():
         median = {k: statistics.median(r[k] for r in results) for k in results[0]}
         summary.append({"kind": config[0], "ranks": config[1], "gradients": config[2],
-                        "median": median, "runs": results})
-    facts = {"num_users": shards.num_users, "num_items": shards.num_items,
-             "train_ratings": shards.rows("train"), "dim": args.dim,
-             "rank_batch": args.rank_batch, "steps": args.steps, "repeats": args.repeats}
-    out = Path(args.work) / "summary.json"
+                        "sync": config[3], "median": median, "runs": results})
+    name = "summary.json" if tables is None else f"summary-{tables[0]}x{tables[1]}.json"
+    out = Path(args.work) / name
     out.write_text(json.dumps({"facts": facts, "results": summary}, indent=2))
     print(json.dumps({"facts": facts, "medians": [
         {**{k: v for k, v in s.items() if k != "runs"}} for s in summary]}, indent=1))

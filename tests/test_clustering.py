@@ -391,7 +391,7 @@ def test_flags_parse_clusters_as_a_number_or_auto() -> None:
     with pytest.raises(ValueError, match=r"^--clusters 'atuo': expected"):
         ClusterConfig(**parse("--clusters", "atuo"))
     help_text = " ".join(parser.format_help().split())
-    assert "clusters k (2 or more), or auto: best silhouette over k-min..k-max" in help_text
+    assert "k (2 or more), or auto: best silhouette over k-min..k-max" in help_text
 
 
 def test_auto_k_finds_the_planted_number_of_blobs(tmp_path: Path) -> None:

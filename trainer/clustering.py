@@ -83,7 +83,7 @@ REPORT_NAME = "report.md"
 class ClusterConfig:
     """How item embeddings are clustered and scored; validated on construction."""
 
-    clusters: int | str = "auto"  # clusters k (2 or more), or auto: best silhouette over k-min..k-max
+    clusters: int | str = "auto"  # k (2 or more), or auto: best silhouette over k-min..k-max
     k_min: int = 4  # smallest k tried by --clusters auto
     k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
     algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)

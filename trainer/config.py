@@ -8,6 +8,7 @@ OPTIMIZERS = ("sgd", "adagrad", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 GRADIENTS = ("auto", "sparse", "dense")
+SYNCS = ("auto", "ddp", "packed")
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -58,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when available)
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
     gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
+    sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
     threads: int = 0  # torch threads per rank (0: cores / local ranks)
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
@@ -75,6 +77,7 @@ class TrainConfig:
         _check(self.backend in BACKENDS, "backend", self.backend, " | ".join(BACKENDS))
         _check(self.gradients in GRADIENTS, "gradients", self.gradients,
                " | ".join(GRADIENTS))
+        _check(self.sync in SYNCS, "sync", self.sync, " | ".join(SYNCS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.verify in ("quick", "full", "none"), "verify", self.verify,

@@ -1,9 +1,11 @@
-"""The training loop: every rank streams its own shards into one shared model (DDP).
+"""The training loop: every rank streams its own shards into one shared model.
 
 Per step, each rank scores its share of the global batch, back-propagates the summed
-squared error plus the per-example L2 penalty, and DDP all-reduces the gradients (sparse
-rows on gloo, so communication grows with the batch, not the tables). After each epoch
-all ranks evaluate their share of the validation rows and reduce sums and counts.
+squared error plus the per-example L2 penalty, and the gradients are synchronised: with
+sparse gradients on gloo (``--sync packed``, the default there) every touched row of all
+four tables goes into one all-gather per step (trainer/sync.py), so communication grows
+with the batch, not the tables; dense gradients go through DDP's all-reduce. After each
+epoch all ranks evaluate their share of the validation rows and reduce sums and counts.
 
 Rank 0 checkpoints after every epoch and, with ``--checkpoint-every N``, every N steps
 within one; a checkpoint holds the exact data position, so ``--resume`` (or a restart by
@@ -34,6 +36,7 @@ from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast, unw
 from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
+from trainer.sync import PackedSparseSync, resolve_sync
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,12 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     sparse = use_sparse_gradients(train_config.gradients, shards, global_batch, env)
     model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model_config,
                      sparse=sparse)
-    ddp_model = wrap_model(model, env)
+    sync = resolve_sync(train_config.sync, sparse, env)
+    if sync == "packed":
+        model.to(env.device)
+        train_model, grad_sync = model, PackedSparseSync(sparse_tables(model), env)
+    else:
+        train_model, grad_sync = wrap_model(model, env), None
     optimizer = build_optimizer(model, optim_config)
     state = _TrainState()
     shape = {"world_size": env.world_size, "rank_batch_size": rank_batch, "steps": steps,
@@ -88,6 +96,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
         config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
                   "backend": env.backend, "device": str(env.device),
                   "rank_batch_size": rank_batch, "steps_per_epoch": steps,
+                  "gradients": "sparse" if sparse else "dense", "sync": sync,
                   "model": asdict(model_config), "optim": asdict(optim_config),
                   "train": asdict(train_config), **(extra_config or {})}
         _write_json(run / "config.json", config)
@@ -109,15 +118,18 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
         lr = optim_config.lr * optim_config.lr_decay ** epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_mean, seconds = _train_epoch(ddp_model, optimizer, train_pieces, rank_batch,
+        loss_mean, seconds = _train_epoch(train_model, optimizer, train_pieces, rank_batch,
                                           steps, epoch, train_config, env, state,
-                                          checkpoint_mid_epoch)
-        state.step, state.loss_sums, state.epoch_seconds = 0, None, 0.0
+                                          checkpoint_mid_epoch, grad_sync)
+        sync_bytes = state.sync_bytes
+        state.step, state.loss_sums, state.epoch_seconds, state.sync_bytes = 0, None, 0.0, 0
         train_seconds += seconds
         val_rmse, val_mae = evaluate(model, val_pieces, shards.scale, train_config, env)
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(steps * global_batch / seconds, 1), "lr": lr}
+        if grad_sync is not None:
+            record["sync_bytes_per_step"] = round(sync_bytes / steps, 1)
         state.history.append(record)
         improved = val_rmse is None or val_rmse < state.best_val - 1e-6
         if improved:
@@ -180,8 +192,16 @@ def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
         return choice == "sparse"
     if env.backend == "nccl":
         return False
+    if env.backend is None:
+        return True  # one process: nothing to communicate, so only touched rows move
     rows = shards.num_users + shards.num_items
     return rows > DENSE_ROWS_PER_BATCH_ROW * global_batch
+
+
+def sparse_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:
+    """The embedding weights a packed sync exchanges, grouped by the ids that index them."""
+    return [[model.user_factors.weight, model.user_bias.weight],
+            [model.item_factors.weight, model.item_bias.weight]]
 
 
 def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimizer:
@@ -199,8 +219,13 @@ def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimiz
 def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  pieces: list[Piece], rank_batch: int, steps: int, epoch: int,
                  config: TrainConfig, env: DistEnv, state: _TrainState,
-                 checkpoint: Callable[[int, float, float], None]) -> tuple[float, float]:
-    """One epoch, or its rest from ``state.step``; returns (mean loss, epoch seconds)."""
+                 checkpoint: Callable[[int, float, float], None],
+                 grad_sync: Callable[[], int] | None = None) -> tuple[float, float]:
+    """One epoch, or its rest from ``state.step``; returns (mean loss, epoch seconds).
+
+    ``grad_sync`` (packed sync) runs after each backward and sums gradients over ranks;
+    without it the model is DDP-wrapped (or alone). Its bytes add up in state.sync_bytes.
+    """
     started = time.perf_counter()
     model.train()
     first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
@@ -208,8 +233,9 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            start_step=first)
     loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda")
     # DDP averages gradients over ranks; scaling each rank's sum by W makes the update the
-    # gradient of the sum over the global batch, so the learning rate is per rating.
-    scale = float(env.world_size)
+    # gradient of the sum over the global batch, so the learning rate is per rating. The
+    # packed sync sums over ranks already: the same update, unscaled.
+    scale = 1.0 if grad_sync is not None else float(env.world_size)
     # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
     # resumed epoch adds the same numbers in the same order as an uninterrupted one.
     start_total = state.loss_sums[env.rank] if state.loss_sums else 0.0
@@ -230,6 +256,8 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         loss = ((prediction - ratings).square() + penalty).sum()
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
+        if grad_sync is not None:
+            state.sync_bytes += grad_sync()
         optimizer.step()
         total += loss.detach()
         if step % LOSS_CHECK_EVERY == 0 or step == steps:
@@ -293,6 +321,7 @@ class _TrainState:
         self.step = 0  # steps completed in the epoch in progress (0: at an epoch boundary)
         self.loss_sums: list[float] | None = None  # each rank's loss sum over those steps
         self.epoch_seconds = 0.0  # training seconds spent on those steps
+        self.sync_bytes = 0  # bytes the packed sync moved in those steps (same on all ranks)
         self.best_val = math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
@@ -300,8 +329,8 @@ class _TrainState:
         self.history: list[dict] = []
 
 
-STATE_KEYS = ("epoch", "step", "loss_sums", "epoch_seconds", "best_val", "best_epoch",
-              "bad_epochs", "best_model", "history")
+STATE_KEYS = ("epoch", "step", "loss_sums", "epoch_seconds", "sync_bytes", "best_val",
+              "best_epoch", "bad_epochs", "best_model", "history")
 
 
 def _should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
