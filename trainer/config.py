@@ -60,7 +60,7 @@ class TrainConfig:
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
     gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
     sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
-    threads: int = 0  # torch threads per rank (0: cores / local ranks)
+    threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt

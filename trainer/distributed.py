@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import inspect
 import os
 import signal
 from collections.abc import Callable
@@ -158,8 +159,12 @@ def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
     if env.backend is None:
         return model
     device_ids = [env.local_rank] if env.device.type == "cuda" else None
-    # The only buffer (the global mean) never changes: no need to broadcast it every step.
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # The only buffer (the global mean) never changes: no need to sync it every step
+    # (torch 2.13 renamed the switch; older releases know only broadcast_buffers).
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in accepted
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

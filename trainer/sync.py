@@ -23,6 +23,7 @@ Communication is the padded buffer x world size: 4 (d + 2) bytes per unique touc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,8 @@ from torch import nn
 
 from trainer.distributed import DistEnv
 from trainer.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SYNC_MODES = ("auto", "ddp", "packed")
 MAX_ROWS = 2**31 - 1  # row indices travel as int32 bit patterns inside the float32 buffer
@@ -48,6 +51,10 @@ def resolve_sync(choice: str, sparse: bool, env: DistEnv) -> str:
                          "--backend gloo); use --sync ddp for dense gradients")
     if choice == "auto":
         return "packed" if sparse and env.backend != "nccl" else "ddp"
+    if choice == "ddp" and sparse and env.backend == "gloo" and env.is_main:
+        log.warning("--sync ddp with sparse gradients: DDP's sparse all-reduce over gloo "
+                    "aborted with heap corruption after a few epochs in our runs (torch "
+                    "2.13); --sync packed (the default) does the same update safely")
     return choice
 
 
