@@ -336,8 +336,7 @@ def _demo(values: dict) -> int:
     with dask_client(None, None):
         prepare([str(raw)], shards, PrepareConfig(overwrite=True))
     # A small model suits the planted 16-dimensional world and keeps the demo near two minutes.
-    settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12,
-                "threads": 1}
+    settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12}
     code = launch_training(str(shards), str(run), settings,
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
