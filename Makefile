@@ -28,3 +28,20 @@ lint: install
 
 clean:
 	rm -rf demo-run .pytest_cache build *.egg-info
+
+# Peers benchmark (bench/peers/): Surprise, Spark ALS, a plain PyTorch MF and shardmf on the
+# same exported splits. The peers live in their own venv, never in the project's
+# dependencies. Extra driver flags: make bench-peers PEERS_ARGS='--big --snapshot-head'
+PEERS_VENV ?= bench/.venv-peers
+PEERS_ARGS ?=
+
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/peers/requirements.txt
+	touch $@
+
+.PHONY: bench-peers
+bench-peers: install $(PEERS_VENV)/.installed
+	$(PEERS_VENV)/bin/python bench/peers/run_peers.py --shardmf $(BIN)/shardmf \
+		--torch-python $(BIN)/python --peers-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
