@@ -395,6 +395,15 @@ def test_date_string_timestamp_column(tmp_path: Path, shard_reader) -> None:
         (1, 1, 1577836800), (1, 2, 1577923230), (2, 1, 946684799), (2, 2, -1)]
 
 
+def test_file_url_and_glob(tmp_path: Path, shard_reader) -> None:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.csv").write_text("user,item,rating\nx,y,1\n")
+    (tmp_path / "raw" / "b.csv").write_text("user,item,rating\nx,z,2\n")
+    run_prepare([f"file://{tmp_path}/raw/*.csv"], tmp_path / "shards")
+    _, ratings = shard_reader(tmp_path / "shards")
+    assert rows_of(ratings) == [("x", "y", 1.0), ("x", "z", 2.0)]
+
+
 def test_memory_url(tmp_path: Path, shard_reader) -> None:
     fs = fsspec.filesystem("memory")
     root = "/shardmf-test-memory-url"
