@@ -35,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -604,6 +605,28 @@ def render_markdown(p: dict) -> str:
         f"- Every run is time-boxed at {p['timeout_s']} s and every tuning grid at "
         f"{p['tune_timeout_s']} s; \"timed out\" means killed there, with how far it got.",
         "",
+        "## Peers, settings and installation",
+        "",
+        "- `make bench-peers` makes `bench/.venv-peers` (never the project's dependencies) "
+        "from `bench/peers/requirements.txt`. scikit-surprise 1.1.5 installs from its cp311 "
+        "manylinux wheel, built against numpy 2: no compiler, no `numpy<2` pin. pyspark "
+        "4.3.0 comes from PyPI with its jars and runs on the machine's Java 17; it warns that "
+        "no native BLAS (`libblas.so.3`) is installed and uses its Java fallback.",
+        "- `peer_surprise.py`: `SVD` and `SVDpp` with Surprise's defaults (SVD: 100 factors, "
+        "20 epochs, lr 0.005, reg 0.02; SVDpp: 20 factors); the tuned SVD grid is "
+        "n_factors × lr_all × reg_all × n_epochs (16 points on MovieLens, 4 on synthetic "
+        "sets; see `tuning` in results.json).",
+        "- `peer_spark_als.py`: explicit `ALS` in `local[2]`, driver memory 4g, 8 shuffle "
+        "partitions; defaults rank 10, regParam 0.1, maxIter 10; grid rank × regParam.",
+        "- `peer_torch_mf.py` (the project's .venv): nn.Embedding biased MF, dim 64, Adam lr "
+        "0.005, per-example L2 0.05, batch 4,096, all data as in-memory tensors, early "
+        "stopping on val (patience 3, at most 60 epochs); torch's default threads unless "
+        "`--threads`.",
+        "- `tune_shardmf.py`: `shardmf train` over dim × lr × reg (8 points on MovieLens, 4 "
+        "on synthetic sets), each with `--epochs 40 --patience 3 --threads 1 --clusters 0`.",
+        "- Diagnostic rows (MovieLens only) repeat a row with `--threads 1` to show what the "
+        "default thread count costs on a shared machine.",
+        "",
     ]
     if p["notes"]:
         lines += ["## Notes from this run", ""] + [f"- {n}" for n in group_notes(p["notes"])]
@@ -639,7 +662,10 @@ def main() -> None:
     parser.add_argument("--snapshot-head", action="store_true",
                         help="benchmark the committed HEAD (git archive into the work folder, "
                         "run with --torch-python) instead of --shardmf's work tree")
-    parser.add_argument("--work", type=Path, default=BENCH / "_work" / "peers")
+    parser.add_argument("--work", type=Path,
+                        default=Path(tempfile.gettempdir()) / "shardmf-bench-peers",
+                        help="data, runs and logs; outside the repository by default, since "
+                        "it holds a copy of MovieLens that must never be committed")
     parser.add_argument("--fresh-data", action="store_true", help="re-make the data sets")
     parser.add_argument("--out-json", default=str(BENCH / "results.json"))
     parser.add_argument("--out-md", default=str(BENCH / "RESULTS.md"))
