@@ -51,17 +51,24 @@ def run_job(args: list[str], expect: int | None = 0,
     proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+    return finish_job(proc, expect, timeout)
+
+
+def finish_job(proc: subprocess.Popen, expect: int | None = 0,
+               timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Wait for a job or kill its whole process group (torchrun and every rank it started)."""
+    command = " ".join(map(str, proc.args))
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"no exit within {timeout:.0f} s (hang?): {' '.join(map(str, args))}\n"
+        pytest.fail(f"no exit within {timeout:.0f} s (hang?): {command}\n"
                     f"--- stdout\n{out}\n--- stderr\n{err}")
     if expect is not None and proc.returncode != expect:
-        pytest.fail(f"exit code {proc.returncode}, expected {expect}: "
-                    f"{' '.join(map(str, args))}\n--- stdout\n{out}\n--- stderr\n{err}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+        pytest.fail(f"exit code {proc.returncode}, expected {expect}: {command}\n"
+                    f"--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def shardmf_train(shards: Path, run: Path, nproc: int, *extra: str,

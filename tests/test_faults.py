@@ -29,6 +29,7 @@ from test_distributed import (
     TORCHRUN,
     error_lines,
     final,
+    finish_job,
     history,
 )
 
@@ -47,22 +48,6 @@ def start_job(args: list, fault: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([str(a) for a in args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-
-
-def finish_job(proc: subprocess.Popen, expect: int | None = 0,
-               timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Wait for a job or kill its whole process group (torchrun and its ranks)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"no exit within {timeout:.0f} s (hang?): {proc.args}\n"
-                    f"--- stdout\n{out}\n--- stderr\n{err}")
-    if expect is not None and proc.returncode != expect:
-        pytest.fail(f"exit code {proc.returncode}, expected {expect}: {proc.args}\n"
-                    f"--- stdout\n{out}\n--- stderr\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def train_job(shards: Path, run: Path, *extra: str, fault: str | None = None,
