@@ -545,6 +545,7 @@ def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplica
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
     entry = {
         "path": name,
+        "shard": shard,  # under --partition-by user, train/val/test shard k share their users
         "rows": len(frame),
         "row_groups": [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)],
         "bytes": len(data),

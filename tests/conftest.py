@@ -28,12 +28,14 @@ def trainer_ratings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return raw
 
 
-def _prepare_shards(raw: Path, out: Path, num_shards: int, row_group_size: int) -> Path:
+def _prepare_shards(raw: Path, out: Path, num_shards: int, row_group_size: int,
+                    partition_by: str = "random") -> Path:
     from data_shards import PrepareConfig, prepare
 
     with dask.config.set(scheduler="synchronous"):
         prepare([str(raw)], out, PrepareConfig(num_shards=num_shards,
-                                               row_group_size=row_group_size, overwrite=True))
+                                               row_group_size=row_group_size, overwrite=True,
+                                               partition_by=partition_by))
     return out
 
 
@@ -43,6 +45,14 @@ def trainer_shards_dir(trainer_ratings_dir: Path,
     """4 train shards of ~4.5k rows in row groups of 2000: read-only, copy it to change it."""
     return _prepare_shards(trainer_ratings_dir, tmp_path_factory.mktemp("trainer_shards") /
                            "shards", num_shards=4, row_group_size=2000)
+
+
+@pytest.fixture(scope="session")
+def trainer_user_shards_dir(trainer_ratings_dir: Path,
+                            tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same ratings in 4 train shards partitioned by user (--partition-by user)."""
+    return _prepare_shards(trainer_ratings_dir, tmp_path_factory.mktemp("trainer_user") /
+                           "shards", num_shards=4, row_group_size=2000, partition_by="user")
 
 
 @pytest.fixture(scope="session")

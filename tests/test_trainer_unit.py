@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import shutil
 from collections import Counter
 from dataclasses import fields
@@ -22,12 +23,20 @@ from launch.torchrun import TorchrunOptions
 from trainer.baseline import bias_baseline_rmse
 from trainer.clustering import ClusterConfig
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
-from trainer.data import TrainBatches, eval_batches, read_piece, steps_per_epoch, train_loader
+from trainer.data import (
+    TrainBatches,
+    eval_batches,
+    localise_users,
+    read_piece,
+    steps_per_epoch,
+    train_loader,
+)
 from trainer.distributed import DistEnv, TestFault
 from trainer.errors import InputError
 from trainer.main import build_parser
 from trainer.main import main as trainer_main
-from trainer.model import BiasedMF
+from trainer.model import BiasedMF, SquaredErrorWithL2
+from trainer.optim import RowSGD
 from trainer.options import (
     TRAIN_CONFIGS,
     add_config_arguments,
@@ -35,6 +44,7 @@ from trainer.options import (
     config_from_values,
     field_comments,
 )
+from trainer.ownership import resolve_user_embeddings, user_ownership
 from trainer.shards import Piece, open_shards, pieces_for_rank
 from trainer.train import evaluate, train
 
@@ -201,6 +211,67 @@ def test_pieces_for_rank_cover_every_row_group_once(trainer_shards_dir: Path,
     assert shares == [pieces_for_rank(pieces, rank, world_size) for rank in range(world_size)]
 
 
+# --- users owned by rank (--partition-by user shards) -----------------------------------
+
+
+def rank_env(rank: int, world_size: int, backend: str | None = "gloo") -> DistEnv:
+    """Rank ``rank`` of ``world_size`` without a process group (ownership needs none)."""
+    return DistEnv(rank, rank, world_size, world_size, torch.device("cpu"), backend)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_owned_users_cover_every_user_once_and_only_their_ratings(
+        trainer_user_shards_dir: Path, world_size: int) -> None:
+    shards = open_shards(trainer_user_shards_dir)
+    owners = [user_ownership(shards, rank_env(r, world_size)) for r in range(world_size)]
+    users = np.concatenate([o.users for o in owners])
+    assert sorted(users.tolist()) == list(range(shards.num_users))
+    assert sorted(n for o in owners for n in o.shards) == list(range(4))
+    for owner in owners:
+        assert np.array_equal(owner.local_rows[owner.users], np.arange(len(owner.users)))
+        assert (owner.local_rows >= 0).sum() == len(owner.users)
+        for split in ("train", "val", "test"):
+            for piece in owner.pieces(shards, split):
+                local = localise_users(read_piece(piece), piece, owner.local_rows)[0]
+                assert local.min() >= 0 and local.max() < len(owner.users)
+    rows = [sum(p.rows for p in o.pieces(shards, "train")) for o in owners]
+    assert sum(rows) == shards.rows("train")
+
+
+def test_user_embeddings_auto_and_its_errors(trainer_user_shards_dir: Path,
+                                             trainer_shards_dir: Path) -> None:
+    by_user = open_shards(trainer_user_shards_dir)
+    random = open_shards(trainer_shards_dir)
+    two = rank_env(0, 2)
+    assert resolve_user_embeddings("auto", by_user, two, "auto") is not None
+    assert resolve_user_embeddings("auto", by_user, two, "dense") is None
+    assert resolve_user_embeddings("auto", by_user, rank_env(0, 1, None), "auto") is None
+    assert resolve_user_embeddings("auto", random, two, "auto") is None
+    assert resolve_user_embeddings("replicated", by_user, two, "auto") is None
+    with pytest.raises(InputError, match="--partition-by user"):
+        resolve_user_embeddings("owned", random, two, "auto")
+    with pytest.raises(InputError, match="drop --gradients dense"):
+        resolve_user_embeddings("owned", by_user, two, "dense")
+    with pytest.raises(InputError, match="4 non-empty train shards for 5 ranks"):
+        resolve_user_embeddings("owned", by_user, rank_env(0, 5), "auto")
+
+
+def test_owned_users_need_numbered_shards(trainer_user_shards_dir: Path,
+                                          tmp_path: Path) -> None:
+    shards = copy_shards(trainer_user_shards_dir, tmp_path)
+    edit_manifest(shards, lambda m: [e.pop("shard") for e in m["files"]["train"]])
+    with pytest.raises(InputError, match="prepare the shards again"):
+        user_ownership(open_shards(shards), rank_env(0, 2))
+
+
+def test_a_foreign_user_in_a_shard_is_an_error(trainer_user_shards_dir: Path) -> None:
+    shards = open_shards(trainer_user_shards_dir)
+    mine, theirs = (user_ownership(shards, rank_env(r, 2)) for r in (0, 1))
+    piece = theirs.pieces(shards, "train")[0]
+    with pytest.raises(ValueError, match="users of another rank's shard"):
+        localise_users(read_piece(piece), piece, mine.local_rows)
+
+
 def test_pieces_skip_empty_row_groups(trainer_shards_dir: Path, tmp_path: Path) -> None:
     shards = copy_shards(trainer_shards_dir, tmp_path)
     edit_manifest(shards, lambda m: m["files"]["val"][0].update(row_groups=[0]))
@@ -307,52 +378,111 @@ def test_forward_shapes(size: int) -> None:
     model = small_model()
     users = torch.zeros(size, dtype=torch.int64)
     items = torch.arange(size, dtype=torch.int64) % 4
-    prediction, penalty = model(users, items)
-    assert prediction.shape == penalty.shape == (size,)
+    assert model(users, items, torch.full((size,), 3.0)).shape == ()
+    assert model.score(users, items).shape == (size,)
     assert model.predict(users, items, (1.0, 5.0)).shape == (size,)
 
 
-def test_prediction_and_penalty_math() -> None:
+def test_score_and_loss_math() -> None:
     model = small_model(reg=0.1, bias_reg=0.01)
     with torch.no_grad():
         model.user_factors.weight[2] = torch.tensor([1.0, 2.0, 0.5])
         model.item_factors.weight[3] = torch.tensor([0.5, -1.0, 2.0])
         model.user_bias.weight[2] = 0.25
         model.item_bias.weight[3] = -0.5
-    prediction, penalty = model(torch.tensor([2]), torch.tensor([3]))
+    users, items = torch.tensor([2]), torch.tensor([3])
     dot = 0.5 - 2.0 + 1.0
-    assert prediction.item() == pytest.approx(3.5 + 0.25 - 0.5 + dot)
+    assert model.score(users, items).item() == pytest.approx(3.5 + 0.25 - 0.5 + dot)
     norms = (1 + 4 + 0.25) + (0.25 + 1 + 4)
-    assert penalty.item() == pytest.approx(0.1 * norms + 0.01 * (0.25 ** 2 + 0.5 ** 2))
-    # predict clamps to the rating scale; forward does not.
+    error = 3.5 + 0.25 - 0.5 + dot - 4.0
+    assert model(users, items, torch.tensor([4.0])).item() == pytest.approx(
+        error ** 2 + 0.1 * norms + 0.01 * (0.25 ** 2 + 0.5 ** 2))
+    # predict clamps to the rating scale; score does not.
     with torch.no_grad():
         model.user_bias.weight[2] = 10.0
-    assert model(torch.tensor([2]), torch.tensor([3]))[0].item() > 5
-    assert model.predict(torch.tensor([2]), torch.tensor([3]), (1.0, 5.0)).item() == 5.0
+    assert model.score(users, items).item() > 5
+    assert model.predict(users, items, (1.0, 5.0)).item() == 5.0
+
+
+def reference_loss(model: BiasedMF, users: torch.Tensor, items: torch.Tensor,
+                   ratings: torch.Tensor) -> torch.Tensor:
+    """The objective written out for autograd to differentiate: what the fused node must match."""
+    p, q = model.user_factors(users), model.item_factors(items)
+    b_u, b_i = model.user_bias(users)[:, 0], model.item_bias(items)[:, 0]
+    error = model.global_mean + b_u + b_i + (p * q).sum(1) - ratings
+    return (error.square() + model.config.reg * ((p * p).sum(1) + (q * q).sum(1))
+            + model.config.bias_reg * (b_u * b_u + b_i * b_i)).sum()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_loss_gradients_equal_autograd(sparse: bool) -> None:
+    model = small_model(sparse=sparse, reg=0.3, bias_reg=0.2)
+    with torch.no_grad():  # non-zero biases, so their gradient terms count
+        model.user_bias.weight.normal_()
+        model.item_bias.weight.normal_()
+    users, items = torch.tensor([1, 4, 1, 0]), torch.tensor([0, 2, 0, 3])
+    ratings = torch.tensor([4.0, 1.0, 5.0, 2.5])
+    grads = []
+    for loss_fn in (model, lambda u, i, r: reference_loss(model, u, i, r)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(users, items, ratings)
+        (loss * 1.7).backward()  # a non-unit upstream gradient, as DDP's scaling sends
+        grads.append([p.grad.to_dense() for p in model.parameters()])
+    for fused, reference in zip(*grads):
+        torch.testing.assert_close(fused, reference)
+
+
+def test_fused_loss_passes_gradcheck() -> None:
+    def loss(p, q, b_u, b_i):
+        return SquaredErrorWithL2.apply(p, q, b_u, b_i, ratings, torch.tensor(3.0), 0.3, 0.1)
+
+    gen = torch.Generator().manual_seed(0)
+    p, q = (torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+            for _ in range(2))
+    b_u, b_i = (torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+                for _ in range(2))
+    ratings = torch.randn(5, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(loss, (p, q, b_u, b_i))
 
 
 def test_sparse_gradients_touch_only_batch_rows() -> None:
     model = small_model(sparse=True)
     users, items = torch.tensor([1, 4, 1]), torch.tensor([0, 2, 0])
-    prediction, penalty = model(users, items)
-    ((prediction - 4.0).square() + penalty).sum().backward()
+    model(users, items, torch.full((3,), 4.0)).backward()
     for table, touched in ((model.user_factors, {1, 4}), (model.user_bias, {1, 4}),
                            (model.item_factors, {0, 2}), (model.item_bias, {0, 2})):
         grad = table.weight.grad
         assert grad.is_sparse
         assert set(grad.coalesce().indices()[0].tolist()) == touched
     before = model.user_factors.weight.detach().clone()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    RowSGD(model.parameters(), lr=0.1).step()
     after = model.user_factors.weight.detach()
     assert torch.equal(before[[0, 2, 3, 5]], after[[0, 2, 3, 5]])
     assert not torch.equal(before[[1, 4]], after[[1, 4]])
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_row_sgd_equals_torch_sgd(sparse: bool) -> None:
+    """Duplicate rows included: the scatter adds each occurrence, like a coalesced sum."""
+    users, items = torch.tensor([1, 4, 1, 1]), torch.tensor([0, 2, 0, 3])
+    ratings = torch.tensor([4.0, 1.0, 5.0, 2.0])
+    states = []
+    for optimizer_class in (RowSGD, torch.optim.SGD):
+        model = small_model(sparse=sparse)
+        optimizer = optimizer_class(model.parameters(), lr=0.05)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            model(users, items, ratings).backward()
+            optimizer.step()
+        states.append(model.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name])
+
+
 def test_dense_gradients_are_zero_off_the_batch() -> None:
     """Per-example regularisation: untouched rows get no gradient (no dense weight decay)."""
     model = small_model(sparse=False, reg=1.0, bias_reg=1.0)
-    prediction, penalty = model(torch.tensor([1]), torch.tensor([2]))
-    ((prediction - 4.0).square() + penalty).sum().backward()
+    model(torch.tensor([1]), torch.tensor([2]), torch.tensor([4.0])).backward()
     grad = model.user_factors.weight.grad
     assert not grad.is_sparse
     assert grad[1].abs().sum() > 0 and grad[[0, 2, 3, 4, 5]].abs().sum() == 0
@@ -631,3 +761,11 @@ def test_test_fault_spec_is_checked(text: str) -> None:
 def test_checkpoint_every_validation() -> None:
     with pytest.raises(ValueError, match="--checkpoint-every -1: expected >= 0"):
         TrainConfig(checkpoint_every=-1)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_sets_glibc_thresholds() -> None:
+    """The allocator setting must take where glibc runs (it is worth 30-45 % of a step)."""
+    from trainer.distributed import keep_freed_memory
+
+    assert keep_freed_memory() is True

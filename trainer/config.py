@@ -9,6 +9,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 GRADIENTS = ("auto", "sparse", "dense")
 SYNCS = ("auto", "ddp", "packed")
+USER_EMBEDDINGS = ("auto", "owned", "replicated")
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -60,6 +61,8 @@ class TrainConfig:
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
     gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
     sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
+    sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
+    user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
@@ -78,6 +81,9 @@ class TrainConfig:
         _check(self.gradients in GRADIENTS, "gradients", self.gradients,
                " | ".join(GRADIENTS))
         _check(self.sync in SYNCS, "sync", self.sync, " | ".join(SYNCS))
+        _check(self.sync_every >= 1, "sync_every", self.sync_every, "at least 1")
+        _check(self.user_embeddings in USER_EMBEDDINGS, "user_embeddings",
+               self.user_embeddings, " | ".join(USER_EMBEDDINGS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.verify in ("quick", "full", "none"), "verify", self.verify,

@@ -33,6 +33,19 @@ def read_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             table.column(2).to_numpy().astype(np.float32))
 
 
+def localise_users(columns: tuple[np.ndarray, ...], piece: Piece,
+                   local_rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Global user ids to this rank's rows of owned users (trainer/ownership.py); as is if None."""
+    if local_rows is None:
+        return columns
+    users = local_rows[columns[0]]
+    if len(users) and users.min() < 0:
+        raise ValueError(f"shard {piece.path.parent.name}/{piece.path.name}: row group "
+                         f"{piece.row_group} holds users of another rank's shard; the "
+                         "users.parquet shard column does not match the files (prepare again)")
+    return (users.astype(np.int64), *columns[1:])
+
+
 def steps_per_epoch(pieces: list[Piece], batch_size: int) -> int:
     """Batches needed for a rank to see each of its ratings once."""
     rows = sum(p.rows for p in pieces)
@@ -55,7 +68,8 @@ class TrainBatches(IterableDataset):
     """
 
     def __init__(self, pieces: list[Piece], batch_size: int, steps: int, seed: int,
-                 epoch: int, rank: int, start_step: int = 0) -> None:
+                 epoch: int, rank: int, start_step: int = 0,
+                 local_rows: np.ndarray | None = None) -> None:
         if not pieces:
             raise ValueError("a rank has no training row groups")
         if not 0 <= start_step <= steps:
@@ -63,6 +77,7 @@ class TrainBatches(IterableDataset):
         self.pieces, self.batch_size, self.steps = pieces, batch_size, steps
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.start_step = start_step
+        self.local_rows = local_rows  # owned users: global id -> local row (see ownership)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -103,7 +118,7 @@ class TrainBatches(IterableDataset):
             piece = self.pieces[order[visit % len(order)]]
             end = offset + piece.rows
             if end > start:  # rows before this worker's run are skipped without reading
-                columns = read_piece(piece)
+                columns = localise_users(read_piece(piece), piece, self.local_rows)
                 rng = np.random.default_rng([self.seed, self.epoch, self.rank, visit])
                 keep = rng.permutation(piece.rows)[max(start - offset, 0):min(stop, end) - offset]
                 pending.append(tuple(c[keep] for c in columns))
@@ -126,10 +141,11 @@ def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool) -> DataL
                       persistent_workers=False)
 
 
-def eval_batches(pieces: list[Piece], batch_size: int) -> Iterator[Batch]:
+def eval_batches(pieces: list[Piece], batch_size: int,
+                 local_rows: np.ndarray | None = None) -> Iterator[Batch]:
     """A rank's share of val or test rows in file order, in large batches."""
     for piece in pieces:
-        users, items, ratings = read_piece(piece)
+        users, items, ratings = localise_users(read_piece(piece), piece, local_rows)
         for start in range(0, len(users), batch_size):
             stop = start + batch_size
             yield (torch.from_numpy(users[start:stop]), torch.from_numpy(items[start:stop]),

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer.clustering import ClusterConfig
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
-from trainer.distributed import init_distributed, teardown
+from trainer.distributed import init_distributed, keep_freed_memory, teardown
 from trainer.errors import InputError
 from trainer.options import (
     TRAIN_CONFIGS,
@@ -86,6 +86,7 @@ def _run(values: dict, rank: int) -> int:
     try:
         torch.set_num_threads(train_config.threads or max(
             1, (os.cpu_count() or 1) // env.local_world_size))
+        keep_freed_memory()
         train(values["shards_dir"], values["out"], model_config, optim_config, train_config,
               env, extra_config={"cluster": vars(post) if post else None})
     finally:

@@ -55,10 +55,11 @@ class ShardSet:
     def rows(self, split: str) -> int:
         return int(self.manifest["counts"]["ratings"][split])
 
-    def pieces(self, split: str) -> list[Piece]:
-        """Every row group of a split, in manifest order (the order ranks stride over)."""
+    def pieces(self, split: str, shards: frozenset[int] | None = None) -> list[Piece]:
+        """Every row group of a split in manifest order, or of the given shard numbers only."""
         return [Piece(self.root / entry["path"], index, rows)
                 for entry in self.manifest["files"][split]
+                if shards is None or entry.get("shard") in shards
                 for index, rows in enumerate(entry["row_groups"]) if rows > 0]
 
 
@@ -123,13 +124,19 @@ def _verify_file(root: Path, entry: dict, full: bool) -> None:
 def pieces_for_rank(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
     """A deterministic share of the row groups, balanced by rows rather than by count.
 
-    Largest row groups first, each to the rank holding the fewest rows so far: ranks end
-    within one row group of each other, so none wraps around its data much more often.
+    Ranks end within one row group of each other, so none wraps around its data much more
+    often.
     """
+    owners = balanced_owners([piece.rows for piece in pieces], world_size)
+    return [piece for piece, owner in zip(pieces, owners) if owner == rank]
+
+
+def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
+    """The rank of each item: largest first, each to the rank holding the least so far."""
     loads = [0] * world_size
-    owner = {}
-    for index in sorted(range(len(pieces)), key=lambda i: (-pieces[i].rows, i)):
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         lightest = min(range(world_size), key=lambda r: (loads[r], r))
-        owner[index] = lightest
-        loads[lightest] += pieces[index].rows
-    return [piece for index, piece in enumerate(pieces) if owner[index] == rank]
+        owners[index] = lightest
+        loads[lightest] += sizes[index]
+    return owners

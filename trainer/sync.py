@@ -1,4 +1,5 @@
-"""Gradient synchronisation: DDP, or one packed all-gather of sparse rows per step.
+"""Keeping replicas equal: DDP, one packed all-gather of sparse rows per step, or a
+periodic exchange of the rows each rank changed (``--sync-every N``, PeriodicRowSync).
 
 DDP issues one sparse all-reduce per embedding parameter (4 per step, each several gloo
 collectives with a ~2 ms floor); ``packed`` sends every touched row of the step in one
@@ -19,6 +20,10 @@ not scale the loss by the world size (DDP averages, so the DDP path does).
 
 Communication is the padded buffer x world size: 4 (d + 2) bytes per unique touched row
 (id, d factors, bias) per rank, growing with the batch and never with the tables.
+
+On 2 shared cores even that costs as much as the step's arithmetic (bench/
+train_throughput.md), so ``--sync-every N`` trades exactness for fewer exchanges: ranks
+step alone and every N steps agree on the mean change of each row (local SGD).
 """
 
 from __future__ import annotations
@@ -37,12 +42,18 @@ log = logging.getLogger(__name__)
 
 SYNC_MODES = ("auto", "ddp", "packed")
 MAX_ROWS = 2**31 - 1  # row indices travel as int32 bit patterns inside the float32 buffer
+# Periodic sync: a table whose rows are at most 1/4 of the ratings a rank trains on between
+# exchanges is exchanged whole (one all-reduce), a larger one by its touched rows.
+DENSE_EXCHANGE_RATINGS_PER_ROW = 4
 
 
-def resolve_sync(choice: str, sparse: bool, env: DistEnv) -> str:
+def resolve_sync(choice: str, sparse: bool, env: DistEnv, owned_users: bool = False,
+                 every: int = 1) -> str:
     """``ddp`` or ``packed`` for this run; auto: packed for sparse gradients on gloo.
 
     Dense gradients (small tables, nccl) keep DDP: one bucketed all-reduce per step.
+    Owned user rows (trainer/ownership.py) and ``--sync-every N`` need the packed sync:
+    DDP would average every parameter, other ranks' users included, every step.
     """
     if choice not in SYNC_MODES:
         raise InputError(f"--sync {choice!r}: expected one of {' | '.join(SYNC_MODES)}")
@@ -50,12 +61,87 @@ def resolve_sync(choice: str, sparse: bool, env: DistEnv) -> str:
         raise InputError("--sync packed needs sparse gradients on gloo (--gradients sparse, "
                          "--backend gloo); use --sync ddp for dense gradients")
     if choice == "auto":
-        return "packed" if sparse and env.backend != "nccl" else "ddp"
+        choice = "packed" if sparse and env.backend != "nccl" else "ddp"
+    if choice == "ddp" and owned_users:
+        raise InputError("--user-embeddings owned keeps user rows on their rank, which DDP "
+                         "cannot do; use --sync packed (or --user-embeddings replicated)")
+    if choice == "ddp" and every > 1:
+        raise InputError(f"--sync-every {every} works with the packed sync of sparse "
+                         "gradients on gloo; leave it at 1 for DDP (dense gradients, nccl)")
+    if choice == "packed":
+        return choice
     if choice == "ddp" and sparse and env.backend == "gloo" and env.is_main:
         log.warning("--sync ddp with sparse gradients: DDP's sparse all-reduce over gloo "
                     "aborted with heap corruption after a few epochs in our runs (torch "
                     "2.13); --sync packed (the default) does the same update safely")
     return choice
+
+
+class RowExchange:
+    """One all-gather that gives every rank all ranks' (ids, values) rows, per table group.
+
+    Args:
+        widths: the value width of each group (d + 1 for factors and bias side by side).
+        env: this process's rank, world size and backend.
+    """
+
+    def __init__(self, widths: Sequence[int], env: DistEnv) -> None:
+        self.widths = list(widths)
+        self.env = env
+
+    def pack(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """This rank's (n,) float32 buffer: row counts, then per group indices and values."""
+        device = parts[0][1].device
+        header = torch.tensor([len(ids) for ids, _ in parts], dtype=torch.int32,
+                              device=device).view(torch.float32)
+        pieces = [header]
+        for ids, values in parts:
+            pieces += [ids.to(torch.int32).view(torch.float32), values.reshape(-1)]
+        return torch.cat(pieces)
+
+    def unpack(self, gathered: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, (rows,) int64 ids and (rows, width) values of all ranks, in rank order.
+
+        Args:
+            gathered: (world_size, n) float32, row r = rank r's padded buffer.
+        """
+        count = len(self.widths)
+        pieces: list[tuple[list, list]] = [([], []) for _ in self.widths]
+        for buffer in gathered:
+            counts = buffer[:count].view(torch.int32).tolist()
+            offset = count
+            for slot, (rows, width) in enumerate(zip(counts, self.widths)):
+                pieces[slot][0].append(buffer[offset:offset + rows].view(torch.int32))
+                offset += rows
+                pieces[slot][1].append(buffer[offset:offset + rows * width].view(rows, width))
+                offset += rows * width
+        return [(torch.cat(i).long(), torch.cat(v)) for i, v in pieces]
+
+    def __call__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """All ranks' rows per group, and the bytes moved (padded buffer x world size)."""
+        buffer = self.pack(parts)
+        length = torch.tensor([buffer.numel()], dtype=torch.int64, device=buffer.device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        size = int(length.item())
+        padded = torch.zeros(size, dtype=torch.float32, device=buffer.device)
+        padded[:buffer.numel()] = buffer
+        gathered = torch.empty(self.env.world_size * size, dtype=torch.float32,
+                               device=buffer.device)
+        _all_gather_single(gathered, padded)
+        return (self.unpack(gathered.view(self.env.world_size, size)),
+                4 * size * self.env.world_size)
+
+
+def _check_groups(groups: Sequence[Sequence[nn.Parameter]]) -> list[list[nn.Parameter]]:
+    for group in groups:
+        rows = {int(p.shape[0]) for p in group}
+        if not group or len(rows) != 1 or any(p.dim() != 2 for p in group):
+            raise ValueError("each group of a row sync holds (rows, d) tables with the "
+                             f"same rows, got {[tuple(p.shape) for p in group]}")
+        if rows.pop() > MAX_ROWS:
+            raise ValueError(f"a row sync handles tables of at most {MAX_ROWS} rows")
+    return [list(group) for group in groups]
 
 
 class PackedSparseSync:
@@ -70,15 +156,9 @@ class PackedSparseSync:
     """
 
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], env: DistEnv) -> None:
-        for group in groups:
-            rows = {int(p.shape[0]) for p in group}
-            if not group or len(rows) != 1 or any(p.dim() != 2 for p in group):
-                raise ValueError("each group of a packed sync holds (rows, d) tables with the "
-                                 f"same rows, got {[tuple(p.shape) for p in group]}")
-            if rows.pop() > MAX_ROWS:
-                raise ValueError(f"packed sync handles tables of at most {MAX_ROWS} rows")
-        self.groups = [list(group) for group in groups]
-        self.widths = [[int(p.shape[1]) for p in group] for group in self.groups]
+        self.groups = _check_groups(groups)
+        self.exchange = RowExchange([sum(int(p.shape[1]) for p in g) for g in self.groups],
+                                    env)
         self.env = env
 
     def _local_rows(self, group: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,37 +180,7 @@ class PackedSparseSync:
         values = torch.cat([g._values().reshape(len(ids), -1).float() for g in grads], dim=1)
         return _sum_rows(ids, values)
 
-    def pack(self) -> torch.Tensor:
-        """This rank's (n,) float32 buffer: row counts, then per group indices and values."""
-        counts, parts = [], []
-        for group in self.groups:
-            ids, values = self._local_rows(group)
-            counts.append(len(ids))
-            parts += [ids.to(torch.int32).view(torch.float32), values.reshape(-1)]
-        device = self.groups[0][0].device
-        header = torch.tensor(counts, dtype=torch.int32, device=device).view(torch.float32)
-        return torch.cat([header, *parts])
-
-    def unpack(self, gathered: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per group, (rows,) int64 ids and (rows, D) values of all ranks, in rank order.
-
-        Args:
-            gathered: (world_size, n) float32, row r = rank r's padded buffer.
-        """
-        count = len(self.groups)
-        pieces: list[tuple[list, list]] = [([], []) for _ in self.groups]
-        for buffer in gathered:
-            counts = buffer[:count].view(torch.int32).tolist()
-            offset = count
-            for slot, (rows, widths) in enumerate(zip(counts, self.widths)):
-                width = sum(widths)
-                pieces[slot][0].append(buffer[offset:offset + rows].view(torch.int32))
-                offset += rows
-                pieces[slot][1].append(buffer[offset:offset + rows * width].view(rows, width))
-                offset += rows * width
-        return [(torch.cat(i).long(), torch.cat(v)) for i, v in pieces]
-
-    def __call__(self) -> int:
+    def after_backward(self) -> int:
         """Replace each table's local gradient by its sum over ranks (coalesced).
 
         Call after ``loss.backward()`` on every rank. Returns the bytes this step moved
@@ -138,17 +188,8 @@ class PackedSparseSync:
         """
         if self.env.backend is None:
             return 0
-        buffer = self.pack()
-        length = torch.tensor([buffer.numel()], dtype=torch.int64, device=buffer.device)
-        dist.all_reduce(length, op=dist.ReduceOp.MAX)
-        size = int(length.item())
-        padded = torch.zeros(size, dtype=torch.float32, device=buffer.device)
-        padded[:buffer.numel()] = buffer
-        gathered = torch.empty(self.env.world_size * size, dtype=torch.float32,
-                               device=buffer.device)
-        _all_gather_single(gathered, padded)
-        for group, (ids, values) in zip(self.groups,
-                                        self.unpack(gathered.view(self.env.world_size, size))):
+        gathered, moved = self.exchange([self._local_rows(group) for group in self.groups])
+        for group, (ids, values) in zip(self.groups, gathered):
             ids, values = _sum_rows(ids, values)
             start = 0
             for param in group:
@@ -157,7 +198,122 @@ class PackedSparseSync:
                     ids.unsqueeze(0), values[:, start:start + width].contiguous(),
                     param.shape, is_coalesced=True, check_invariants=False).to(param.dtype)
                 start += width
-        return 4 * size * self.env.world_size
+        return moved
+
+    def after_step(self) -> int:
+        return 0
+
+    def flush(self) -> int:
+        return 0
+
+
+class PeriodicRowSync:
+    """Each rank steps on its own; every N steps the rows changed anywhere are made equal.
+
+    Between exchanges a rank applies only its own gradients (local SGD). At an exchange
+    every rank sets each row to snapshot + the MEAN of its changes since the snapshot over
+    the ranks that changed it, computed in the same order everywhere: replicas are
+    bit-identical again. Each rank's change is already a whole step towards what its own
+    ratings want; summing the changes of several ranks would overshoot once a row moves
+    far between exchanges (measured: unstable at 32 steps of 8,192 ratings). A row only one
+    rank touched keeps that rank's change in full: with users owned by rank, user rows are
+    never exchanged at all. The snapshot doubles the memory of the tables synced.
+
+    Two ways to exchange, chosen per group from its size alone (so every rank agrees):
+    a table with a quarter as many rows as the ratings a rank trains on between exchanges,
+    or fewer, is mostly touched, and its whole change (plus a touched flag per row) goes
+    through one all-reduce; a larger one sends only the rows it touched, through one
+    all-gather.
+    Either way communication per exchange is bounded by the ratings in between or by the
+    table, and falls N-fold per step at most.
+
+    The caller exchanges after every N-th step (``after_step``) and before anything that
+    must see equal replicas: evaluation, checkpoints (``flush``). Both are collectives.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[nn.Parameter]], env: DistEnv, every: int,
+                 rank_batch: int) -> None:
+        self.groups = _check_groups(groups)
+        self.dense = [DENSE_EXCHANGE_RATINGS_PER_ROW * int(g[0].shape[0]) <= every * rank_batch
+                      for g in self.groups]
+        sparse_widths = [sum(int(p.shape[1]) for p in g)
+                         for g, dense in zip(self.groups, self.dense) if not dense]
+        self.exchange = RowExchange(sparse_widths, env)
+        self.snapshots = [[p.detach().clone() for p in group] for group in self.groups]
+        self.touched = [torch.zeros(g[0].shape[0], dtype=torch.bool, device=g[0].device)
+                        for g in self.groups]
+        self.env, self.every, self.pending = env, every, 0
+
+    def after_backward(self) -> int:
+        """Note the rows this step's gradients touch (before the optimizer moves them)."""
+        for group, touched in zip(self.groups, self.touched):
+            grad = group[0].grad
+            if grad is not None:
+                touched[grad._indices()[0]] = True
+        return 0
+
+    def after_step(self) -> int:
+        self.pending += 1
+        return self.flush() if self.pending >= self.every else 0
+
+    @torch.no_grad()
+    def flush(self) -> int:
+        """Exchange now if any step ran since the last exchange (the same on every rank)."""
+        if self.pending == 0:
+            return 0
+        self.pending = 0
+        groups = list(zip(self.groups, self.snapshots, self.touched, self.dense))
+        moved = 0
+        if any(self.dense):
+            moved += self._flush_dense([g for g in groups if g[3]])
+        if not all(self.dense):
+            moved += self._flush_sparse([g for g in groups if not g[3]])
+        return moved
+
+    def _flush_dense(self, groups: list) -> int:
+        parts = [torch.cat([*(p - s for p, s in zip(group, snapshots)),
+                            touched.unsqueeze(1).float()], dim=1)
+                 for group, snapshots, touched, _ in groups]
+        changes = torch.cat([part.reshape(-1) for part in parts])
+        dist.all_reduce(changes)
+        start = 0
+        for (group, snapshots, touched, _), part in zip(groups, parts):
+            summed = changes[start:start + part.numel()].view_as(part)
+            start += part.numel()
+            _apply_mean(group, snapshots, None, summed[:, :-1], summed[:, -1])
+            touched.zero_()
+        return 4 * changes.numel() * self.env.world_size
+
+    def _flush_sparse(self, groups: list) -> int:
+        parts = []
+        for group, snapshots, touched, _ in groups:
+            ids = touched.nonzero()[:, 0]
+            parts.append((ids, torch.cat([p[ids] - s[ids] for p, s in zip(group, snapshots)],
+                                         dim=1)))
+        gathered, moved = self.exchange(parts)
+        for (group, snapshots, touched, _), (ids, changes) in zip(groups, gathered):
+            ones = torch.ones(len(ids), 1, dtype=changes.dtype, device=changes.device)
+            ids, summed = _sum_rows(ids, torch.cat([changes, ones], dim=1))
+            _apply_mean(group, snapshots, ids, summed[:, :-1], summed[:, -1])
+            touched.zero_()
+        return moved
+
+
+def _apply_mean(group: list[nn.Parameter], snapshots: list[torch.Tensor],
+                ids: torch.Tensor | None, summed: torch.Tensor, ranks: torch.Tensor) -> None:
+    """Rows (all, or ``ids``) = snapshot + summed change / ranks that changed them."""
+    mean = summed / ranks.clamp(min=1).unsqueeze(1)
+    start = 0
+    for param, snapshot in zip(group, snapshots):
+        width = int(param.shape[1])
+        if ids is None:
+            snapshot.add_(mean[:, start:start + width])
+            param.copy_(snapshot)
+        else:
+            rows = snapshot[ids] + mean[:, start:start + width]
+            param[ids] = rows
+            snapshot[ids] = rows
+        start += width
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.

@@ -1,16 +1,20 @@
 """The training loop: every rank streams its own shards into one shared model.
 
 Per step, each rank scores its share of the global batch, back-propagates the summed
-squared error plus the per-example L2 penalty, and the gradients are synchronised: with
-sparse gradients on gloo (``--sync packed``, the default there) every touched row of all
-four tables goes into one all-gather per step (trainer/sync.py), so communication grows
-with the batch, not the tables; dense gradients go through DDP's all-reduce. After each
-epoch all ranks evaluate their share of the validation rows and reduce sums and counts.
+squared error plus the per-example L2 penalty, and the model's replicas are kept equal
+(trainer/sync.py): with sparse gradients on gloo (``--sync packed``, the default there)
+every touched row goes into one all-gather per step, so communication grows with the
+batch, not the tables, and ``--sync-every N`` lets ranks step alone between exchanges of
+the rows they changed; dense gradients go through DDP's all-reduce. On shards partitioned
+by user, each rank owns its users' rows (trainer/ownership.py) and only item rows are
+exchanged. After each epoch all ranks evaluate their share of the validation rows and
+reduce sums and counts.
 
-Rank 0 checkpoints after every epoch and, with ``--checkpoint-every N``, every N steps
-within one; a checkpoint holds the exact data position, so ``--resume`` (or a restart by
-``torchrun --max-restarts``) continues mid-epoch without repeating or skipping a batch, and
-finishes with the same figures as a run that was never interrupted.
+Checkpoints come after every epoch and, with ``--checkpoint-every N``, every N steps
+within one (rank 0 writes them; with owned users every rank writes its slice); a
+checkpoint holds the exact data position, so ``--resume`` (or a restart by ``torchrun
+--max-restarts``) continues mid-epoch without repeating or skipping a batch, and finishes
+with the same figures as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,8 +41,10 @@ from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_load
 from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast, unwrap, wrap_model
 from trainer.errors import InputError
 from trainer.model import BiasedMF
+from trainer.optim import build_optimizer
+from trainer.ownership import UserOwnership, resolve_user_embeddings
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
-from trainer.sync import PackedSparseSync, resolve_sync
+from trainer.sync import PackedSparseSync, PeriodicRowSync, resolve_sync
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +63,39 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     if train_config.batch_size < env.world_size:
         raise InputError(f"--batch-size {train_config.batch_size} is smaller than the "
                          f"{env.world_size} ranks; each rank needs at least one rating per step")
-    train_pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
-    total_pieces = len(shards.pieces("train"))
-    if total_pieces < env.world_size:
-        raise InputError(f"{shards.root}: {total_pieces} training row groups for "
-                         f"{env.world_size} ranks; prepare with more --num-shards or a smaller "
-                         "--row-group-size, or use fewer processes")
+    ownership = resolve_user_embeddings(train_config.user_embeddings, shards, env,
+                                        train_config.gradients)
+    if ownership is None:
+        total_pieces = len(shards.pieces("train"))
+        if total_pieces < env.world_size:
+            raise InputError(f"{shards.root}: {total_pieces} training row groups for "
+                             f"{env.world_size} ranks; prepare with more --num-shards or a "
+                             "smaller --row-group-size, or use fewer processes")
+    split_pieces = {split: (ownership.pieces(shards, split) if ownership else
+                            pieces_for_rank(shards.pieces(split), env.rank, env.world_size))
+                    for split in ("train", "val", "test")}
+    local_rows = ownership.local_rows if ownership else None
+    train_pieces = split_pieces["train"]
     rank_batch = train_config.batch_size // env.world_size
     global_batch = rank_batch * env.world_size
     steps = int(all_reduce([steps_per_epoch(train_pieces, rank_batch)], env, "max")[0])
 
     torch.manual_seed(train_config.seed)
-    sparse = use_sparse_gradients(train_config.gradients, shards, global_batch, env)
-    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model_config,
+    sparse = ownership is not None or use_sparse_gradients(train_config.gradients, shards,
+                                                           global_batch, env)
+    num_users = len(ownership.users) if ownership else shards.num_users
+    model = BiasedMF(num_users, shards.num_items, shards.train_mean, model_config,
                      sparse=sparse)
-    sync = resolve_sync(train_config.sync, sparse, env)
-    if sync == "packed":
-        model.to(env.device)
-        train_model, grad_sync = model, PackedSparseSync(sparse_tables(model), env)
-    else:
-        train_model, grad_sync = wrap_model(model, env), None
+    sync = resolve_sync(train_config.sync, sparse, env, ownership is not None,
+                        train_config.sync_every)
+    model.to(env.device)
     optimizer = build_optimizer(model, optim_config)
     state = _TrainState()
     shape = {"world_size": env.world_size, "rank_batch_size": rank_batch, "steps": steps,
              "loader_workers": train_config.loader_workers}
+    owned = ownership is not None
     if _should_resume(run, train_config, env):
-        state = _load_checkpoint(run / CHECKPOINT, model, optimizer, shape)
+        state = _load_checkpoint(run, model, optimizer, shape, env, owned)
         if env.is_main:
             log.info("resuming from %s: %d epoch(s) done, then %d of %d steps", run / CHECKPOINT,
                      state.epoch, state.step, steps)
@@ -88,6 +103,9 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
         # A fresh run: a checkpoint left by an earlier run in this folder must not be taken
         # for this run's own if torchrun restarts the job before its first checkpoint.
         (run / CHECKPOINT).unlink()
+    # After a resume: the periodic sync snapshots the weights it starts from.
+    train_model, grad_sync = _replica_sync(sync, model, owned, train_config.sync_every,
+                                           rank_batch, env)
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         # On resume, epochs after the checkpoint are dropped: they will be run again.
@@ -97,6 +115,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                   "backend": env.backend, "device": str(env.device),
                   "rank_batch_size": rank_batch, "steps_per_epoch": steps,
                   "gradients": "sparse" if sparse else "dense", "sync": sync,
+                  "user_embeddings": "owned" if owned else "replicated",
                   "model": asdict(model_config), "optim": asdict(optim_config),
                   "train": asdict(train_config), **(extra_config or {})}
         _write_json(run / "config.json", config)
@@ -104,15 +123,13 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                  "%d steps of %d ratings per epoch", shards.rows("train"), shards.num_users,
                  shards.num_items, model_config.dim, env.world_size, steps, global_batch)
 
-    val_pieces = pieces_for_rank(shards.pieces("val"), env.rank, env.world_size)
     train_seconds = sum(h["seconds"] for h in state.history)
 
     def checkpoint_mid_epoch(step: int, loss_sums: list[float], seconds: float) -> None:
         """Every rank calls this at the same step (it holds a collective); rank 0 writes."""
         sums = _gather_floats(loss_sums, env)
-        if env.is_main:
-            state.step, state.loss_sums, state.epoch_seconds = step, sums, seconds
-            _save_checkpoint(run / CHECKPOINT, model, optimizer, state, shape)
+        state.step, state.loss_sums, state.epoch_seconds = step, sums, seconds
+        _save_checkpoint(run, model, optimizer, state, shape, env, owned)
 
     for epoch in range(state.epoch, train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
@@ -120,11 +137,12 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
             group["lr"] = lr
         loss_mean, seconds = _train_epoch(train_model, optimizer, train_pieces, rank_batch,
                                           steps, epoch, train_config, env, state,
-                                          checkpoint_mid_epoch, grad_sync)
+                                          checkpoint_mid_epoch, grad_sync, local_rows)
         sync_bytes = state.sync_bytes
         state.step, state.loss_sums, state.epoch_seconds, state.sync_bytes = 0, None, 0.0, 0
         train_seconds += seconds
-        val_rmse, val_mae = evaluate(model, val_pieces, shards.scale, train_config, env)
+        val_rmse, val_mae = evaluate(model, split_pieces["val"], shards.scale, train_config,
+                                     env, local_rows)
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(steps * global_batch / seconds, 1), "lr": lr}
@@ -146,7 +164,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                      "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})")
             with (run / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _save_checkpoint(run / CHECKPOINT, model, optimizer, state, shape)
+        _save_checkpoint(run, model, optimizer, state, shape, env, owned)
         if train_config.patience and state.bad_epochs >= train_config.patience:
             if env.is_main:
                 log.info("stopping: no better validation RMSE for %d epochs",
@@ -154,8 +172,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
             break
 
     model.load_state_dict(state.best_model)
-    test_pieces = pieces_for_rank(shards.pieces("test"), env.rank, env.world_size)
-    test_rmse, test_mae = evaluate(model, test_pieces, shards.scale, train_config, env)
+    test_rmse, test_mae = evaluate(model, split_pieces["test"], shards.scale, train_config,
+                                   env, local_rows)
     baseline = bias_baseline_rmse(shards, env)
     trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
     metrics = {
@@ -167,14 +185,33 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
         "baseline_test_rmse": baseline,
         "train_ratings": shards.rows("train"), "num_users": shards.num_users,
         "num_items": shards.num_items, "dim": model_config.dim,
+        "user_embeddings": "owned" if owned else "replicated",
+        "ranks": _rank_memory(model, env),
     }
-    if env.is_main:
+    if ownership is not None:
+        _save_owned_model(run, model, ownership, shards, env)
+    elif env.is_main:
         save_model(run / MODEL, model, shards)
+    if env.is_main:
         _copy_id_maps(shards.root, run)
         _write_json(run / "metrics.json", metrics)
         log.info("test RMSE %s (bias-only baseline %s), MAE %s", _fmt(test_rmse),
                  _fmt(baseline), _fmt(test_mae))
     return metrics
+
+
+def _replica_sync(sync: str, model: BiasedMF, owned: bool, every: int, rank_batch: int,
+                  env: DistEnv) -> tuple[torch.nn.Module,
+                                         PackedSparseSync | PeriodicRowSync | None]:
+    """The module to step and what keeps replicas equal: DDP's wrapper, or a row sync."""
+    if sync != "packed":
+        return wrap_model(model, env), None
+    if env.backend is None:
+        return model, None
+    groups = item_tables(model) if owned else sparse_tables(model)
+    if every > 1:
+        return model, PeriodicRowSync(groups, env, every, rank_batch)
+    return model, PackedSparseSync(groups, env)
 
 
 def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
@@ -200,37 +237,32 @@ def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
 
 def sparse_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:
     """The embedding weights a packed sync exchanges, grouped by the ids that index them."""
-    return [[model.user_factors.weight, model.user_bias.weight],
-            [model.item_factors.weight, model.item_bias.weight]]
+    return [[model.user_factors.weight, model.user_bias.weight], *item_tables(model)]
 
 
-def build_optimizer(model: BiasedMF, config: OptimConfig) -> torch.optim.Optimizer:
-    """Optimizers that update only the rows a batch touched when gradients are sparse."""
-    params = list(model.parameters())
-    sparse = model.user_factors.sparse
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr)
-    if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=config.lr)
-    return torch.optim.SparseAdam(params, lr=config.lr) if sparse else torch.optim.Adam(
-        params, lr=config.lr)
+def item_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:
+    """The only weights exchanged when each rank owns its users' rows."""
+    return [[model.item_factors.weight, model.item_bias.weight]]
 
 
 def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  pieces: list[Piece], rank_batch: int, steps: int, epoch: int,
                  config: TrainConfig, env: DistEnv, state: _TrainState,
                  checkpoint: Callable[[int, float, float], None],
-                 grad_sync: Callable[[], int] | None = None) -> tuple[float, float]:
+                 grad_sync: PackedSparseSync | PeriodicRowSync | None = None,
+                 local_rows: np.ndarray | None = None) -> tuple[float, float]:
     """One epoch, or its rest from ``state.step``; returns (mean loss, epoch seconds).
 
-    ``grad_sync`` (packed sync) runs after each backward and sums gradients over ranks;
-    without it the model is DDP-wrapped (or alone). Its bytes add up in state.sync_bytes.
+    ``grad_sync`` (packed sync) runs after each backward and after each optimizer step, and
+    is flushed before checkpoints and at the epoch's end, so replicas are equal whenever
+    anything looks at them; without it the model is DDP-wrapped (or alone). Its bytes add
+    up in state.sync_bytes. ``local_rows`` maps global user ids to owned rows.
     """
     started = time.perf_counter()
     model.train()
     first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
     dataset = TrainBatches(pieces, rank_batch, steps, config.seed, epoch, env.rank,
-                           start_step=first)
+                           start_step=first, local_rows=local_rows)
     loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda")
     # DDP averages gradients over ranks; scaling each rank's sum by W makes the update the
     # gradient of the sum over the global batch, so the learning rate is per rating. The
@@ -252,13 +284,14 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         users = users.to(env.device, non_blocking=True)
         items = items.to(env.device, non_blocking=True)
         ratings = ratings.to(env.device, non_blocking=True)
-        prediction, penalty = model(users, items)
-        loss = ((prediction - ratings).square() + penalty).sum()
+        loss = model(users, items, ratings)
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
         if grad_sync is not None:
-            state.sync_bytes += grad_sync()
+            state.sync_bytes += grad_sync.after_backward()
         optimizer.step()
+        if grad_sync is not None:
+            state.sync_bytes += grad_sync.after_step()
         total += loss.detach()
         if step % LOSS_CHECK_EVERY == 0 or step == steps:
             if not torch.isfinite(total):
@@ -268,8 +301,12 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             progress.update(min(step, steps) * rank_batch * env.world_size - progress.n)
         if every and (epoch * steps + step) % every == 0 and step < steps:
             # (the end of an epoch is checkpointed after validation, by the caller)
+            if grad_sync is not None:
+                state.sync_bytes += grad_sync.flush()
             checkpoint(step, total.item(), state.epoch_seconds + time.perf_counter() - started)
     progress.close()
+    if grad_sync is not None:
+        state.sync_bytes += grad_sync.flush()
     if step != steps:  # the other ranks would wait in a collective for the missing steps
         raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, expected "
                            f"{steps} like every rank")
@@ -279,13 +316,14 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
-             config: TrainConfig, env: DistEnv) -> tuple[float | None, float | None]:
+             config: TrainConfig, env: DistEnv,
+             local_rows: np.ndarray | None = None) -> tuple[float | None, float | None]:
     """RMSE and MAE over every rank's share, from all-reduced sums and counts."""
     module = unwrap(model)
     module.eval()
     sse = sae = 0.0
     count = 0
-    for users, items, ratings in eval_batches(pieces, config.eval_batch_size):
+    for users, items, ratings in eval_batches(pieces, config.eval_batch_size, local_rows):
         predicted = module.predict(users.to(env.device), items.to(env.device), scale)
         error = predicted.double() - ratings.to(env.device).double()
         sse += float(error.square().sum())
@@ -357,26 +395,65 @@ def _gather_floats(value: float, env: DistEnv) -> list[float]:
     return all_reduce(one_hot, env)
 
 
-def _save_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                     state: _TrainState, shape: dict) -> None:
-    """Rank 0 only; written to a temporary name, then renamed (a crash leaves the old one)."""
+def _save_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                     state: _TrainState, shape: dict, env: DistEnv, owned: bool) -> None:
+    """Every rank calls this at the same point; files are written then renamed into place.
+
+    Replicated: rank 0 writes RUN/checkpoint.pt alone (every rank holds the same model).
+    Owned users: each rank writes its own slice (its users, the items, its optimizer,
+    RNG and best weights) as checkpoint.<epoch>-<step>.rank<r>.pt; once all are on disk,
+    rank 0 writes checkpoint.pt naming them, and only then are older slices removed. A
+    crash at any moment leaves a checkpoint.pt whose slices all exist.
+    """
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "rng": rng, "shape": shape,
-                  **{key: getattr(state, key) for key in STATE_KEYS}}, path)
+    local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+             "best_model": state.best_model}
+    shared = {"shape": shape, **{key: getattr(state, key) for key in STATE_KEYS}}
+    if not owned:
+        if env.is_main:
+            _atomic_save({**shared, **local}, run / CHECKPOINT)
+        return
+    tag = f"{state.epoch}-{state.step}"
+    mine = run / f"checkpoint.{tag}.rank{env.rank}.pt"
+    _atomic_save(local, mine)
+    all_reduce([0.0], env)  # every slice is on disk before checkpoint.pt names them
+    if env.is_main:
+        _atomic_save({**shared, "slices": tag, "world_size": env.world_size},
+                     run / CHECKPOINT)
+    all_reduce([0.0], env)
+    for old in run.glob(f"checkpoint.*.rank{env.rank}.pt"):
+        if old != mine:
+            old.unlink()
 
 
-def _load_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                     shape: dict) -> _TrainState:
-    """Every rank reads the same file (the run folder is on storage all ranks share)."""
+def _load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                     shape: dict, env: DistEnv, owned: bool) -> _TrainState:
+    """Every rank reads checkpoint.pt (the run folder is on storage all ranks share)."""
+    path = run / CHECKPOINT
     if not path.is_file():
         raise InputError(f"--resume: {path} not found; start without --resume")
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    if owned != ("slices" in payload):
+        written = "owned" if "slices" in payload else "replicated"
+        raise InputError(f"--resume: {path} was written with --user-embeddings {written}; "
+                         f"resume with --user-embeddings {written}")
+    local = payload
+    if owned:
+        if payload["world_size"] != env.world_size:
+            raise InputError(f"--resume: {path} holds users split over "
+                             f"{payload['world_size']} ranks (--user-embeddings owned); "
+                             f"resume with {payload['world_size']} processes")
+        slice_path = run / f"checkpoint.{payload['slices']}.rank{env.rank}.pt"
+        if not slice_path.is_file():
+            raise InputError(f"--resume: {slice_path} not found; checkpoint.pt names it "
+                             "(restore it, or start without --resume)")
+        local = torch.load(slice_path, map_location="cpu", weights_only=True)
     state = _TrainState()
     for key in STATE_KEYS:
         setattr(state, key, payload.get(key, getattr(state, key)))  # older: epoch ends only
+    state.best_model = local.get("best_model")
     saved = payload.get("shape")
     if state.step and saved != shape:
         # The data position is a step of this rank's plan: another world size or batch
@@ -384,13 +461,53 @@ def _load_checkpoint(path: Path, model: BiasedMF, optimizer: torch.optim.Optimiz
         raise InputError(f"--resume: {path} was written mid-epoch by a run with "
                          f"{_describe(saved)}; this run has {_describe(shape)}. Resume with "
                          "the same number of ranks and --batch-size")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if "rng" in payload:
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    model.load_state_dict(local["model"])
+    optimizer.load_state_dict(local["optimizer"])
+    if "rng" in local:
+        torch.set_rng_state(local["rng"]["torch"])
+        if "cuda" in local["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(local["rng"]["cuda"])
     return state
+
+
+def _save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,
+                      shards: ShardSet, env: DistEnv) -> None:
+    """model.pt with every user: each rank writes its users' rows, rank 0 assembles them.
+
+    Rank 0 holds the whole user table once, here, as anyone using the model will.
+    """
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    part = run / f"model.users.rank{env.rank}.pt"
+    _atomic_save({"users": torch.from_numpy(ownership.users),
+                  "user_factors": weights["user_factors.weight"],
+                  "user_bias": weights["user_bias.weight"]}, part)
+    all_reduce([0.0], env)  # every part is on disk
+    if not env.is_main:
+        return
+    full = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model.config)
+    state = full.state_dict()
+    state.update({k: v for k, v in weights.items() if not k.startswith("user_")})
+    for rank in range(env.world_size):
+        path = run / f"model.users.rank{rank}.pt"
+        rows = torch.load(path, map_location="cpu", weights_only=True)
+        state["user_factors.weight"][rows["users"]] = rows["user_factors"]
+        state["user_bias.weight"][rows["users"]] = rows["user_bias"]
+        path.unlink()
+    full.load_state_dict(state)
+    save_model(run / MODEL, full, shards)
+
+
+def _rank_memory(model: BiasedMF, env: DistEnv) -> list[dict]:
+    """Per rank: rows and bytes of its user and item tables, and its peak resident memory."""
+    user_rows = model.user_factors.weight.shape[0]
+    table_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    user_bytes = sum(t.weight.numel() * t.weight.element_size()
+                     for t in (model.user_factors, model.user_bias))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    columns = [_gather_floats(float(v), env) for v in (user_rows, user_bytes, table_bytes, peak)]
+    return [{"user_rows": int(rows), "user_table_bytes": int(users),
+             "parameter_bytes": int(params), "peak_rss_bytes": int(rss)}
+            for rows, users, params, rss in zip(*columns)]
 
 
 def _describe(shape: dict | None) -> str:
