@@ -66,6 +66,21 @@ class Row:
     tuned: bool = False
     diagnostic: bool = False  # an extra row explaining a figure; MovieLens only
     nproc: int = 1
+    params: dict | None = None  # fixed settings passed as --params (peers) or flags (shardmf)
+    datasets: tuple[str, ...] | None = None  # only these data sets (None: all)
+
+
+# Settings the small grids chose on synth-1m (bench/results.json, 2026-11-28): on synth-10m
+# a full grid per peer would take hours, so the peers run these and their defaults.
+SYNTH_1M_CHOSEN = {"surprise": {"n_factors": 100, "lr_all": 0.01, "reg_all": 0.02,
+                                "n_epochs": 20},
+                   "spark": {"rank": 10, "regParam": 0.05}}
+# shardmf on large sets: dim and lr as its synth-1m grid chose, 8,192 ratings per rank per
+# step, users owned by rank (the set is prepared --partition-by user) and a periodic row
+# sync every 32 steps (bench/scaling.md), early stopping.
+LARGE_RECIPE = ["--dim", "64", "--lr", "0.01", "--batch-size", "{batch}", "--sync-every",
+                "32", "--epochs", "40", "--patience", "3"]
+PREPARE_FLAGS = {"synth-10m": ["--partition-by", "user"]}
 
 
 ROWS = [
@@ -83,6 +98,19 @@ ROWS = [
         diagnostic=True),
     Row("shardmf-1-t1", "diagnostic: shardmf --nproc 1 --threads 1 (defaults otherwise)",
         "shardmf", ["--threads", "1"], diagnostic=True, nproc=1),
+    Row("surprise-svd-1m", "Surprise SVD (grid point chosen on synth-1m)", "surprise",
+        ["--algo", "svd"], params=SYNTH_1M_CHOSEN["surprise"], datasets=("synth-10m",)),
+    Row("spark-als-1m", "Spark ALS local[2] (grid point chosen on synth-1m)", "spark",
+        params=SYNTH_1M_CHOSEN["spark"], datasets=("synth-10m",)),
+    Row("libmf", "LIBMF, 2 threads (defaults)", "libmf", datasets=("synth-1m", "synth-10m")),
+    Row("libmf-tuned", "LIBMF, 2 threads (grid on val)", "libmf", tuned=True,
+        datasets=("synth-1m", "synth-10m")),
+    Row("shardmf-1-large", "shardmf --nproc 1 (large-data recipe)", "shardmf",
+        [a.format(batch=8192) for a in LARGE_RECIPE], nproc=1,
+        datasets=("synth-1m", "synth-10m")),
+    Row("shardmf-2-large", "shardmf --nproc 2 (large-data recipe)", "shardmf",
+        [a.format(batch=16384) for a in LARGE_RECIPE], nproc=2,
+        datasets=("synth-1m", "synth-10m")),
 ]
 
 
@@ -176,7 +204,8 @@ class Driver:
                 info["source"] = shlex.join(make)
                 raw = [str(raw_dir)]
             shards, split = folder / "shards", folder / "split"
-            prepare = [a.shardmf, "prepare", *raw, "--out", str(shards), "--overwrite"]
+            prepare = [a.shardmf, "prepare", *raw, "--out", str(shards), "--overwrite",
+                       *PREPARE_FLAGS.get(name, [])]
             export = [a.shardmf, "export-split", str(shards), "--out", str(split)]
             stamp = folder / "stamp.json"
             recipe = {"make": make, "prepare": prepare, "export": export}
@@ -209,7 +238,8 @@ class Driver:
 
     # ---------------------------------------------------------------- rows
     def rows_for(self, dataset: str) -> list[Row]:
-        rows = [r for r in ROWS if not (r.diagnostic and dataset != "ml-100k")]
+        rows = [r for r in ROWS if not (r.diagnostic and dataset != "ml-100k")
+                and (r.datasets is None or dataset in r.datasets)]
         if self.args.only:
             keep = set(self.args.only.split(","))
             rows = [r for r in rows if r.key in keep]
@@ -228,6 +258,8 @@ class Driver:
             return [a.peers_python, str(HERE / "peer_spark_als.py"), *row.args, *common, *extra]
         if row.kind == "torch":
             return [a.torch_python, str(HERE / "peer_torch_mf.py"), *row.args, *common, *extra]
+        if row.kind == "libmf":
+            return [a.peers_python, str(HERE / "peer_libmf.py"), *row.args, *common, *extra]
         raise ValueError(row.kind)
 
     def shardmf_command(self, row: Row, ds: dict, run_dir: Path) -> list[str]:
@@ -271,7 +303,8 @@ class Driver:
         if row.kind == "shardmf":
             command = self.shardmf_command(row, ds, out_dir)
         else:
-            params = ["--params", json.dumps(tune["chosen"])] if row.tuned else []
+            chosen = tune["chosen"] if row.tuned else row.params
+            params = ["--params", json.dumps(chosen)] if chosen else []
             command = self.peer_command(row, ds, out_dir.with_suffix(".json"), params)
         print(f"[{self.elapsed() / 60:5.1f} min] {name} ...", file=sys.stderr, flush=True)
         measured = self.measure(command, name, self.args.timeout)
@@ -336,8 +369,8 @@ class Driver:
                          "runs": len(runs), "ok_runs": len(ok),
                          "status": "ok" if ok else runs[0].get("status")}
                 for key in ("test_rmse", "test_mae", "val_rmse", "train_seconds",
-                            "process_seconds", "peak_rss_mb", "ratings_per_s_per_epoch",
-                            "epochs", "load_before"):
+                            "train_seconds_to_best", "process_seconds", "peak_rss_mb",
+                            "ratings_per_s_per_epoch", "epochs", "load_before"):
                     values = [r[key] for r in ok if r.get(key) is not None]
                     entry[key] = statistics.median(values) if values else None
                     if key in ("train_seconds", "process_seconds") and len(values) > 1:
@@ -484,6 +517,9 @@ def read_shardmf(run_dir: Path, status: str) -> dict:
         found["best_val_rmse_so_far"] = min(vals) if vals else None
         found["median_epoch_seconds"] = (statistics.median(e["seconds"] for e in epochs)
                                          if epochs else None)
+        best = found.get("best_epoch")
+        if best:  # training time until the kept epoch: what a peer's fixed schedule costs
+            found["train_seconds_to_best"] = round(sum(e["seconds"] for e in epochs[:best]), 3)
     return found
 
 
@@ -549,9 +585,10 @@ def render_markdown(p: dict) -> str:
                   f"{r['train']:,} / val {r['val']:,} / test {r['test']:,} "
                   f"({ds['split_method']} split, seed {ds['split_seed']}); scale "
                   f"{ds['scale'][0]:g}–{ds['scale'][1]:g}. Source: `{ds['source']}`.", ""]
-        lines += ["| peer | test RMSE | test MAE | val RMSE | train s | process s | "
-                  "ratings/s per epoch | epochs | peak RSS MB | runs | tuning |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += ["| peer | test RMSE | test MAE | val RMSE | train s | train s to best val | "
+                  "process s | ratings/s per epoch | epochs | peak RSS MB | runs | tuning |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                  "| --- |"]
         for e in p["summary"].get(name, []):
             tuning = ""
             if e.get("tuning"):
@@ -565,7 +602,7 @@ def render_markdown(p: dict) -> str:
                 if part.get("epochs_done") is not None:
                     extra = (f" after {part['epochs_done']} epochs (best val RMSE so far "
                              f"{fmt(part.get('best_val_rmse_so_far'))})")
-                lines.append(f"| {e['label']} | **{e['status']}**{extra} | | | | "
+                lines.append(f"| {e['label']} | **{e['status']}**{extra} | | | | | "
                              f"{fmt(part.get('process_seconds'), 0)} | | | "
                              f"{fmt(part.get('peak_rss_mb'), 0)} | {e['runs']} | {tuning} |")
                 continue
@@ -573,9 +610,11 @@ def render_markdown(p: dict) -> str:
             if e.get("train_seconds_range"):
                 lo, hi = e["train_seconds_range"]
                 spread = f" ({lo:.1f}–{hi:.1f})"
+            to_best = e.get("train_seconds_to_best") or e["train_seconds"]
             lines.append(
                 f"| {e['label']} | {fmt(e['test_rmse'])} | {fmt(e['test_mae'])} | "
                 f"{fmt(e['val_rmse'])} | {fmt(e['train_seconds'], 1)}{spread} | "
+                f"{fmt(to_best, 1)} | "
                 f"{fmt(e['process_seconds'], 1)} | {fmt(e['ratings_per_s_per_epoch'], 0)} | "
                 f"{fmt(e['epochs'], 0)} | {fmt(e['peak_rss_mb'], 0)} | {e['ok_runs']} | "
                 f"{tuning} |")
@@ -592,6 +631,10 @@ def render_markdown(p: dict) -> str:
         "sum of epoch times without per-epoch validation; Surprise: `fit()`; Spark: "
         "`ALS.fit()`; PyTorch MF: its epoch loops). **process s**: the whole subprocess, "
         "start-up (JVM, torchrun, imports), data loading, validation, checkpoints included.",
+        "- **train s to best val**: shardmf: the training seconds of the epochs up to the one "
+        "it keeps (the best validation RMSE; the epochs after it, run only to see that it "
+        "stopped improving, are in train s); every other peer trains a fixed schedule, so "
+        "this is its train s.",
         "- **ratings/s per epoch**: training ratings × epochs (ALS: iterations) / train s.",
         "- **peak RSS**: sum of RSS over the process tree, sampled every 0.1 s (Spark's JVM "
         "and each torchrun rank included; pages shared between processes count once per process).",
