@@ -50,7 +50,10 @@ def kernel(num_users: int, num_items: int, dim: int, batch: int, steps: int,
     """Best-case plain-PyTorch biased-MF SGD: ratings/s of the update alone."""
     import torch
 
+    from trainer.distributed import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()  # the trainer's own setting: a best case must not pay page faults
     gen = torch.Generator().manual_seed(seed)
     p = torch.randn(num_users, dim, generator=gen) * 0.01
     q = torch.randn(num_items, dim, generator=gen) * 0.01
@@ -98,29 +101,46 @@ def random_batches(num_users: int, num_items: int, rank_batch: int, seed: int):
 
 
 def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
-                   gradients: str, sync: str, tables: tuple[int, int] | None) -> dict | None:
+                   gradients: str, sync: str, tables: tuple[int, int] | None,
+                   users: str = "replicated", every: int = 1) -> dict | None:
     """One rank of a trainer measurement (run under torchrun for 2 ranks).
 
     ``tables``: (users, items) of a random-batch run without shards (no "loop" figure).
+    ``users``: "owned" keeps each rank's users only (shards partitioned by user) and
+    exchanges item rows alone; ``every`` > 1 is the periodic row sync.
     """
     import torch
 
     from trainer.config import ModelConfig, OptimConfig, TrainConfig
     from trainer.data import TrainBatches, steps_per_epoch, train_loader
-    from trainer.distributed import all_reduce, init_distributed, teardown, wrap_model
+    from trainer.distributed import (
+        all_reduce,
+        init_distributed,
+        keep_freed_memory,
+        teardown,
+        wrap_model,
+    )
     from trainer.model import BiasedMF
+    from trainer.optim import build_optimizer
+    from trainer.ownership import user_ownership
     from trainer.shards import open_shards, pieces_for_rank
-    from trainer.sync import PackedSparseSync
-    from trainer.train import _train_epoch, _TrainState, build_optimizer, sparse_tables
+    from trainer.sync import PackedSparseSync, PeriodicRowSync
+    from trainer.train import _train_epoch, _TrainState, item_tables, sparse_tables
 
     torch.set_num_threads(1)
+    keep_freed_memory()
     env = init_distributed("cpu", "gloo", 300)
     try:
         warm = 3
+        local_rows = None
         if tables is None:
             shards = open_shards(shards_dir, "none")
             num_users, num_items, mean = shards.num_users, shards.num_items, shards.train_mean
             pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
+            if users == "owned":
+                ownership = user_ownership(shards, env)
+                pieces, local_rows = ownership.pieces(shards, "train"), ownership.local_rows
+                num_users = len(ownership.users)
             needed = 3 * steps + 2 * warm
             if steps_per_epoch(pieces, rank_batch) < needed:
                 raise SystemExit(f"rank {env.rank}: too few ratings for {needed} steps")
@@ -133,8 +153,11 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         model = BiasedMF(num_users, num_items, mean, model_config,
                          sparse=gradients == "sparse")
         packed = sync == "packed" and env.backend is not None
-        if packed:
-            step_model, grad_sync = model, PackedSparseSync(sparse_tables(model), env)
+        groups = item_tables(model) if users == "owned" else sparse_tables(model)
+        if packed and every > 1:
+            step_model, grad_sync = model, PeriodicRowSync(groups, env, every, rank_batch)
+        elif packed:
+            step_model, grad_sync = model, PackedSparseSync(groups, env)
         else:
             step_model, grad_sync = wrap_model(model, env), None
         optimizer = build_optimizer(model, OptimConfig(optimizer="sgd", lr=0.001))
@@ -144,14 +167,15 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         if tables is None:  # 1. The real loop, over the first `steps` batches of epoch 0.
             started = time.perf_counter()
             _train_epoch(step_model, optimizer, pieces, rank_batch, steps, 0, train_config,
-                         env, _TrainState(), lambda *a: None, grad_sync)
+                         env, _TrainState(), lambda *a: None, grad_sync, local_rows)
             loop_s = all_reduce([time.perf_counter() - started], env, "max")[0]
 
         # 2./3. Timed phases, with and without gradient synchronisation (epoch 1's data).
         # Packed: the sync is its own phase. DDP: it hides in backward; no_sync() tells.
         def timed(sync_now: bool, epoch: int) -> dict:
             if tables is None:
-                data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank)
+                data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank,
+                                    local_rows=local_rows)
                 loader = iter(train_loader(data, 0, False))
             else:
                 loader = random_batches(num_users, num_items, rank_batch,
@@ -163,14 +187,14 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
                 t0 = time.perf_counter()
                 users, items, ratings = next(loader)
                 t1 = time.perf_counter()
-                prediction, penalty = step_model(users, items)
-                loss = ((prediction - ratings).square() + penalty).sum()
+                loss = step_model(users, items, ratings)
                 t2 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 (loss * scale).backward()
                 t3 = time.perf_counter()
+                step_bytes = 0
                 if grad_sync is not None and sync_now:
-                    moved += grad_sync() if s >= warm else 0
+                    step_bytes += grad_sync.after_backward()
                 elif not sync_now and s >= warm and gradients == "sparse":
                     # rows DDP's 4 sparse all-reduces send (coalesced: unique rows)
                     rows += sum(p.grad.coalesce().indices().shape[1]
@@ -178,9 +202,13 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
                 t4 = time.perf_counter()
                 optimizer.step()
                 t5 = time.perf_counter()
+                if grad_sync is not None and sync_now:  # the periodic sync's exchange
+                    step_bytes += grad_sync.after_step()
+                t6 = time.perf_counter()
                 if s >= warm:
-                    for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3,
-                                                   t5 - t4)):
+                    moved += step_bytes
+                    for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2,
+                                                   t4 - t3 + t6 - t5, t5 - t4)):
                         totals[key] += value
             result = {k: 1000 * v / steps for k, v in totals.items()}
             result["bytes"] = moved / steps
@@ -221,12 +249,15 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
 
 
 def run_config(args, ranks: int, gradients: str, sync: str = "ddp",
-               tables: tuple[int, int] | None = None) -> dict:
-    out = Path(args.work) / f"result-{ranks}-{gradients}-{sync}.json"
+               tables: tuple[int, int] | None = None, users: str = "replicated",
+               every: int = 1) -> dict:
+    out = Path(args.work) / f"result-{ranks}-{gradients}-{sync}-{users}-{every}.json"
     out.unlink(missing_ok=True)
-    worker = [str(Path(__file__).resolve()), args.shards, "--worker", "--gradients", gradients,
+    shards = args.user_shards if users == "owned" else args.shards
+    worker = [str(Path(__file__).resolve()), shards, "--worker", "--gradients", gradients,
               "--sync", sync, "--dim", str(args.dim), "--rank-batch", str(args.rank_batch),
-              "--steps", str(args.steps), "--result", str(out)]
+              "--steps", str(args.steps), "--result", str(out), "--users", users,
+              "--every", str(every)]
     if tables is not None:
         worker += ["--tables", str(tables[0]), str(tables[1])]
     if ranks == 1:
@@ -252,13 +283,16 @@ def run_kernel(args, num_users: int, num_items: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-CONFIGS = {  # name: (kind, ranks, gradients, sync)
-    "kernel": ("kernel", 1, "-", "-"),
-    "1-sparse": ("trainer", 1, "sparse", "-"),
-    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp"),
-    "2-sparse-packed": ("trainer", 2, "sparse", "packed"),
-    "1-dense": ("trainer", 1, "dense", "-"),
-    "2-dense-ddp": ("trainer", 2, "dense", "ddp"),
+CONFIGS = {  # name: (kind, ranks, gradients, sync, user rows, sync every N steps)
+    "kernel": ("kernel", 1, "-", "-", "-", 1),
+    "1-sparse": ("trainer", 1, "sparse", "-", "replicated", 1),
+    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp", "replicated", 1),
+    "2-sparse-packed": ("trainer", 2, "sparse", "packed", "replicated", 1),
+    "2-owned-packed": ("trainer", 2, "sparse", "packed", "owned", 1),
+    "2-owned-every-8": ("trainer", 2, "sparse", "packed", "owned", 8),
+    "2-owned-every-32": ("trainer", 2, "sparse", "packed", "owned", 32),
+    "1-dense": ("trainer", 1, "dense", "-", "replicated", 1),
+    "2-dense-ddp": ("trainer", 2, "dense", "ddp", "replicated", 1),
 }
 
 
@@ -273,16 +307,22 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--tables", type=int, nargs=2, metavar=("USERS", "ITEMS"),
                         help="random uniform batches on tables of this size instead of shards")
+    parser.add_argument("--user-shards", default=None,
+                        help="the same ratings prepared with --partition-by user, for the "
+                             "owned configurations (default: SHARDS_DIR)")
     parser.add_argument("--work", default="/tmp/bench_tp/work")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gradients", default="sparse", help=argparse.SUPPRESS)
     parser.add_argument("--sync", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--users", default="replicated", help=argparse.SUPPRESS)
+    parser.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.user_shards = args.user_shards or args.shards
     tables = tuple(args.tables) if args.tables else None
     if args.worker:
         result = trainer_worker(args.shards, args.dim, args.rank_batch, args.steps,
-                                args.gradients, args.sync, tables)
+                                args.gradients, args.sync, tables, args.users, args.every)
         if result is not None:
             Path(args.result).write_text(json.dumps(result))
         return
@@ -303,17 +343,20 @@ def main() -> None:
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            kind, ranks, gradients, sync = config
+            kind, ranks, gradients, sync, users, every = config
             result = (run_kernel(args, facts["num_users"], facts["num_items"])
-                      if kind == "kernel" else run_config(args, ranks, gradients, sync, tables))
+                      if kind == "kernel" else run_config(args, ranks, gradients, sync, tables,
+                                                          users, every))
             runs[config].append(result)
-            print(f"repeat {repeat + 1}: {kind} {ranks} rank(s) {gradients} {sync}: "
+            print(f"repeat {repeat + 1}: {kind} {ranks} rank(s) {gradients} {sync} {users} "
+                  f"every {every}: "
                   f"{json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
     summary = []
     for config, results in runs.items():
         median = {k: statistics.median(r[k] for r in results) for k in results[0]}
         summary.append({"kind": config[0], "ranks": config[1], "gradients": config[2],
-                        "sync": config[3], "median": median, "runs": results})
+                        "sync": config[3], "users": config[4], "every": config[5],
+                        "median": median, "runs": results})
     name = "summary.json" if tables is None else f"summary-{tables[0]}x{tables[1]}.json"
     out = Path(args.work) / name
     out.write_text(json.dumps({"facts": facts, "results": summary}, indent=2))

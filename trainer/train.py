@@ -81,8 +81,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     steps = int(all_reduce([steps_per_epoch(train_pieces, rank_batch)], env, "max")[0])
 
     torch.manual_seed(train_config.seed)
-    sparse = ownership is not None or use_sparse_gradients(train_config.gradients, shards,
-                                                           global_batch, env)
+    sparse = ownership is not None or use_sparse_gradients(
+        train_config.gradients, shards, global_batch, env, train_config.sync_every)
     num_users = len(ownership.users) if ownership else shards.num_users
     model = BiasedMF(num_users, shards.num_items, shards.train_mean, model_config,
                      sparse=sparse)
@@ -215,12 +215,13 @@ def _replica_sync(sync: str, model: BiasedMF, owned: bool, every: int, rank_batc
 
 
 def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
-                         env: DistEnv) -> bool:
+                         env: DistEnv, sync_every: int = 1) -> bool:
     """Sparse rows when the tables dwarf a step's rows; whole tables when they are small.
 
     A sparse step moves the touched rows of every rank (~2 x global batch rows); a dense
     step moves and updates whole tables but in one cheap collective. nccl has no sparse
-    all-reduce, so GPUs always go dense.
+    all-reduce, so GPUs always go dense. ``--sync-every N`` > 1 exchanges rows itself, not
+    gradients: each rank's update then touches only its rows, so sparse.
     """
     if choice != "auto":
         if choice == "sparse" and env.backend == "nccl":
@@ -229,8 +230,8 @@ def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
         return choice == "sparse"
     if env.backend == "nccl":
         return False
-    if env.backend is None:
-        return True  # one process: nothing to communicate, so only touched rows move
+    if env.backend is None or sync_every > 1:
+        return True  # nothing to communicate per step, so only touched rows move
     rows = shards.num_users + shards.num_items
     return rows > DENSE_ROWS_PER_BATCH_ROW * global_batch
 
