@@ -532,6 +532,13 @@ def run_train(shards: Path, run: Path, **options) -> dict:
                  TrainConfig(**{**SMALL, **options}), SINGLE)
 
 
+def test_a_diverging_loss_is_one_clear_error(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower --lr "
+                                         r"\(now 1e\+06\)"):
+        train(trainer_shards_dir, tmp_path / "run", ModelConfig(dim=8, init_std=1.0),
+              OptimConfig(lr=1e6), TrainConfig(**SMALL, epochs=1), SINGLE)
+
+
 def test_train_resume_equals_uninterrupted(trainer_shards_dir: Path, tmp_path: Path) -> None:
     straight = run_train(trainer_shards_dir, tmp_path / "straight", epochs=3)
     run_train(trainer_shards_dir, tmp_path / "resumed", epochs=1)

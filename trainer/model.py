@@ -84,8 +84,10 @@ class SquaredErrorWithL2(torch.autograd.Function):
         error = torch.linalg.vecdot(p, q) + b_u + b_i + mean - ratings
         ctx.save_for_backward(p, q, b_u, b_i, error)
         ctx.reg, ctx.bias_reg = reg, bias_reg
-        return (error.square().sum() + reg * (p.square().sum() + q.square().sum())
-                + bias_reg * (b_u.square().sum() + b_i.square().sum()))
+        flat_p, flat_q = p.reshape(-1), q.reshape(-1)  # sums of squares as dot products:
+        return (torch.dot(error, error)  # no (B, d) temporaries
+                + reg * (torch.dot(flat_p, flat_p) + torch.dot(flat_q, flat_q))
+                + bias_reg * (torch.dot(b_u, b_u) + torch.dot(b_i, b_i)))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -295,10 +295,14 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             state.sync_bytes += grad_sync.after_step()
         total += loss.detach()
         if step % LOSS_CHECK_EVERY == 0 or step == steps:
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"rank {env.rank}: the training loss became non-finite by step {step} of "
-                    f"epoch {epoch + 1}; lower --lr or raise --reg")
+            # Agreed by all ranks, so every rank stops here with the same message instead of
+            # the healthy ones failing later on a closed connection.
+            diverged = all_reduce([float(not torch.isfinite(total))], env, "max")[0]
+            if diverged:
+                lr = optimizer.param_groups[0]["lr"]
+                raise InputError(f"the training loss became non-finite by step {step} of "
+                                 f"epoch {epoch + 1}; lower --lr (now {lr:g}), or use a "
+                                 "smaller --batch-size or --init-std")
             progress.update(min(step, steps) * rank_batch * env.world_size - progress.n)
         if every and (epoch * steps + step) % every == 0 and step < steps:
             # (the end of an epoch is checkpointed after validation, by the caller)
