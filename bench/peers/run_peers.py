@@ -440,7 +440,7 @@ class Driver:
         }
         out_json = Path(self.args.out_json)
         out_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        Path(self.args.out_md).write_text(render_markdown(payload))
+        Path(self.args.out_md).write_text(render_markdown(payload, self.args.analysis))
         print(f"wrote {out_json} and {self.args.out_md}", file=sys.stderr)
 
 
@@ -553,7 +553,7 @@ def group_notes(notes: list[str]) -> list[str]:
     return grouped + other
 
 
-def render_markdown(p: dict) -> str:
+def render_markdown(p: dict, analysis: Path) -> str:
     m = p["machine"]
     lines = [
         "# shardmf against its peers",
@@ -678,7 +678,6 @@ def render_markdown(p: dict) -> str:
     if p["notes"]:
         lines += ["## Notes from this run", ""] + [f"- {n}" for n in group_notes(p["notes"])]
         lines += [""]
-    analysis = HERE / "ANALYSIS.md"
     if analysis.is_file():
         lines += [analysis.read_text().rstrip(), ""]
     lines += ["## Command", "", f"    {p['driver_command']}", ""]
@@ -716,13 +715,15 @@ def main() -> None:
     parser.add_argument("--fresh-data", action="store_true", help="re-make the data sets")
     parser.add_argument("--out-json", default=str(BENCH / "results.json"))
     parser.add_argument("--out-md", default=str(BENCH / "RESULTS.md"))
+    parser.add_argument("--analysis", type=Path, default=HERE / "ANALYSIS.md",
+                        help="hand-written analysis appended to --out-md")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite --out-md from --out-json (e.g. after editing "
                         "bench/peers/ANALYSIS.md)")
     args = parser.parse_args()
     if args.render_only:
         payload = json.loads(Path(args.out_json).read_text())
-        Path(args.out_md).write_text(render_markdown(payload))
+        Path(args.out_md).write_text(render_markdown(payload, args.analysis))
         return
     for name in ("shardmf", "torch_python", "peers_python"):
         exe = getattr(args, name)
