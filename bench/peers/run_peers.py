@@ -614,7 +614,9 @@ def render_markdown(p: dict, analysis: Path) -> str:
             if e.get("train_seconds_range"):
                 lo, hi = e["train_seconds_range"]
                 spread = f" ({lo:.1f}–{hi:.1f})"
-            to_best = e.get("train_seconds_to_best") or e["train_seconds"]
+            to_best = e.get("train_seconds_to_best")
+            if to_best is None and not e["row"].startswith("shardmf"):
+                to_best = e["train_seconds"]  # a fixed schedule (not recorded: shown as -)
             lines.append(
                 f"| {e['label']} | {fmt(e['test_rmse'])} | {fmt(e['test_mae'])} | "
                 f"{fmt(e['val_rmse'])} | {fmt(e['train_seconds'], 1)}{spread} | "
