@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,15 @@ def write_result(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     os.replace(tmp, path)
+
+
+def write_tuning(path: Path, info: dict, grid: dict, trials: list[dict],
+                 started: float) -> None:
+    """The grid's result: every trial, and the point with the lowest val RMSE as "chosen"."""
+    best = min(trials, key=lambda t: t["val_rmse"])
+    write_result(path, {**info, "grid": grid, "trials": trials, "chosen": best["params"],
+                        "val_rmse": best["val_rmse"],
+                        "tune_seconds": round(time.perf_counter() - started, 3)})
 
 
 def log(message: str) -> None:

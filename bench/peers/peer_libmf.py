@@ -256,10 +256,7 @@ def main() -> None:
             trials.append({"params": params, "val_rmse": val_scores["rmse"],
                            "fit_seconds": round(fit_s, 3), "libmf_deadlock_retries": retries})
             common.log(f"{params}: val RMSE {val_scores['rmse']:.4f} ({fit_s:.2f} s)")
-        best = min(trials, key=lambda t: t["val_rmse"])
-        common.write_result(args.out, {**info, "grid": grid, "trials": trials,
-                                       "chosen": best["params"], "val_rmse": best["val_rmse"],
-                                       "tune_seconds": round(time.perf_counter() - started, 3)})
+        common.write_tuning(args.out, info, grid, trials, started)
         return
 
     params = json.loads(args.params) if args.params else {}
