@@ -141,7 +141,9 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
                 ownership = user_ownership(shards, env)
                 pieces, local_rows = ownership.pieces(shards, "train"), ownership.local_rows
                 num_users = len(ownership.users)
-            needed = 3 * steps + 2 * warm
+            # The loop and the two timed passes each cut one epoch's plan (epochs 0, 1, 2):
+            # each needs its steps without wrapping around the rank's ratings.
+            needed = steps + warm
             if steps_per_epoch(pieces, rank_batch) < needed:
                 raise SystemExit(f"rank {env.rank}: too few ratings for {needed} steps")
         else:
