@@ -74,6 +74,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     split_pieces = {split: (ownership.pieces(shards, split) if ownership else
                             pieces_for_rank(shards.pieces(split), env.rank, env.world_size))
                     for split in ("train", "val", "test")}
+    owned = ownership is not None
     local_rows = ownership.local_rows if ownership else None
     train_pieces = split_pieces["train"]
     rank_batch = train_config.batch_size // env.world_size
@@ -81,19 +82,17 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     steps = int(all_reduce([steps_per_epoch(train_pieces, rank_batch)], env, "max")[0])
 
     torch.manual_seed(train_config.seed)
-    sparse = ownership is not None or use_sparse_gradients(
+    sparse = owned or use_sparse_gradients(
         train_config.gradients, shards, global_batch, env, train_config.sync_every)
     num_users = len(ownership.users) if ownership else shards.num_users
     model = BiasedMF(num_users, shards.num_items, shards.train_mean, model_config,
                      sparse=sparse)
-    sync = resolve_sync(train_config.sync, sparse, env, ownership is not None,
-                        train_config.sync_every)
+    sync = resolve_sync(train_config.sync, sparse, env, owned, train_config.sync_every)
     model.to(env.device)
     optimizer = build_optimizer(model, optim_config)
     state = _TrainState()
     shape = {"world_size": env.world_size, "rank_batch_size": rank_batch, "steps": steps,
              "loader_workers": train_config.loader_workers}
-    owned = ownership is not None
     if _should_resume(run, train_config, env):
         state = _load_checkpoint(run, model, optimizer, shape, env, owned)
         if env.is_main:
