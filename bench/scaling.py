@@ -43,6 +43,9 @@ CONFIGS = {  # name: (processes, ratings per step over all ranks, extra flags)
     "2-owned-every-32": (2, 16384, ["--user-embeddings", "owned", "--sync-every", "32"]),
     "2-owned-every-48": (2, 16384, ["--user-embeddings", "owned", "--sync-every", "48"]),
     "2-owned-every-64": (2, 16384, ["--user-embeddings", "owned", "--sync-every", "64"]),
+    # Half the rank batch, twice the steps between exchanges: the same ratings per exchange
+    # as every 32 at 8,192 a rank, with fresher local steps (the synth-10m fast schedule).
+    "2-owned-4096-every-64": (2, 8192, ["--user-embeddings", "owned", "--sync-every", "64"]),
 }
 
 
