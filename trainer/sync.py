@@ -271,18 +271,30 @@ class PeriodicRowSync:
         return moved
 
     def _flush_dense(self, groups: list) -> int:
-        parts = [torch.cat([*(p - s for p, s in zip(group, snapshots)),
-                            touched.unsqueeze(1).float()], dim=1)
-                 for group, snapshots, touched, _ in groups]
-        changes = torch.cat([part.reshape(-1) for part in parts])
-        dist.all_reduce(changes)
-        start = 0
-        for (group, snapshots, touched, _), part in zip(groups, parts):
-            summed = changes[start:start + part.numel()].view_as(part)
-            start += part.numel()
-            _apply_mean(group, snapshots, None, summed[:, :-1], summed[:, -1])
+        """One all-reduce of every table's change and touched flags, laid end to end.
+
+        Each block is written in place into one flat buffer (no per-table temporaries to
+        concatenate): on 2 cores this flush was a sixth of the time between exchanges.
+        """
+        sizes = [sum(p.numel() for p in group) + group[0].shape[0] for group, *_ in groups]
+        buffer = torch.empty(sum(sizes), dtype=torch.float32, device=groups[0][0][0].device)
+        blocks, offset = [], 0
+        for group, snapshots, touched, _ in groups:
+            changes = []
+            for param, snapshot in zip(group, snapshots):
+                change = buffer[offset:offset + param.numel()].view_as(param)
+                torch.sub(param, snapshot, out=change)
+                changes.append(change)
+                offset += param.numel()
+            flags = buffer[offset:offset + len(touched)]
+            flags.copy_(touched)
+            offset += len(touched)
+            blocks.append((changes, flags))
+        dist.all_reduce(buffer)
+        for (group, snapshots, touched, _), (changes, flags) in zip(groups, blocks):
+            _apply_mean(group, snapshots, None, changes, flags)
             touched.zero_()
-        return 4 * changes.numel() * self.env.world_size
+        return 4 * buffer.numel() * self.env.world_size
 
     def _flush_sparse(self, groups: list) -> int:
         parts = []
@@ -294,26 +306,29 @@ class PeriodicRowSync:
         for (group, snapshots, touched, _), (ids, changes) in zip(groups, gathered):
             ones = torch.ones(len(ids), 1, dtype=changes.dtype, device=changes.device)
             ids, summed = _sum_rows(ids, torch.cat([changes, ones], dim=1))
-            _apply_mean(group, snapshots, ids, summed[:, :-1], summed[:, -1])
+            widths = [int(p.shape[1]) for p in group]
+            _apply_mean(group, snapshots, ids, list(summed[:, :-1].split(widths, dim=1)),
+                        summed[:, -1])
             touched.zero_()
         return moved
 
 
 def _apply_mean(group: list[nn.Parameter], snapshots: list[torch.Tensor],
-                ids: torch.Tensor | None, summed: torch.Tensor, ranks: torch.Tensor) -> None:
-    """Rows (all, or ``ids``) = snapshot + summed change / ranks that changed them."""
-    mean = summed / ranks.clamp(min=1).unsqueeze(1)
-    start = 0
-    for param, snapshot in zip(group, snapshots):
-        width = int(param.shape[1])
+                ids: torch.Tensor | None, summed: list[torch.Tensor],
+                ranks: torch.Tensor) -> None:
+    """Rows (all, or ``ids``) = snapshot + summed change / ranks that changed them.
+
+    ``summed`` holds each table's summed change rows; ``ranks`` counts the ranks per row.
+    """
+    divisor = ranks.clamp(min=1).unsqueeze(1)
+    for param, snapshot, change in zip(group, snapshots, summed):
         if ids is None:
-            snapshot.add_(mean[:, start:start + width])
+            snapshot.addcdiv_(change, divisor)
             param.copy_(snapshot)
         else:
-            rows = snapshot[ids] + mean[:, start:start + width]
+            rows = torch.addcdiv(snapshot[ids], change, divisor)
             param[ids] = rows
             snapshot[ids] = rows
-        start += width
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.
