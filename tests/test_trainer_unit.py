@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import shutil
+import threading
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from trainer.data import (
     TrainBatches,
     eval_batches,
     localise_users,
+    prefetched,
     read_piece,
     steps_per_epoch,
     train_loader,
@@ -351,6 +353,39 @@ def test_two_loader_workers_yield_the_same_multiset(tmp_path: Path, sizes, batch
     assert all(len(b[0]) == batch for b in workers)
     assert Counter(row_ids(inline)) == Counter(row_ids(workers))
     assert row_ids(workers) == row_ids(batches(dataset, workers=2))  # deterministic order
+
+
+def test_prefetched_batches_arrive_in_order() -> None:
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+    assert list(prefetched(iter([]), depth=3)) == []
+
+
+def test_an_error_while_prefetching_is_raised_at_its_batch() -> None:
+    def failing():
+        yield from range(3)
+        raise ValueError("row group 7 is short")
+
+    got = []
+    with pytest.raises(ValueError, match="row group 7 is short"):
+        for value in prefetched(failing(), depth=2):
+            got.append(value)
+    assert got == [0, 1, 2]
+
+
+def test_a_consumer_that_stops_early_stops_the_thread() -> None:
+    def endless():
+        value = 0
+        while True:
+            yield value
+            value += 1
+
+    ahead = prefetched(endless(), depth=2)
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()  # what a for loop left by an exception does to the generator
+    threads = [t for t in threading.enumerate() if t.name == "shardmf-batches"]
+    for thread in threads:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_no_pieces_is_an_error() -> None:

@@ -64,7 +64,7 @@ class TrainConfig:
     sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
     user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
+    loader_workers: int = 0  # DataLoader worker processes per rank (0: a thread cuts ahead)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt
     checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)

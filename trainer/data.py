@@ -7,6 +7,8 @@ around its row groups (rows reshuffled), so uneven shards cannot make one rank w
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -135,10 +137,63 @@ class TrainBatches(IterableDataset):
             visit += 1
 
 
-def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches are already whole tensors: the DataLoader only moves them (batch_size=None)."""
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False)
+def train_loader(dataset: TrainBatches, workers: int,
+                 pin_memory: bool) -> Iterator[Batch]:
+    """Batches are already whole tensors: the DataLoader only moves them (batch_size=None).
+
+    Without worker processes the batches are cut in a thread, a few steps ahead: reading
+    and shuffling a row group then overlaps the steps (they release the GIL inside torch)
+    instead of stalling one rank while the others wait for it at the next collective.
+    """
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=False)
+    return iter(loader) if workers else prefetched(iter(loader), PREFETCH_BATCHES)
+
+
+PREFETCH_BATCHES = 4
+
+
+def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """``batches`` produced by a background thread, at most ``depth`` ahead, in order.
+
+    An error in the thread is raised here, at the batch where it happened; a consumer
+    that stops early (an exception, a closed generator) makes the thread stop too.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item: tuple) -> bool:
+        """Queue ``item`` unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not offer((batch, None)):
+                    return
+            offer((end, None))
+        except BaseException as error:  # noqa: BLE001 (re-raised by the consumer)
+            offer((None, error))
+
+    thread = threading.Thread(target=produce, name="shardmf-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            if batch is end:
+                return
+            yield batch
+    finally:
+        stop.set()
 
 
 def eval_batches(pieces: list[Piece], batch_size: int,
