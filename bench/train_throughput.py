@@ -303,6 +303,7 @@ CONFIGS = {  # name: (kind, ranks, gradients, sync, user rows, sync every N step
     "2-owned-packed": ("trainer", 2, "sparse", "packed", "owned", 1),
     "2-owned-every-8": ("trainer", 2, "sparse", "packed", "owned", 8),
     "2-owned-every-32": ("trainer", 2, "sparse", "packed", "owned", 32),
+    "2-owned-every-48": ("trainer", 2, "sparse", "packed", "owned", 48),
     "1-dense": ("trainer", 1, "dense", "-", "replicated", 1),
     "2-dense-ddp": ("trainer", 2, "dense", "ddp", "replicated", 1),
 }
