@@ -53,7 +53,8 @@ def run(shards: str, out: Path, nproc: int, batch: int, extra: list[str], args) 
     command = [*SHARDMF, "train", shards, "--out", str(out), "--nproc", str(nproc),
                "--batch-size", str(batch), "--dim", str(args.dim),
                "--lr", str(args.lr), "--epochs", str(args.epochs), "--patience",
-               str(args.patience), "--threads", "1", "--clusters", "0", *extra]
+               str(args.patience), "--threads", "1", "--prefetch", str(args.prefetch),
+               "--clusters", "0", *extra]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, default=4,
+                        help="batches each rank's thread cuts ahead (0: one thread per rank)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated names from: " + ", ".join(CONFIGS))
     args = parser.parse_args()
@@ -119,7 +122,7 @@ def main() -> None:
             "wall_s": result["wall_s"],
         })
     facts = {"shards": args.shards, "dim": args.dim, "lr": args.lr, "epochs": args.epochs,
-             "patience": args.patience,
+             "patience": args.patience, "prefetch": args.prefetch,
              "num_users": base["metrics"]["num_users"], "num_items": base["metrics"]["num_items"],
              "train_ratings": base["metrics"]["train_ratings"], "cpus": os.cpu_count(),
              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -102,7 +102,8 @@ def random_batches(num_users: int, num_items: int, rank_batch: int, seed: int):
 
 def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
                    gradients: str, sync: str, tables: tuple[int, int] | None,
-                   users: str = "replicated", every: int = 1) -> dict | None:
+                   users: str = "replicated", every: int = 1,
+                   prefetch: int = 4) -> dict | None:
     """One rank of a trainer measurement (run under torchrun for 2 ranks).
 
     ``tables``: (users, items) of a random-batch run without shards (no "loop" figure).
@@ -151,7 +152,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         torch.manual_seed(0)
         model_config = ModelConfig(dim=dim)
         train_config = TrainConfig(batch_size=rank_batch * env.world_size, seed=0,
-                                   gradients=gradients, threads=1)
+                                   gradients=gradients, threads=1, prefetch=prefetch)
         model = BiasedMF(num_users, num_items, mean, model_config,
                          sparse=gradients == "sparse")
         packed = sync == "packed" and env.backend is not None
@@ -178,7 +179,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
             if tables is None:
                 data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank,
                                     local_rows=local_rows)
-                loader = iter(train_loader(data, 0, False))
+                loader = train_loader(data, 0, False, prefetch)
             else:
                 loader = random_batches(num_users, num_items, rank_batch,
                                         1000 * epoch + env.rank)
@@ -252,14 +253,15 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
 
 def run_config(args, ranks: int, gradients: str, sync: str = "ddp",
                tables: tuple[int, int] | None = None, users: str = "replicated",
-               every: int = 1) -> dict:
-    out = Path(args.work) / f"result-{ranks}-{gradients}-{sync}-{users}-{every}.json"
+               every: int = 1, prefetch: int = 4) -> dict:
+    out = (Path(args.work)
+           / f"result-{ranks}-{gradients}-{sync}-{users}-{every}-{prefetch}.json")
     out.unlink(missing_ok=True)
     shards = args.user_shards if users == "owned" else args.shards
     worker = [str(Path(__file__).resolve()), shards, "--worker", "--gradients", gradients,
               "--sync", sync, "--dim", str(args.dim), "--rank-batch", str(args.rank_batch),
               "--steps", str(args.steps), "--result", str(out), "--users", users,
-              "--every", str(every)]
+              "--every", str(every), "--prefetch", str(prefetch)]
     if tables is not None:
         worker += ["--tables", str(tables[0]), str(tables[1])]
     if ranks == 1:
@@ -294,18 +296,22 @@ def run_kernel(args, num_users: int, num_items: int, copies: int = 1) -> dict:
             "step_ms": statistics.median(r["step_ms"] for r in results)}
 
 
-CONFIGS = {  # name: (kind, ranks, gradients, sync, user rows, sync every N steps)
-    "kernel": ("kernel", 1, "-", "-", "-", 1),
-    "2-kernels": ("kernel", 2, "-", "-", "-", 1),  # two at once, no communication
-    "1-sparse": ("trainer", 1, "sparse", "-", "replicated", 1),
-    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp", "replicated", 1),
-    "2-sparse-packed": ("trainer", 2, "sparse", "packed", "replicated", 1),
-    "2-owned-packed": ("trainer", 2, "sparse", "packed", "owned", 1),
-    "2-owned-every-8": ("trainer", 2, "sparse", "packed", "owned", 8),
-    "2-owned-every-32": ("trainer", 2, "sparse", "packed", "owned", 32),
-    "2-owned-every-48": ("trainer", 2, "sparse", "packed", "owned", 48),
-    "1-dense": ("trainer", 1, "dense", "-", "replicated", 1),
-    "2-dense-ddp": ("trainer", 2, "dense", "ddp", "replicated", 1),
+CONFIGS = {  # name: (kind, ranks, gradients, sync, user rows, sync every N, batches prefetched)
+    "kernel": ("kernel", 1, "-", "-", "-", 1, 0),
+    "2-kernels": ("kernel", 2, "-", "-", "-", 1, 0),  # two at once, no communication
+    "1-sparse": ("trainer", 1, "sparse", "-", "replicated", 1, 4),
+    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp", "replicated", 1, 4),
+    "2-sparse-packed": ("trainer", 2, "sparse", "packed", "replicated", 1, 4),
+    "2-owned-packed": ("trainer", 2, "sparse", "packed", "owned", 1, 4),
+    "2-owned-every-8": ("trainer", 2, "sparse", "packed", "owned", 8, 4),
+    "2-owned-every-32": ("trainer", 2, "sparse", "packed", "owned", 32, 4),
+    "2-owned-every-48": ("trainer", 2, "sparse", "packed", "owned", 48, 4),
+    "1-dense": ("trainer", 1, "dense", "-", "replicated", 1, 4),
+    "2-dense-ddp": ("trainer", 2, "dense", "ddp", "replicated", 1, 4),
+    # --prefetch 0: batches cut in the loop, one thread per rank (the issue's "1 thread")
+    "1-sparse-inline": ("trainer", 1, "sparse", "-", "replicated", 1, 0),
+    "2-owned-every-32-inline": ("trainer", 2, "sparse", "packed", "owned", 32, 0),
+    "2-owned-every-48-inline": ("trainer", 2, "sparse", "packed", "owned", 48, 0),
 }
 
 
@@ -330,12 +336,14 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--users", default="replicated", help=argparse.SUPPRESS)
     parser.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--prefetch", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.user_shards = args.user_shards or args.shards
     tables = tuple(args.tables) if args.tables else None
     if args.worker:
         result = trainer_worker(args.shards, args.dim, args.rank_batch, args.steps,
-                                args.gradients, args.sync, tables, args.users, args.every)
+                                args.gradients, args.sync, tables, args.users, args.every,
+                                args.prefetch)
         if result is not None:
             Path(args.result).write_text(json.dumps(result))
         return
@@ -356,20 +364,20 @@ def main() -> None:
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            kind, ranks, gradients, sync, users, every = config
+            kind, ranks, gradients, sync, users, every, prefetch = config
             result = (run_kernel(args, facts["num_users"], facts["num_items"], ranks)
                       if kind == "kernel" else run_config(args, ranks, gradients, sync, tables,
-                                                          users, every))
+                                                          users, every, prefetch))
             runs[config].append(result)
             print(f"repeat {repeat + 1}: {kind} {ranks} rank(s) {gradients} {sync} {users} "
-                  f"every {every}: "
+                  f"every {every} prefetch {prefetch}: "
                   f"{json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
     summary = []
     for config, results in runs.items():
         median = {k: statistics.median(r[k] for r in results) for k in results[0]}
         summary.append({"kind": config[0], "ranks": config[1], "gradients": config[2],
                         "sync": config[3], "users": config[4], "every": config[5],
-                        "median": median, "runs": results})
+                        "prefetch": config[6], "median": median, "runs": results})
     name = "summary.json" if tables is None else f"summary-{tables[0]}x{tables[1]}.json"
     out = Path(args.work) / name
     out.write_text(json.dumps({"facts": facts, "results": summary}, indent=2))

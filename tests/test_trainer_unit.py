@@ -89,8 +89,9 @@ def write_pieces(path: Path, sizes: list[int]) -> list[Piece]:
     return [Piece(path, index, size) for index, size in enumerate(sizes)]
 
 
-def batches(dataset: TrainBatches, workers: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    return list(train_loader(dataset, workers, pin_memory=False))
+def batches(dataset: TrainBatches, workers: int = 0,
+            prefetch: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    return list(train_loader(dataset, workers, pin_memory=False, prefetch=prefetch))
 
 
 def row_ids(batch_list) -> list[int]:
@@ -355,9 +356,15 @@ def test_two_loader_workers_yield_the_same_multiset(tmp_path: Path, sizes, batch
     assert row_ids(workers) == row_ids(batches(dataset, workers=2))  # deterministic order
 
 
-def test_prefetched_batches_arrive_in_order() -> None:
+def test_prefetched_batches_arrive_in_order(tmp_path: Path) -> None:
     assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
     assert list(prefetched(iter([]), depth=3)) == []
+    pieces = write_pieces(tmp_path / "p.parquet", [130, 70, 45, 200])
+    dataset = TrainBatches(pieces, 64, 7, seed=1, epoch=2, rank=0)
+    inline, ahead = batches(dataset), batches(dataset, prefetch=4)
+    assert len(inline) == len(ahead) == 7
+    for one, other in zip(inline, ahead):
+        assert all(torch.equal(a, b) for a, b in zip(one, other))
 
 
 def test_an_error_while_prefetching_is_raised_at_its_batch() -> None:

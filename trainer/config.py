@@ -64,7 +64,8 @@ class TrainConfig:
     sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
     user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: a thread cuts ahead)
+    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
+    prefetch: int = 4  # batches a thread cuts ahead of the steps (0: cut in the loop itself)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt
     checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
@@ -86,6 +87,7 @@ class TrainConfig:
                self.user_embeddings, " | ".join(USER_EMBEDDINGS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
+        _check(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0")
         _check(self.verify in ("quick", "full", "none"), "verify", self.verify,
                "quick | full | none")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")

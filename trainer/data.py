@@ -137,20 +137,19 @@ class TrainBatches(IterableDataset):
             visit += 1
 
 
-def train_loader(dataset: TrainBatches, workers: int,
-                 pin_memory: bool) -> Iterator[Batch]:
+def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
+                 prefetch: int) -> Iterator[Batch]:
     """Batches are already whole tensors: the DataLoader only moves them (batch_size=None).
 
-    Without worker processes the batches are cut in a thread, a few steps ahead: reading
-    and shuffling a row group then overlaps the steps (they release the GIL inside torch)
-    instead of stalling one rank while the others wait for it at the next collective.
+    Without worker processes, ``prefetch`` > 0 cuts that many batches ahead in a thread:
+    reading and shuffling a row group then runs beside the steps (torch releases the GIL
+    inside its ops) on a core the rank would leave idle, instead of between them.
     """
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=False)
-    return iter(loader) if workers else prefetched(iter(loader), PREFETCH_BATCHES)
-
-
-PREFETCH_BATCHES = 4
+    if workers or not prefetch:
+        return iter(loader)
+    return prefetched(iter(loader), prefetch)
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:

@@ -263,7 +263,8 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
     dataset = TrainBatches(pieces, rank_batch, steps, config.seed, epoch, env.rank,
                            start_step=first, local_rows=local_rows)
-    loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda")
+    loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda",
+                          config.prefetch)
     # DDP averages gradients over ranks; scaling each rank's sum by W makes the update the
     # gradient of the sum over the global batch, so the learning rate is per rating. The
     # packed sync sums over ranks already: the same update, unscaled.
