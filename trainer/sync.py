@@ -276,8 +276,9 @@ class PeriodicRowSync:
         Each block is written in place into one flat buffer (no per-table temporaries to
         concatenate): on 2 cores this flush was a sixth of the time between exchanges.
         """
-        sizes = [sum(p.numel() for p in group) + group[0].shape[0] for group, *_ in groups]
-        buffer = torch.empty(sum(sizes), dtype=torch.float32, device=groups[0][0][0].device)
+        total = sum(sum(p.numel() for p in group) + len(touched)
+                    for group, _, touched, _ in groups)
+        buffer = torch.empty(total, dtype=torch.float32, device=groups[0][2].device)
         blocks, offset = [], 0
         for group, snapshots, touched, _ in groups:
             changes = []
