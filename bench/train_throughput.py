@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,22 +297,37 @@ def run_kernel(args, num_users: int, num_items: int, copies: int = 1) -> dict:
             "step_ms": statistics.median(r["step_ms"] for r in results)}
 
 
-CONFIGS = {  # name: (kind, ranks, gradients, sync, user rows, sync every N, batches prefetched)
-    "kernel": ("kernel", 1, "-", "-", "-", 1, 0),
-    "2-kernels": ("kernel", 2, "-", "-", "-", 1, 0),  # two at once, no communication
-    "1-sparse": ("trainer", 1, "sparse", "-", "replicated", 1, 4),
-    "2-sparse-ddp": ("trainer", 2, "sparse", "ddp", "replicated", 1, 4),
-    "2-sparse-packed": ("trainer", 2, "sparse", "packed", "replicated", 1, 4),
-    "2-owned-packed": ("trainer", 2, "sparse", "packed", "owned", 1, 4),
-    "2-owned-every-8": ("trainer", 2, "sparse", "packed", "owned", 8, 4),
-    "2-owned-every-32": ("trainer", 2, "sparse", "packed", "owned", 32, 4),
-    "2-owned-every-48": ("trainer", 2, "sparse", "packed", "owned", 48, 4),
-    "1-dense": ("trainer", 1, "dense", "-", "replicated", 1, 4),
-    "2-dense-ddp": ("trainer", 2, "dense", "ddp", "replicated", 1, 4),
+class Config(NamedTuple):
+    """One measured configuration; the summary records these fields beside its medians."""
+
+    kind: str  # kernel | trainer
+    ranks: int
+    gradients: str = "sparse"
+    sync: str = "-"  # ddp | packed ("-": one rank)
+    users: str = "replicated"  # replicated | owned
+    every: int = 1  # sync every N steps
+    prefetch: int = 4  # batches cut ahead in a thread (0: in the loop, one thread per rank)
+
+
+KERNEL = {"gradients": "-", "users": "-", "prefetch": 0}
+CONFIGS = {
+    "kernel": Config("kernel", 1, **KERNEL),
+    "2-kernels": Config("kernel", 2, **KERNEL),  # two at once, no communication
+    "1-sparse": Config("trainer", 1),
+    "2-sparse-ddp": Config("trainer", 2, sync="ddp"),
+    "2-sparse-packed": Config("trainer", 2, sync="packed"),
+    "2-owned-packed": Config("trainer", 2, sync="packed", users="owned"),
+    "2-owned-every-8": Config("trainer", 2, sync="packed", users="owned", every=8),
+    "2-owned-every-32": Config("trainer", 2, sync="packed", users="owned", every=32),
+    "2-owned-every-48": Config("trainer", 2, sync="packed", users="owned", every=48),
+    "1-dense": Config("trainer", 1, gradients="dense"),
+    "2-dense-ddp": Config("trainer", 2, gradients="dense", sync="ddp"),
     # --prefetch 0: batches cut in the loop, one thread per rank (the issue's "1 thread")
-    "1-sparse-inline": ("trainer", 1, "sparse", "-", "replicated", 1, 0),
-    "2-owned-every-32-inline": ("trainer", 2, "sparse", "packed", "owned", 32, 0),
-    "2-owned-every-48-inline": ("trainer", 2, "sparse", "packed", "owned", 48, 0),
+    "1-sparse-inline": Config("trainer", 1, prefetch=0),
+    "2-owned-every-32-inline": Config("trainer", 2, sync="packed", users="owned", every=32,
+                                      prefetch=0),
+    "2-owned-every-48-inline": Config("trainer", 2, sync="packed", users="owned", every=48,
+                                      prefetch=0),
 }
 
 
@@ -361,7 +377,7 @@ def main() -> None:
                  repeats=args.repeats, data="random uniform" if tables else args.shards)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     configs = [CONFIGS[name] for name in args.configs.split(",")]
-    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    runs: dict[Config, list[dict]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
             kind, ranks, gradients, sync, users, every, prefetch = config
@@ -375,9 +391,7 @@ def main() -> None:
     summary = []
     for config, results in runs.items():
         median = {k: statistics.median(r[k] for r in results) for k in results[0]}
-        summary.append({"kind": config[0], "ranks": config[1], "gradients": config[2],
-                        "sync": config[3], "users": config[4], "every": config[5],
-                        "prefetch": config[6], "median": median, "runs": results})
+        summary.append({**config._asdict(), "median": median, "runs": results})
     name = "summary.json" if tables is None else f"summary-{tables[0]}x{tables[1]}.json"
     out = Path(args.work) / name
     out.write_text(json.dumps({"facts": facts, "results": summary}, indent=2))
