@@ -279,34 +279,35 @@ def _export_split(values: dict) -> int:
 
 
 def _train(values: dict) -> int:
-    from trainer.clustering import ClusterConfig
-    from trainer.options import TRAIN_CONFIGS
+    from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(values, (*TRAIN_CONFIGS, ClusterConfig))
+    values = apply_config_file(values, RUN_CONFIGS)
     return launch_training(values["shards_dir"], values["out"], values,
                            TorchrunOptions.from_values(values))
 
 
 def _cluster(values: dict) -> int:
     from trainer import cluster_run
-    from trainer.main import cluster_config
+    from trainer.config import post_step_config
 
     run_dir = Path(values["run_dir"])
     if "seed" not in values:
         config_path = run_dir / "config.json"
         if config_path.is_file():
             values["seed"] = json.loads(config_path.read_text())["train"]["seed"]
-    cluster_run(run_dir, cluster_config(values))
+    config = post_step_config(values)
+    if config is None:
+        raise ValueError("--clusters 0 skips clustering; give --clusters K (2 or more) or "
+                         "auto to cluster a finished run")
+    cluster_run(run_dir, config)
     return 0
 
 
 def _run(values: dict) -> int:
     from data_shards import PrepareConfig, SourceOptions
-    from trainer.clustering import ClusterConfig
-    from trainer.options import TRAIN_CONFIGS
+    from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(
-        values, (PrepareConfig, SourceOptions, *TRAIN_CONFIGS, ClusterConfig))
+    values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS))
     out = Path(values["out"])
     shards = out / "shards"
     if not values.get("resume"):

@@ -52,13 +52,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 def launch_training(shards_dir: str, run_dir: str, values: dict,
                     options: TorchrunOptions) -> int:
     """Check, then train on all ranks; returns the exit status (2 for a user error)."""
-    from trainer.clustering import ClusterConfig
-    from trainer.main import cluster_config
+    from trainer.config import RUN_CONFIGS, post_step_config
     from trainer.shards import open_shards
 
     configs = [config_from_values(cls, values) for cls in TRAIN_CONFIGS]
-    if values.get("clusters") != 0:
-        cluster_config(values)
+    post_step_config(values)  # a bad clustering flag fails here, not after training
     train_config = configs[-1]
     shards = open_shards(shards_dir, train_config.verify)
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
@@ -67,7 +65,7 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
                          "use fewer processes")
     if train_config.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         raise InputError(f"--resume: {run_dir}/checkpoint.pt not found; start without --resume")
-    names = {f.name for cls in (*TRAIN_CONFIGS, ClusterConfig) for f in dataclasses.fields(cls)}
+    names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
     trainer_args = [shards_dir, "--out", run_dir, *_as_flags(values, names)]
     if options.nproc == 1 and options.nnodes == 1:
         from trainer.main import main as train_main

@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer import clustering
-from trainer.clustering import ClusterConfig, ClusterResult, cluster_items, write_cluster_outputs
+from trainer.clustering import ClusterResult, cluster_items
+from trainer.config import ClusterConfig
 from trainer.options import add_config_arguments
+from trainer.post_step import write_cluster_outputs
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Western"]
 OUTPUTS = {

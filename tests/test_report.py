@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.clustering import ClusterConfig, cluster_items, write_cluster_outputs
-from trainer.report import read_epochs
+from trainer.clustering import cluster_items
+from trainer.config import ClusterConfig
+from trainer.post_step import write_cluster_outputs
+from trainer.run_files import read_epochs
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western"]
 METRICS = {

@@ -22,8 +22,7 @@ import torch
 
 from launch.torchrun import TorchrunOptions
 from trainer.baseline import bias_baseline_rmse
-from trainer.clustering import ClusterConfig
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import ClusterConfig, ModelConfig, OptimConfig, TrainConfig
 from trainer.data import (
     TrainBatches,
     eval_batches,

@@ -1,41 +1,24 @@
-"""Rank-0 post-step: cluster the learned item embeddings and score the clusters against genre.
+"""Cluster the learned item embeddings and score the clusters against genre: pure computation.
 
 Matrix factorisation learns item embeddings from ratings alone; if items of
 one genre land in one cluster, the factors captured genre without ever seeing
 it. Every genre score is quoted beside a shuffled-label baseline so that
 "NMI 0.12" can be read as "far above chance" or "chance".
 
-`cluster_items` is pure computation (K-Means or MiniBatchKMeans from
-scikit-learn, k given or chosen by silhouette); `write_cluster_outputs` is the
-one entry point that writes, each file atomically, into the run directory:
-
-- ``item_clusters.parquet``: one row per clustered item (original_item_id,
-  item_id, title, genres, cluster int32, distance float32).
-- ``clusters.json``: k (and how it was chosen), counts, scores with baselines,
-  genre base rates, per-cluster summaries.
-- ``clusters_pca.png``, ``training_curves.png`` (when the run has
-  ``metrics.jsonl``), ``silhouette_by_k.png`` (with ``--clusters auto``).
-- ``report.html`` (self-contained) and ``report.md``, rendered by
-  `trainer.report` and written last: their presence means the other files are
-  complete and belong to the same clustering.
+`cluster_items` takes embeddings and the item table and returns a `ClusterResult`
+(K-Means or MiniBatchKMeans from scikit-learn, k given or chosen by silhouette); it
+reads and writes no file. `trainer.post_step` turns the result into the run folder's
+cluster files and reports.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
-import os
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import (
@@ -45,9 +28,10 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
+from trainer.config import ClusterConfig
+
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("auto", "kmeans", "minibatch")
 # Above this many kept items, algorithm "auto" switches to MiniBatchKMeans: full
 # K-Means passes over every item per iteration and per restart.
 MINIBATCH_ABOVE = 100_000
@@ -69,67 +53,6 @@ SCORE_NAMES = {
     "purity": "Purity (primary genre)",
     "multilabel_purity": "Multi-label purity (any genre)",
 }
-
-PARQUET_NAME = "item_clusters.parquet"
-JSON_NAME = "clusters.json"
-PNG_NAME = "clusters_pca.png"
-CURVES_NAME = "training_curves.png"
-K_SELECTION_NAME = "silhouette_by_k.png"
-HTML_NAME = "report.html"
-REPORT_NAME = "report.md"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClusterConfig:
-    """How item embeddings are clustered and scored; validated on construction."""
-
-    clusters: int | str = "auto"  # k (2 or more), or auto: best silhouette over k-min..k-max
-    k_min: int = 4  # smallest k tried by --clusters auto
-    k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
-    algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)
-    normalize: bool = False  # L2-normalise embeddings before clustering (cosine geometry)
-    min_item_ratings: int = 20  # items with fewer training ratings are left out (prior-dominated)
-    top_items: int = 10  # items listed per cluster, most training ratings first
-    seed: int = 0  # random_state for K-Means, PCA, silhouette sampling and the shuffles
-    baseline_shuffles: int = 20  # genre-label shuffles for the chance baseline
-
-    def __post_init__(self) -> None:
-        # Same wording as the other configs: each field is also a CLI flag.
-        clusters = self.clusters
-        if clusters != "auto":
-            if isinstance(clusters, bool) or not isinstance(clusters, int):
-                raise ValueError(
-                    f"--clusters {clusters!r}: expected an integer of at least 2, or 'auto'"
-                )
-            if clusters < 2:
-                raise ValueError(
-                    f"--clusters {clusters!r}: expected at least 2, or 'auto' (0, which skips "
-                    "clustering, is handled by the training command, not here)"
-                )
-        minimums = {
-            "k_min": 2,
-            "k_max": 2,
-            "min_item_ratings": 0,
-            "top_items": 1,
-            "seed": 0,
-            "baseline_shuffles": 1,
-        }
-        for name, minimum in minimums.items():
-            value = getattr(self, name)
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{flag} {value!r}: expected an integer")
-            if value < minimum:
-                raise ValueError(f"{flag} {value!r}: expected at least {minimum}")
-        if self.k_max < self.k_min:
-            raise ValueError(f"--k-max {self.k_max!r}: expected at least --k-min ({self.k_min})")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"--algorithm {self.algorithm!r}: expected kmeans | minibatch | auto")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"--normalize {self.normalize!r}: expected true or false")
-        if self.seed >= 2**32:
-            # scikit-learn's random_state accepts 0..2**32-1 only.
-            raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,55 +195,6 @@ def cluster_items(
         _score_line(scores),
     )
     return result
-
-
-def write_cluster_outputs(
-    result: ClusterResult, run_dir: Path, metrics: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write the parquet, JSON, figures and reports into `run_dir`, each atomically.
-
-    The reports of an earlier clustering are removed first and the new ones written
-    last, so that a report in the folder always describes the files beside it.
-
-    Args:
-        result: from `cluster_items`.
-        run_dir: the run directory (created if missing); its metrics.json (when `metrics`
-            is None), metrics.jsonl and config.json are read for the reports if present.
-        metrics: the run's final figures (test_rmse, epochs, ...) to quote in the reports.
-
-    Returns:
-        The dict written to clusters.json.
-    """
-    # Imported here: matplotlib is needed only by rank 0, and only at this point.
-    from trainer import report
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary = _clusters_json(result)
-    # Everything is rendered before anything is written: a rendering error leaves
-    # the folder as it was.
-    rendered = report.render_all(result, summary, run_dir, metrics)
-
-    for name in (REPORT_NAME, HTML_NAME):
-        (run_dir / name).unlink(missing_ok=True)
-    _write_atomic(run_dir / PARQUET_NAME, _parquet_bytes(result))
-    _write_atomic(
-        run_dir / JSON_NAME,
-        (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"),
-    )
-    for name, data in rendered.figures.items():
-        _write_atomic(run_dir / name, data)
-    for name in (CURVES_NAME, K_SELECTION_NAME):
-        if name not in rendered.figures:  # stale from an earlier clustering of this run
-            (run_dir / name).unlink(missing_ok=True)
-    _write_atomic(run_dir / HTML_NAME, rendered.html.encode("utf-8"))
-    _write_atomic(run_dir / REPORT_NAME, rendered.markdown.encode("utf-8"))
-    logger.info(
-        "wrote %s to %s",
-        ", ".join([PARQUET_NAME, JSON_NAME, *rendered.figures, HTML_NAME, REPORT_NAME]),
-        run_dir,
-    )
-    return summary
 
 
 # --- inputs -----------------------------------------------------------------
@@ -633,70 +507,6 @@ def _genre_mix(
     ]
 
 
-# --- outputs ----------------------------------------------------------------
-
-
-def _clusters_json(result: ClusterResult) -> dict[str, Any]:
-    """The clusters.json document: plain Python types, no NaN."""
-    config = result.config
-    return {
-        "k": result.k,
-        "k_requested": config.clusters,
-        "k_selection": _finite_floats(result.k_selection),
-        "algorithm": result.algorithm,
-        "normalize": config.normalize,
-        "items_clustered": len(result.items),
-        "items_left_out": result.items_left_out,
-        "min_item_ratings": config.min_item_ratings,
-        "seed": config.seed,
-        "genres_known": result.genres_known,
-        "items_without_genres": result.items_without_genres,
-        "baseline_shuffles": config.baseline_shuffles,
-        "scores": _finite_floats(result.scores),
-        "genre_base_rates": _finite_floats(result.genre_base_rates),
-        "clusters": _finite_floats(result.clusters),
-    }
-
-
-def _parquet_bytes(result: ClusterResult) -> bytes:
-    """item_clusters.parquet with explicit types (original ids stay int64 or become string)."""
-    items = result.items
-    original = items["original_item_id"]
-    if pd.api.types.is_integer_dtype(original.infer_objects()):
-        original_array = pa.array(original.to_numpy(dtype=np.int64), type=pa.int64())
-    else:
-        original_array = pa.array([str(v) for v in original], type=pa.string())
-    table = pa.table(
-        {
-            "original_item_id": original_array,
-            "item_id": pa.array(items["item_id"].to_numpy(dtype=np.int32), type=pa.int32()),
-            "title": pa.array(items["title"], type=pa.string(), from_pandas=True),
-            "genres": pa.array(items["genres"], type=pa.string(), from_pandas=True),
-            "cluster": pa.array(result.labels, type=pa.int32()),
-            "distance": pa.array(result.distances, type=pa.float32()),
-        }
-    )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same directory, then rename over `path`."""
-    # A unique name rather than tempfile.mkstemp, whose 0600 mode would make
-    # the report unreadable to others; open(..., "xb") honours the umask.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 # --- helpers ----------------------------------------------------------------
 
 
@@ -711,17 +521,6 @@ def display_title(items: pd.DataFrame, row: int) -> str:
 def _json_scalar(value: Any) -> Any:
     """numpy scalars to Python ones, so json can write original ids."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _finite_floats(value: Any) -> Any:
-    """Deep copy with non-finite floats as None: clusters.json must be strict JSON."""
-    if isinstance(value, dict):
-        return {key: _finite_floats(v) for key, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_floats(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _score_line(scores: dict[str, Any]) -> str:

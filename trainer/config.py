@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -10,6 +11,11 @@ BACKENDS = ("auto", "gloo", "nccl")
 GRADIENTS = ("auto", "sparse", "dense")
 SYNCS = ("auto", "ddp", "packed")
 USER_EMBEDDINGS = ("auto", "owned", "replicated")
+VERIFY_MODES = ("quick", "full", "none")
+CLUSTER_ALGORITHMS = ("kmeans", "minibatch", "auto")
+# Items rated less in training have factors that are mostly the prior: clustering,
+# recommendations and similar items leave them out by default.
+MIN_ITEM_RATINGS = 20
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -88,7 +94,81 @@ class TrainConfig:
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0")
-        _check(self.verify in ("quick", "full", "none"), "verify", self.verify,
-               "quick | full | none")
+        _check(self.verify in VERIFY_MODES, "verify", self.verify, " | ".join(VERIFY_MODES))
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """How item embeddings are clustered and scored; validated on construction."""
+
+    clusters: int | str = "auto"  # k (2 or more), or auto: best silhouette over k-min..k-max
+    k_min: int = 4  # smallest k tried by --clusters auto
+    k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
+    algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)
+    normalize: bool = False  # L2-normalise embeddings before clustering (cosine geometry)
+    min_item_ratings: int = MIN_ITEM_RATINGS  # items with fewer training ratings are left out
+    top_items: int = 10  # items listed per cluster, most training ratings first
+    seed: int = 0  # random_state for K-Means, PCA, silhouette sampling and the shuffles
+    baseline_shuffles: int = 20  # genre-label shuffles for the chance baseline
+
+    def __post_init__(self) -> None:
+        # Same wording as the other configs: each field is also a CLI flag.
+        clusters = self.clusters
+        if clusters != "auto":
+            if isinstance(clusters, bool) or not isinstance(clusters, int):
+                raise ValueError(
+                    f"--clusters {clusters!r}: expected an integer of at least 2, or 'auto'"
+                )
+            if clusters < 2:
+                raise ValueError(
+                    f"--clusters {clusters!r}: expected at least 2, or 'auto' (0, which skips "
+                    "clustering, means no ClusterConfig: see post_step_config)"
+                )
+        minimums = {
+            "k_min": 2,
+            "k_max": 2,
+            "min_item_ratings": 0,
+            "top_items": 1,
+            "seed": 0,
+            "baseline_shuffles": 1,
+        }
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{flag} {value!r}: expected an integer")
+            if value < minimum:
+                raise ValueError(f"{flag} {value!r}: expected at least {minimum}")
+        if self.k_max < self.k_min:
+            raise ValueError(f"--k-max {self.k_max!r}: expected at least --k-min ({self.k_min})")
+        if self.algorithm not in CLUSTER_ALGORITHMS:
+            raise ValueError(f"--algorithm {self.algorithm!r}: expected "
+                             f"{' | '.join(CLUSTER_ALGORITHMS)}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"--normalize {self.normalize!r}: expected true or false")
+        if self.seed >= 2**32:
+            # scikit-learn's random_state accepts 0..2**32-1 only.
+            raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
+
+
+# Every config of a training run, in the order of config.json's sections and of --help.
+RUN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, ClusterConfig)
+SKIP_CLUSTERS = 0  # --clusters 0: train without the clustering post-step
+
+
+def config_from_values(cls: type, values: dict):
+    """Build a config from the flat flag values that belong to it (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def post_step_config(values: dict) -> ClusterConfig | None:
+    """The clustering post-step's config from flat flag values; None for --clusters 0.
+
+    A flag set without ``seed`` of its own clusters with the run's training seed.
+    """
+    if values.get("clusters", ClusterConfig.clusters) == SKIP_CLUSTERS:
+        return None
+    return config_from_values(ClusterConfig, {"seed": TrainConfig.seed, **values})

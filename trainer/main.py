@@ -18,18 +18,23 @@ import warnings
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.clustering import ClusterConfig
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import (
+    RUN_CONFIGS,
+    ClusterConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    post_step_config,
+)
 from trainer.distributed import init_distributed, keep_freed_memory, teardown
 from trainer.errors import InputError
 from trainer.options import (
-    TRAIN_CONFIGS,
     add_config_arguments,
     add_train_arguments,
     apply_config_file,
     config_from_values,
 )
-from trainer.run import cluster_run
+from trainer.post_step import cluster_run
 from trainer.train import train
 
 log = logging.getLogger("trainer")
@@ -50,17 +55,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                          title="item clusters (--clusters 0 skips them)")
 
 
-def cluster_config(values: dict) -> ClusterConfig:
-    seed = values.get("seed", TrainConfig.seed)
-    return config_from_values(ClusterConfig, {**values, "seed": seed})
-
-
 @record
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rank = int(os.environ.get("RANK", 0))
     try:
-        values = apply_config_file(vars(parser.parse_args(argv)), (*TRAIN_CONFIGS, ClusterConfig))
+        values = apply_config_file(vars(parser.parse_args(argv)), RUN_CONFIGS)
     except InputError as e:
         return _fail(e, rank)
     debug = values.pop("debug", False)
@@ -78,8 +78,7 @@ def _run(values: dict, rank: int) -> int:
         model_config = config_from_values(ModelConfig, values)
         optim_config = config_from_values(OptimConfig, values)
         train_config = config_from_values(TrainConfig, values)
-        clusters = values.get("clusters", ClusterConfig.clusters)
-        post = None if clusters == 0 else cluster_config(values)
+        post = post_step_config(values)
     except ValueError as e:  # a bad flag: the same on every rank
         raise InputError(str(e)) from e
     env = init_distributed(train_config.device, train_config.backend, train_config.timeout_s)

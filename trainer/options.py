@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tomllib
 
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import ModelConfig, OptimConfig, TrainConfig, config_from_values
 from trainer.errors import InputError
 
 
@@ -50,12 +50,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
                                help=text, metavar=_metavar(kind))
-
-
-def config_from_values(cls: type, values: dict):
-    """Build a config from the parsed values that belong to it (others are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def apply_config_file(values: dict, config_classes: tuple[type, ...]) -> dict:
@@ -145,6 +139,7 @@ def _number_pair(text: str) -> tuple[float, float]:
 
 
 TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)
+__all__ = ["config_from_values"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

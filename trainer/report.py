@@ -1,11 +1,10 @@
 """The run report: figures, ``report.md`` and a self-contained ``report.html``.
 
-Rendering only: `render_all` turns a `ClusterResult` and what the run folder
-holds (metrics.json, metrics.jsonl, config.json, each optional) into PNG bytes
-and two documents; `trainer.clustering.write_cluster_outputs` writes them. The
-HTML embeds its CSS and its PNGs (base64 data URIs), so it opens anywhere, with
-no network and no files beside it. Nothing here reads a clock: the same run
-gives the same report.
+Rendering only, no file I/O: `render_all` turns a `ClusterResult` and what the run
+folder says about training (a `trainer.run_files.RunFiles`) into PNG bytes and two
+documents; `trainer.post_step` reads the run and writes what comes back. The HTML
+embeds its CSS and its PNGs (base64 data URIs), so it opens anywhere, with no network
+and no files beside it. Nothing here reads a clock: the same run gives the same report.
 """
 
 from __future__ import annotations
@@ -17,21 +16,23 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trainer.clustering import (
-    CURVES_NAME,
-    HTML_NAME,
-    JSON_NAME,
-    K_SELECTION_NAME,
-    PARQUET_NAME,
-    PNG_NAME,
-    SCORE_NAMES,
-    ClusterResult,
-    display_title,
+from trainer.clustering import SCORE_NAMES, ClusterResult, display_title
+from trainer.run_files import (
+    CLUSTERS,
+    CONFIG,
+    CURVES_FIGURE,
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    ITEM_CLUSTERS,
+    K_SELECTION_FIGURE,
+    PCA_FIGURE,
+    REPORT_HTML,
+    REPORT_MD,
+    RunFiles,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,107 +47,31 @@ _DISTINCTIVE_MIN_LIFT = 1.2
 
 
 @dataclass(frozen=True)
-class RunFiles:
-    """What the run folder says about training; each part absent when its file is."""
-
-    name: str  # the run folder's name
-    metrics: dict[str, Any] | None  # metrics.json: final figures
-    config: dict[str, Any] | None  # config.json: the resolved, nested configuration
-    epochs: list[dict[str, Any]]  # metrics.jsonl: one record per epoch, in epoch order
-
-
-@dataclass(frozen=True)
 class Rendered:
     figures: dict[str, bytes]  # file name -> PNG, in the order to write them
     html: str
     markdown: str
 
 
-def render_all(
-    result: ClusterResult,
-    summary: dict[str, Any],
-    run_dir: Path,
-    metrics: dict[str, Any] | None = None,
-) -> Rendered:
+def render_all(result: ClusterResult, summary: dict[str, Any], run: RunFiles) -> Rendered:
     """All figures and both reports for `result` (with `summary`, its clusters.json).
 
     Args:
         result: from `cluster_items`.
         summary: the clusters.json document of `result`.
-        run_dir: the run folder whose metrics.jsonl and config.json are quoted.
-        metrics: final figures; None reads run_dir/metrics.json when present.
+        run: what the run folder says about training (metrics, config, epochs).
     """
-    run = read_run_files(Path(run_dir), metrics)
-    figures = {PNG_NAME: render_pca(result)}
+    figures = {PCA_FIGURE: render_pca(result)}
     curves = render_training_curves(run.epochs, run.metrics)
     if curves is not None:
-        figures[CURVES_NAME] = curves
+        figures[CURVES_FIGURE] = curves
     if result.k_selection is not None:
-        figures[K_SELECTION_NAME] = render_k_selection(result.k_selection)
+        figures[K_SELECTION_FIGURE] = render_k_selection(result.k_selection)
     return Rendered(
         figures=figures,
         html=render_html(result, summary, run, figures),
         markdown=render_markdown(result, run, list(figures)),
     )
-
-
-# --- the run folder ---------------------------------------------------------
-
-
-def read_run_files(run_dir: Path, metrics: dict[str, Any] | None = None) -> RunFiles:
-    """metrics.json (unless given), config.json and metrics.jsonl; unreadable ones are skipped.
-
-    The report is the last step of a long run: a damaged side file costs its
-    section of the report, with a warning, never the clustering.
-    """
-    if metrics is None:
-        metrics = _read_json(run_dir / "metrics.json")
-    return RunFiles(
-        name=run_dir.resolve().name,
-        metrics=metrics,
-        config=_read_json(run_dir / "config.json"),
-        epochs=read_epochs(run_dir / "metrics.jsonl"),
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        logger.warning("%s: not readable JSON (%s); left out of the report", path, e)
-        return None
-    if not isinstance(value, dict):
-        logger.warning("%s: expected a JSON object; left out of the report", path)
-        return None
-    return value
-
-
-def read_epochs(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records in epoch order; for an epoch logged twice (a resumed run), the last."""
-    if not path.is_file():
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        logger.warning("%s: not readable (%s); no training curves", path, e)
-        return []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s line %d: not JSON; skipped", path, number)
-            continue
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            logger.warning("%s line %d: no integer 'epoch'; skipped", path, number)
-            continue
-        by_epoch[epoch] = record
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 # --- figures ----------------------------------------------------------------
@@ -558,7 +483,7 @@ def _config_value(value: Any) -> str:
 
 def _run_figures_note(run: RunFiles) -> str | None:
     if run.metrics is None and not run.epochs:
-        return "This folder has no metrics.json or metrics.jsonl: no training figures."
+        return f"This folder has no {FINAL_METRICS} or {EPOCH_METRICS}: no training figures."
     return None
 
 
@@ -569,14 +494,14 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
     """report.md: the same content as report.html, figures linked rather than embedded."""
     lines = [f"# What the item embeddings learned: {run.name}", "", _intro(result), ""]
     metrics = _scalar_metrics(run.metrics)
-    if metrics or CURVES_NAME in figure_names:
+    if metrics or CURVES_FIGURE in figure_names:
         lines += ["## Training", ""]
     if metrics:
         lines += ["| figure | value |", "| --- | --- |"]
         lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in metrics]
         lines.append("")
-    if CURVES_NAME in figure_names:
-        lines += [f"![Training loss and validation RMSE per epoch]({CURVES_NAME})", ""]
+    if CURVES_FIGURE in figure_names:
+        lines += [f"![Training loss and validation RMSE per epoch]({CURVES_FIGURE})", ""]
     note = _run_figures_note(run)
     if note:
         lines += [note, ""]
@@ -602,7 +527,7 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
             value = "undefined" if entry["silhouette"] is None else f"{entry['silhouette']:.3f}"
             mark = " (chosen)" if entry["k"] == sel["chosen_k"] else ""
             lines.append(f"| {entry['k']}{mark} | {value} |")
-        lines += ["", f"![Silhouette per k]({K_SELECTION_NAME})", ""]
+        lines += ["", f"![Silhouette per k]({K_SELECTION_FIGURE})", ""]
         edge = _k_edge_note(sel)
         if edge:
             lines += [edge, ""]
@@ -610,7 +535,7 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
     lines += [
         "## Map of the embeddings",
         "",
-        f"![Item embeddings, PCA projection coloured by cluster]({PNG_NAME})",
+        f"![Item embeddings, PCA projection coloured by cluster]({PCA_FIGURE})",
         "",
         "## Clusters",
         "",
@@ -641,15 +566,15 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
     lines.append("")
     config_rows = _flat_config(run.config)
     if config_rows:
-        lines += ["Training run (config.json):", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"Training run ({CONFIG}):", "", "| setting | value |", "| --- | --- |"]
         lines += [
             f"| {_cell(key if section == 'run' else f'{section}.{key}')} | {_cell(value)} |"
             for section, key, value in config_rows
         ]
         lines.append("")
     lines += [
-        f"Per-item assignments: `{PARQUET_NAME}`; all figures: `{JSON_NAME}`; "
-        f"this report with its figures in one file: `{HTML_NAME}`.",
+        f"Per-item assignments: `{ITEM_CLUSTERS}`; all figures: `{CLUSTERS}`; "
+        f"this report with its figures in one file: `{REPORT_HTML}`.",
         "",
     ]
     return "\n".join(lines)
@@ -721,16 +646,16 @@ def render_html(
     ]
 
     metrics = _scalar_metrics(run.metrics)
-    if metrics or CURVES_NAME in figures:
+    if metrics or CURVES_FIGURE in figures:
         parts.append("<section><h2>Training</h2>")
-        if CURVES_NAME in figures:
+        if CURVES_FIGURE in figures:
             parts.append(
-                _html_figure(figures[CURVES_NAME], "Training loss and validation RMSE per epoch")
+                _html_figure(figures[CURVES_FIGURE], "Training loss and validation RMSE per epoch")
             )
         if metrics:
             half = math.ceil(len(metrics) / 2)
             tables = [
-                '<table class="metrics"><tr><th>figure (metrics.json)</th>'
+                f'<table class="metrics"><tr><th>figure ({FINAL_METRICS})</th>'
                 '<th class="num">value</th></tr>'
                 + "".join(
                     f'<tr><td><code>{e(key)}</code></td><td class="num">{e(value)}</td></tr>'
@@ -769,20 +694,20 @@ def render_html(
     parts += [
         "<section><h2>Map of the embeddings</h2>",
         _html_figure(
-            figures[PNG_NAME],
+            figures[PCA_FIGURE],
             "2-D PCA projection of the clustered item embeddings, coloured by cluster; "
             "the most-rated items are circled and named.",
         ),
         "</section>",
     ]
-    if result.k_selection and K_SELECTION_NAME in figures:
+    if result.k_selection and K_SELECTION_FIGURE in figures:
         sel = result.k_selection
         parts += [
             "<section><h2>Choosing k</h2>",
             f"<p>k={sel['chosen_k']} had the highest mean silhouette of "
             f"k={sel['k_min']}..{sel['k_max']}, each fitted on the same seeded sample of "
             f"{sel['sample_size']:,} items.</p>",
-            _html_figure(figures[K_SELECTION_NAME], "Mean silhouette per k"),
+            _html_figure(figures[K_SELECTION_FIGURE], "Mean silhouette per k"),
             f'<p class="muted">{e(_k_edge_note(sel) or "")}</p>',
             "</section>",
         ]
@@ -790,9 +715,9 @@ def render_html(
     parts += [_html_clusters(result), _html_config(result, run.config)]
     parts += [
         "<footer>Files beside this report: "
-        f"<code>{PARQUET_NAME}</code> (cluster of every item), <code>{JSON_NAME}</code> "
+        f"<code>{ITEM_CLUSTERS}</code> (cluster of every item), <code>{CLUSTERS}</code> "
         f"(all figures: {summary['k']} clusters, scores, genre base rates), "
-        f"<code>report.md</code> and the PNGs embedded here.</footer>",
+        f"<code>{REPORT_MD}</code> and the PNGs embedded here.</footer>",
         "</main></body></html>",
         "",
     ]
@@ -895,7 +820,7 @@ def _html_config(result: ClusterResult, config: dict[str, Any] | None) -> str:
         "clustering in this report": _clustering_settings(result)
     }
     for section, key, value in _flat_config(config):
-        name = f"{section} (config.json)"
+        name = f"{section} ({CONFIG})"
         sections.setdefault(name, []).append((key, value))
     tables = [
         f'<div><table><tr><th colspan="2">{e(section)}</th></tr>'
@@ -905,7 +830,7 @@ def _html_config(result: ClusterResult, config: dict[str, Any] | None) -> str:
     ]
     return (
         '<section><h2>Configuration</h2><p class="muted">The clustering settings of this '
-        "report, then the training run's as recorded in config.json (its cluster section "
+        f"report, then the training run's as recorded in {CONFIG} (its cluster section "
         "holds the settings the training command clustered with).</p>"
         f'<div class="grid2">{"".join(tables)}</div></section>'
     )

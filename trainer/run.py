@@ -1,5 +1,5 @@
 """A finished run folder as a thing to use: predictions, recommendations, similar items,
-embeddings keyed by original ids, and the rank-0 clustering post-step.
+and embeddings keyed by original ids; `export_run` writes those embeddings for other tools.
 
     run = load_run("runs/ml100k")
     run.recommend(user=196, n=10)
@@ -9,7 +9,7 @@ embeddings keyed by original ids, and the rank-0 clustering post-step.
 from __future__ import annotations
 
 import difflib
-import json
+import io
 import logging
 from pathlib import Path
 
@@ -18,11 +18,11 @@ import pandas as pd
 import pyarrow.dataset as pads
 import torch
 
-from trainer.clustering import ClusterConfig, cluster_items, write_cluster_outputs
+from trainer.config import MIN_ITEM_RATINGS
 from trainer.errors import InputError
+from trainer.run_files import EXPORT_DIR, ITEMS, MODEL, USERS, export_names, write_atomic
 
 log = logging.getLogger(__name__)
-MIN_ITEM_RATINGS = 20  # items rated less in training have factors that are mostly the prior
 
 
 class TrainedRun:
@@ -30,7 +30,7 @@ class TrainedRun:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        model_path = self.run_dir / "model.pt"
+        model_path = self.run_dir / MODEL
         if not model_path.is_file():
             raise InputError(f"{model_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
@@ -43,8 +43,8 @@ class TrainedRun:
         self.global_mean = float(state["global_mean"])
         self.scale = tuple(payload["scale"])
         self.shards_dir = Path(payload["shards_dir"])
-        self.users = pd.read_parquet(self.run_dir / "users.parquet")
-        self.items = pd.read_parquet(self.run_dir / "items.parquet")
+        self.users = pd.read_parquet(self.run_dir / USERS)
+        self.items = pd.read_parquet(self.run_dir / ITEMS)
         self._user_index = pd.Index(self.users["original_user_id"])
         self._item_index = pd.Index(self.items["original_item_id"])
 
@@ -146,16 +146,42 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     return TrainedRun(run_dir)
 
 
-def cluster_run(run_dir: str | Path, config: ClusterConfig) -> dict:
-    """The rank-0 post-step: K-Means on item embeddings, scores and report in RUN_DIR."""
+EXPORT_FORMATS = ("parquet", "npy")
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None,
+               format: str = "parquet") -> Path:
+    """Write a run's user and item embeddings with their original ids, for other tools.
+
+    ``parquet``: ``{side}_embeddings.parquet`` (original id, f0.., bias) per side;
+    ``npy``: ``{side}_factors.npy`` (float32, one row per id) beside ``{side}_ids.parquet``
+    (original id, bias). ``out`` defaults to RUN_DIR/export; returns the folder.
+    """
+    if format not in EXPORT_FORMATS:
+        raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
-    metrics_path = run.run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    try:
-        result = cluster_items(run.item_factors, run.items, config)
-    except ValueError as e:
-        raise InputError(str(e)) from e
-    return write_cluster_outputs(result, run.run_dir, metrics)
+    folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for side, frame in (("items", run.item_embeddings()), ("users", run.user_embeddings())):
+        id_column = f"original_{side[:-1]}_id"
+        frame = frame.rename_axis(id_column).reset_index()
+        names = export_names(side)
+        if format == "parquet":
+            write_atomic(folder / names["embeddings"], _parquet_bytes(frame))
+        else:
+            factors = frame.filter(regex=r"^f\d+$").to_numpy(dtype="float32")
+            buffer = io.BytesIO()
+            np.save(buffer, factors)
+            write_atomic(folder / names["factors"], buffer.getvalue())
+            write_atomic(folder / names["ids"], _parquet_bytes(frame[[id_column, "bias"]]))
+    log.info("wrote %s embeddings to %s", format, folder)
+    return folder
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    return buffer.getvalue()
 
 
 def _lookup(index: pd.Index, original, kind: str, run_dir: Path) -> int:

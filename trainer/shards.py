@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from trainer.config import VERIFY_MODES
 from trainer.errors import InputError
 
 SUPPORTED_MANIFEST_VERSIONS = (1,)
-VERIFY_MODES = ("quick", "full", "none")
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.config import SYNCS
 from trainer.distributed import DistEnv
 from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SYNC_MODES = ("auto", "ddp", "packed")
 MAX_ROWS = 2**31 - 1  # row indices travel as int32 bit patterns inside the float32 buffer
 # Periodic sync: a table whose rows are at most 1/4 of the ratings a rank trains on between
 # exchanges is exchanged whole (one all-reduce), a larger one by its touched rows.
@@ -55,8 +55,8 @@ def resolve_sync(choice: str, sparse: bool, env: DistEnv, owned_users: bool = Fa
     Owned user rows (trainer/ownership.py) and ``--sync-every N`` need the packed sync:
     DDP would average every parameter, other ranks' users included, every step.
     """
-    if choice not in SYNC_MODES:
-        raise InputError(f"--sync {choice!r}: expected one of {' | '.join(SYNC_MODES)}")
+    if choice not in SYNCS:
+        raise InputError(f"--sync {choice!r}: expected one of {' | '.join(SYNCS)}")
     if choice == "packed" and (not sparse or env.backend == "nccl"):
         raise InputError("--sync packed needs sparse gradients on gloo (--gradients sparse, "
                          "--backend gloo); use --sync ddp for dense gradients")
