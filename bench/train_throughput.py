@@ -16,7 +16,7 @@ noise from other users of the machine hits all of them alike; medians are report
 What one trainer measurement does (rank batch B, the trainer's own components:
 TrainBatches, BiasedMF, wrap_model/DDP, build_optimizer, the same loss):
 
-* ``loop``: ``trainer.train._train_epoch`` itself over ``--steps`` steps (the real loop,
+* ``loop``: ``trainer.train.TrainEpoch`` itself over ``--steps`` steps (the real loop,
   with its progress bar and loss checks), ratings/s over all ranks.
 * a timed loop of the same steps, synchronous timers around each phase: data (next batch
   from the DataLoader), forward (+loss), backward (under DDP this includes the gradient
@@ -113,21 +113,16 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
     """
     import torch
 
+    from trainer.checkpoint import TrainState
     from trainer.config import ModelConfig, OptimConfig, TrainConfig
     from trainer.data import TrainBatches, steps_per_epoch, train_loader
-    from trainer.distributed import (
-        all_reduce,
-        init_distributed,
-        keep_freed_memory,
-        teardown,
-        wrap_model,
-    )
+    from trainer.distributed import all_reduce, init_distributed, keep_freed_memory, teardown
     from trainer.model import BiasedMF
     from trainer.optim import build_optimizer
     from trainer.ownership import user_ownership
     from trainer.shards import open_shards, pieces_for_rank
-    from trainer.sync import PackedSparseSync, PeriodicRowSync
-    from trainer.train import _train_epoch, _TrainState, item_tables, sparse_tables
+    from trainer.steps import build_autograd_step, sparse_tables
+    from trainer.train import TrainEpoch
 
     torch.set_num_threads(1)
     keep_freed_memory()
@@ -157,21 +152,16 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         model = BiasedMF(num_users, num_items, mean, model_config,
                          sparse=gradients == "sparse")
         packed = sync == "packed" and env.backend is not None
-        groups = item_tables(model) if users == "owned" else sparse_tables(model)
-        if packed and every > 1:
-            step_model, grad_sync = model, PeriodicRowSync(groups, env, every, rank_batch)
-        elif packed:
-            step_model, grad_sync = model, PackedSparseSync(groups, env)
-        else:
-            step_model, grad_sync = wrap_model(model, env), None
         optimizer = build_optimizer(model, OptimConfig(optimizer="sgd", lr=0.001))
-        scale = 1.0 if packed else float(env.world_size)
+        step = build_autograd_step(model, optimizer, sync, users == "owned", every,
+                                   rank_batch, env)
+        step_model, grad_sync, scale = step.model, step.grad_sync, step.scale
 
         loop_s = None
         if tables is None:  # 1. The real loop, over the first `steps` batches of epoch 0.
             started = time.perf_counter()
-            _train_epoch(step_model, optimizer, pieces, rank_batch, steps, 0, train_config,
-                         env, _TrainState(), lambda *a: None, grad_sync, local_rows)
+            TrainEpoch(step, pieces, rank_batch, steps, train_config, env, local_rows)(
+                0, TrainState())
             loop_s = all_reduce([time.perf_counter() - started], env, "max")[0]
 
         # 2./3. Timed phases, with and without gradient synchronisation (epoch 1's data).

@@ -23,8 +23,9 @@ from trainer.distributed import DistEnv, TestFault, teardown, wrap_model
 from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
+from trainer.steps import sparse_tables
 from trainer.sync import PackedSparseSync, PeriodicRowSync, resolve_sync
-from trainer.train import sparse_tables, train
+from trainer.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 

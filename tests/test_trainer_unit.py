@@ -820,7 +820,7 @@ def test_keep_freed_memory_sets_glibc_thresholds() -> None:
 
 
 def test_gradients_auto(trainer_shards_dir: Path) -> None:
-    from trainer.train import use_sparse_gradients
+    from trainer.steps import use_sparse_gradients
 
     shards = open_shards(trainer_shards_dir)  # 450 rows in all: small next to 1,024 a step
     two = rank_env(0, 2)

@@ -207,6 +207,13 @@ def all_reduce(values: list[float], env: DistEnv, op: str = "sum") -> list[float
     return tensor.tolist()
 
 
+def gather_floats(value: float, env: DistEnv) -> list[float]:
+    """Each rank's number, by rank, on every rank: a sum of one-hot vectors, so exact."""
+    one_hot = [0.0] * env.world_size
+    one_hot[env.rank] = value
+    return all_reduce(one_hot, env)
+
+
 def all_reduce_tensor(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sum a tensor across ranks in place (used for the once-per-run baseline tables)."""
     if env.backend is None:

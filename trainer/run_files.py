@@ -10,14 +10,15 @@ complete. No other module spells these names.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import secrets
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -74,17 +75,24 @@ def export_names(side: str) -> dict[str, str]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` under a unique temporary name beside ``path``, fsync, then rename.
+    """Write ``data`` to ``path`` atomically (see `replace_atomically`)."""
+    replace_atomically(path, lambda handle: handle.write(data))
 
-    The temporary name is unique per process and call, so two writers never share one;
-    it is removed on any failure. ``open(..., "xb")`` honours the umask, where
-    ``tempfile.mkstemp``'s 0600 mode would make reports unreadable to others.
+
+def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a file under a unique temporary name beside ``path``, fsync, rename.
+
+    The one atomic-write idiom of the run folder. The temporary name is unique per process
+    and call, so two writers never share one; it is removed on any failure. ``write``
+    streams (torch.save, a file copy) without holding the whole file in memory.
+    ``open(..., "xb")`` honours the umask, where ``tempfile.mkstemp``'s 0600 mode would
+    make reports unreadable to others.
     """
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(temp, "xb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -104,10 +112,14 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def save_torch_atomic(payload: Any, path: Path) -> None:
-    """``torch.save`` through `write_atomic` (serialised in memory first)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomic(path, buffer.getvalue())
+    """``torch.save`` of ``payload`` to ``path``, atomically."""
+    replace_atomically(path, lambda handle: torch.save(payload, handle))
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """A copy of ``source`` at ``path``, atomically, streamed."""
+    with open(source, "rb") as reading:
+        replace_atomically(path, lambda handle: shutil.copyfileobj(reading, handle))
 
 
 # --- reading ------------------------------------------------------------------

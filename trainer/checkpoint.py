@@ -1,0 +1,244 @@
+"""Checkpoints and the final model: what they hold, how they are saved, found and resumed.
+
+A checkpoint (``checkpoint.pt``) holds the model, the optimizer, RNG states, the best
+weights so far and a `TrainState` with the exact data position, so a resumed run takes
+the same steps in the same order as one never interrupted. With owned users every rank
+writes its own slice and ``checkpoint.pt`` names the slices. `Checkpointer` is what the
+loop sees: ``start`` (resume or begin afresh) and ``save``. At the end, ``model.pt``
+holds the best-epoch weights with every user, and the run copies the shards' id maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
+from trainer.errors import InputError
+from trainer.model import BiasedMF
+from trainer.ownership import UserOwnership
+from trainer.run_files import (
+    CHECKPOINT,
+    ITEMS,
+    MODEL,
+    USERS,
+    checkpoint_slice,
+    checkpoint_slice_pattern,
+    copy_atomic,
+    model_part,
+    save_torch_atomic,
+)
+from trainer.shards import ShardSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore to continue exactly where it was written."""
+
+    epoch: int = 0  # epochs completed; the one in progress is this (0-based)
+    step: int = 0  # steps completed in the epoch in progress (0: at an epoch boundary)
+    loss_sums: list[float] | None = None  # each rank's loss sum over those steps
+    epoch_seconds: float = 0.0  # training seconds spent on those steps
+    sync_bytes: int = 0  # bytes the packed sync moved in those steps (same on all ranks)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_model: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def end_epoch(self, record: dict, val_rmse: float | None, model: torch.nn.Module) -> bool:
+        """Record a finished epoch; keeps the model when it is the best so far (returned)."""
+        self.step, self.loss_sums, self.epoch_seconds, self.sync_bytes = 0, None, 0.0, 0
+        self.history.append(record)
+        improved = val_rmse is None or val_rmse < self.best_val - 1e-6
+        if improved:
+            self.best_val = val_rmse if val_rmse is not None else math.inf
+            self.best_epoch = record["epoch"]
+            self.best_model = copy.deepcopy(model.state_dict())
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = record["epoch"]
+        return improved
+
+
+STATE_KEYS = tuple(f.name for f in fields(TrainState))
+
+
+class Checkpointer:
+    """Saves and restores one run's training state; every rank holds one and calls it."""
+
+    def __init__(self, run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                 shape: dict, env: DistEnv, owned: bool) -> None:
+        self.run, self.model, self.optimizer = run, model, optimizer
+        self.shape, self.env, self.owned = shape, env, owned
+
+    def start(self, config: TrainConfig) -> TrainState:
+        """The state to continue from: a checkpoint's (resume, restart) or a fresh one."""
+        run, env = self.run, self.env
+        if should_resume(run, config, env):
+            state = load_checkpoint(run, self.model, self.optimizer, self.shape, env,
+                                    self.owned)
+            if env.is_main:
+                log.info("resuming from %s: %d epoch(s) done, then %d of %d steps",
+                         run / CHECKPOINT, state.epoch, state.step, self.shape["steps"])
+            return state
+        if env.is_main and (run / CHECKPOINT).is_file():
+            # A fresh run: a checkpoint left by an earlier run in this folder must not be
+            # taken for this run's own if torchrun restarts the job before its first one.
+            (run / CHECKPOINT).unlink()
+        return TrainState()
+
+    def save(self, state: TrainState) -> None:
+        """Every rank calls this at the same point (it holds collectives)."""
+        save_checkpoint(self.run, self.model, self.optimizer, state, self.shape, self.env,
+                        self.owned)
+
+
+def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
+    """--resume, or a job restarted by torchrun (--max-restarts) that has a checkpoint.
+
+    Rank 0 looks and tells the others, so all ranks take the same branch.
+    """
+    if config.resume:
+        return True
+    if env.restart_count == 0:
+        return False
+    found = on_main_then_broadcast(lambda: (run / CHECKPOINT).is_file(), env)
+    if env.is_main:
+        log.warning("restart %d of this job: %s", env.restart_count,
+                    "resuming from its checkpoint" if found else
+                    "no checkpoint yet, starting again")
+    return found
+
+
+def save_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                    state: TrainState, shape: dict, env: DistEnv, owned: bool) -> None:
+    """Every rank calls this at the same point; files are written then renamed into place.
+
+    Replicated: rank 0 writes RUN/checkpoint.pt alone (every rank holds the same model).
+    Owned users: each rank writes its own slice (its users, the items, its optimizer,
+    RNG and best weights) as checkpoint.<epoch>-<step>.rank<r>.pt; once all are on disk,
+    rank 0 writes checkpoint.pt naming them, and only then are older slices removed. A
+    crash at any moment leaves a checkpoint.pt whose slices all exist.
+    """
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+             "best_model": state.best_model}
+    shared = {"shape": shape, **{key: getattr(state, key) for key in STATE_KEYS}}
+    if not owned:
+        if env.is_main:
+            save_torch_atomic({**shared, **local}, run / CHECKPOINT)
+        return
+    tag = f"{state.epoch}-{state.step}"
+    mine = run / checkpoint_slice(tag, env.rank)
+    save_torch_atomic(local, mine)
+    all_reduce([0.0], env)  # every slice is on disk before checkpoint.pt names them
+    if env.is_main:
+        save_torch_atomic({**shared, "slices": tag, "world_size": env.world_size},
+                          run / CHECKPOINT)
+    all_reduce([0.0], env)
+    for old in run.glob(checkpoint_slice_pattern(env.rank)):
+        if old != mine:
+            old.unlink()
+
+
+def load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+                    shape: dict, env: DistEnv, owned: bool) -> TrainState:
+    """Every rank reads checkpoint.pt (the run folder is on storage all ranks share)."""
+    path = run / CHECKPOINT
+    if not path.is_file():
+        raise InputError(f"--resume: {path} not found; start without --resume")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if owned != ("slices" in payload):
+        written = "owned" if "slices" in payload else "replicated"
+        raise InputError(f"--resume: {path} was written with --user-embeddings {written}; "
+                         f"resume with --user-embeddings {written}")
+    local = payload
+    if owned:
+        if payload["world_size"] != env.world_size:
+            raise InputError(f"--resume: {path} holds users split over "
+                             f"{payload['world_size']} ranks (--user-embeddings owned); "
+                             f"resume with {payload['world_size']} processes")
+        slice_path = run / checkpoint_slice(payload["slices"], env.rank)
+        if not slice_path.is_file():
+            raise InputError(f"--resume: {slice_path} not found; {CHECKPOINT} names it "
+                             "(restore it, or start without --resume)")
+        local = torch.load(slice_path, map_location="cpu", weights_only=True)
+    state = TrainState()
+    for key in STATE_KEYS:
+        setattr(state, key, payload.get(key, getattr(state, key)))  # older: epoch ends only
+    state.best_model = local.get("best_model")
+    saved = payload.get("shape")
+    if state.step and saved != shape:
+        # The data position is a step of this rank's plan: another world size or batch
+        # size has another plan. At an epoch boundary any shape can continue.
+        raise InputError(f"--resume: {path} was written mid-epoch by a run with "
+                         f"{_describe(saved)}; this run has {_describe(shape)}. Resume with "
+                         "the same number of ranks and --batch-size")
+    model.load_state_dict(local["model"])
+    optimizer.load_state_dict(local["optimizer"])
+    if "rng" in local:
+        torch.set_rng_state(local["rng"]["torch"])
+        if "cuda" in local["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(local["rng"]["cuda"])
+    return state
+
+
+def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
+    """The kept (best-epoch) weights plus what is needed to use them without the shards."""
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "model_config": asdict(model.config), "scale": list(shards.scale),
+               "shards_dir": str(shards.root.resolve())}
+    save_torch_atomic(payload, path)
+
+
+def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,
+                      shards: ShardSet, env: DistEnv) -> None:
+    """model.pt with every user: each rank writes its users' rows, rank 0 assembles them.
+
+    Rank 0 holds the whole user table once, here, as anyone using the model will.
+    """
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    part = run / model_part(env.rank)
+    save_torch_atomic({"users": torch.from_numpy(ownership.users),
+                       "user_factors": weights["user_factors.weight"],
+                       "user_bias": weights["user_bias.weight"]}, part)
+    all_reduce([0.0], env)  # every part is on disk
+    if not env.is_main:
+        return
+    full = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model.config)
+    state = full.state_dict()
+    state.update({k: v for k, v in weights.items() if not k.startswith("user_")})
+    for rank in range(env.world_size):
+        path = run / model_part(rank)
+        rows = torch.load(path, map_location="cpu", weights_only=True)
+        state["user_factors.weight"][rows["users"]] = rows["user_factors"]
+        state["user_bias.weight"][rows["users"]] = rows["user_bias"]
+        path.unlink()
+    full.load_state_dict(state)
+    save_model(run / MODEL, full, shards)
+
+
+def copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
+    """The run keeps its own id maps, so it stays usable if the shards move or go."""
+    for name in (USERS, ITEMS):
+        copy_atomic(shards_dir / name, run_dir / name)
+
+
+def _describe(shape: dict | None) -> str:
+    if not shape:
+        return "an unknown shape"
+    return (f"{shape['world_size']} rank(s), {shape['rank_batch_size']} ratings per rank "
+            f"per step, {shape['steps']} steps per epoch, {shape['loader_workers']} loader "
+            "worker(s)")

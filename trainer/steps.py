@@ -1,0 +1,111 @@
+"""The per-step model update, behind one interface: ``loss = step(users, items, ratings)``.
+
+A step scores one rank's share of the global batch, moves the parameters and keeps the
+replicas equal. `AutogradStep` is the reference: autograd backward, the optimizer, and
+either DDP's all-reduce (inside backward) or a row sync (trainer/sync.py) around the
+optimizer step. Any other step (a fused CPU kernel) offers the same interface: called
+with (B,) int64 user ids, (B,) int64 item ids and (B,) float32 ratings it returns the
+batch's summed loss (a detached 0-dim tensor); ``sync_bytes`` counts the bytes its sync
+moved and ``flush()`` brings the replicas level before anyone looks at them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.distributed import DistEnv, wrap_model
+from trainer.errors import InputError
+from trainer.model import BiasedMF
+from trainer.shards import ShardSet
+from trainer.sync import PackedSparseSync, PeriodicRowSync
+
+DENSE_ROWS_PER_BATCH_ROW = 4  # auto: dense gradients while tables have <= 4 rows per batch row
+
+
+class AutogradStep:
+    """Forward, backward, sync, optimizer step: the reference model update.
+
+    ``grad_sync`` (packed sync) runs after each backward and after each optimizer step;
+    without it ``model`` is DDP-wrapped (or alone). DDP averages gradients over ranks, so
+    ``scale`` (the world size there) makes the update the gradient of the sum over the
+    global batch and the learning rate per rating; the packed sync sums already (1.0).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float) -> None:
+        self.model, self.optimizer, self.grad_sync, self.scale = model, optimizer, grad_sync, scale
+        self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
+
+    def __call__(self, users: torch.Tensor, items: torch.Tensor,
+                 ratings: torch.Tensor) -> torch.Tensor:
+        loss = self.model(users, items, ratings)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * self.scale).backward()
+        if self.grad_sync is not None:
+            self.sync_bytes += self.grad_sync.after_backward()
+        self.optimizer.step()
+        if self.grad_sync is not None:
+            self.sync_bytes += self.grad_sync.after_step()
+        return loss.detach()
+
+    def flush(self) -> None:
+        """Bring the replicas level (the periodic sync's pending changes); before checkpoints,
+        evaluation and the end of an epoch."""
+        if self.grad_sync is not None:
+            self.sync_bytes += self.grad_sync.flush()
+
+
+def build_autograd_step(model: BiasedMF, optimizer: torch.optim.Optimizer, sync: str,
+                        owned: bool, sync_every: int, rank_batch: int,
+                        env: DistEnv) -> AutogradStep:
+    """The reference step for a resolved ``sync`` mode (built after any resume: the
+    periodic sync snapshots the weights it starts from)."""
+    step_model, grad_sync = replica_sync(sync, model, owned, sync_every, rank_batch, env)
+    return AutogradStep(step_model, optimizer, grad_sync,
+                        1.0 if grad_sync is not None else float(env.world_size))
+
+
+def replica_sync(sync: str, model: BiasedMF, owned: bool, every: int, rank_batch: int,
+                  env: DistEnv) -> tuple[torch.nn.Module,
+                                         PackedSparseSync | PeriodicRowSync | None]:
+    """The module to step and what keeps replicas equal: DDP's wrapper, or a row sync."""
+    if sync != "packed":
+        return wrap_model(model, env), None
+    if env.backend is None:
+        return model, None
+    groups = item_tables(model) if owned else sparse_tables(model)
+    if every > 1:
+        return model, PeriodicRowSync(groups, env, every, rank_batch)
+    return model, PackedSparseSync(groups, env)
+
+
+def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
+                         env: DistEnv, sync_every: int = 1) -> bool:
+    """Sparse rows when the tables dwarf a step's rows; whole tables when they are small.
+
+    A sparse step moves the touched rows of every rank (~2 x global batch rows); a dense
+    step moves and updates whole tables but in one cheap collective. nccl has no sparse
+    all-reduce, so GPUs always go dense. ``--sync-every N`` > 1 exchanges rows itself, not
+    gradients: each rank's update then touches only its rows, so sparse.
+    """
+    if choice != "auto":
+        if choice == "sparse" and env.backend == "nccl":
+            raise InputError("--gradients sparse needs gloo: nccl cannot all-reduce sparse "
+                             "tensors; use --gradients dense on GPUs")
+        return choice == "sparse"
+    if env.backend == "nccl":
+        return False
+    if env.backend is None or sync_every > 1:
+        return True  # nothing to communicate per step, so only touched rows move
+    rows = shards.num_users + shards.num_items
+    return rows > DENSE_ROWS_PER_BATCH_ROW * global_batch
+
+
+def sparse_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:
+    """The embedding weights a packed sync exchanges, grouped by the ids that index them."""
+    return [[model.user_factors.weight, model.user_bias.weight], *item_tables(model)]
+
+
+def item_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:
+    """The only weights exchanged when each rank owns its users' rows."""
+    return [[model.item_factors.weight, model.item_bias.weight]]
