@@ -23,16 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from launch.dask_cluster import dask_client
-from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
-from trainer.options import (
+from launch.options import (
+    add_cluster_arguments,
     add_config_arguments,
     add_train_arguments,
     apply_config_file,
-    config_from_values,
 )
+from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
+from trainer.config import MIN_ITEM_RATINGS, TRAIN_CONFIGS, config_from_values
+from trainer.run import EXPORT_FORMATS
+from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
 
 log = logging.getLogger("shardmf")
 EXIT_USAGE = 2
@@ -64,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import PrepareConfig, SourceOptions
     from data_shards.synth import SynthConfig
-    from trainer.main import add_cluster_arguments
 
     parser = argparse.ArgumentParser(
         prog="shardmf", description="Matrix factorisation on rating sets too large for one "
@@ -118,8 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "the flags (flags given here win)")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     _add_prepare_arguments(run, PrepareConfig, SourceOptions)
-    from trainer.options import TRAIN_CONFIGS
-
     for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
         add_config_arguments(run, cls, title=title)
     add_cluster_arguments(run)
@@ -139,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
-    recommend.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
-                           help="leave out items with fewer training ratings (default: 20)")
+    recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
+                           metavar="N", help="leave out items with fewer training ratings "
+                           f"(default: {MIN_ITEM_RATINGS})")
     recommend.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     similar = command("similar", _similar, "Items whose embeddings point the same way as "
@@ -150,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--item", help="original item id")
     which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
     similar.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
-    similar.add_argument("--min-item-ratings", type=int, default=20, metavar="N",
-                         help="leave out items with fewer training ratings (default: 20)")
+    similar.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
+                         metavar="N", help="leave out items with fewer training ratings "
+                         f"(default: {MIN_ITEM_RATINGS})")
     similar.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     export = command("export", _export, "Write a run's user and item embeddings with their "
                      "original ids, for other tools.")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", choices=("parquet", "npy"), default="parquet",
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
                         help="parquet: one table per side; npy: arrays plus id tables")
     export.add_argument("--out", metavar="DIR", help="default: RUN_DIR/export")
     export.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -292,7 +292,7 @@ def _cluster(values: dict) -> int:
 
     run_dir = Path(values["run_dir"])
     if "seed" not in values:
-        config_path = run_dir / "config.json"
+        config_path = run_dir / CONFIG
         if config_path.is_file():
             values["seed"] = json.loads(config_path.read_text())["train"]["seed"]
     config = post_step_config(values)
@@ -309,7 +309,7 @@ def _run(values: dict) -> int:
 
     values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS))
     out = Path(values["out"])
-    shards = out / "shards"
+    shards = out / SHARDS_DIR
     if not values.get("resume"):
         _prepare_from_values(values["inputs"], shards, values)
     return launch_training(str(shards), str(out), values, TorchrunOptions.from_values(values))
@@ -342,8 +342,8 @@ def _demo(values: dict) -> int:
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
-    metrics = json.loads((run / "metrics.json").read_text())
-    clusters = json.loads((run / "clusters.json").read_text())
+    metrics = json.loads((run / FINAL_METRICS).read_text())
+    clusters = json.loads((run / CLUSTERS).read_text())
     nmi = clusters["scores"].get("nmi") or {}
     print(f"\nshardmf demo ({time.perf_counter() - started:.0f} s, "
           f"{metrics['world_size']} processes): {run}")
@@ -351,7 +351,7 @@ def _demo(values: dict) -> int:
           f"{metrics['baseline_test_rmse']:.4f}")
     print(f"  item clusters vs planted genres: NMI {nmi.get('score', float('nan')):.3f} "
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
-    print(f"  report: {run / 'report.html'} (and report.md)")
+    print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
     return 0
 
 
@@ -387,34 +387,10 @@ def _label(row) -> str:
 
 
 def _export(values: dict) -> int:
-    from trainer import load_run
+    from trainer import export_run
 
-    run = load_run(values["run_dir"])
-    out = Path(values["out"] or Path(values["run_dir"]) / "export")
-    out.mkdir(parents=True, exist_ok=True)
-    for side, frame in (("items", run.item_embeddings()), ("users", run.user_embeddings())):
-        id_column = f"original_{side[:-1]}_id"
-        frame = frame.rename_axis(id_column).reset_index()
-        if values["format"] == "parquet":
-            _atomic(out / f"{side}_embeddings.parquet", lambda p, f=frame: f.to_parquet(p))
-        else:
-            factors = frame.filter(regex=r"^f\d+$").to_numpy(dtype="float32")
-            _atomic(out / f"{side}_factors.npy", lambda p, a=factors: _save_npy(p, a))
-            _atomic(out / f"{side}_ids.parquet",
-                    lambda p, f=frame[[id_column, "bias"]]: f.to_parquet(p))
-    log.info("wrote %s embeddings to %s", values["format"], out)
+    export_run(values["run_dir"], values["out"], values["format"])
     return 0
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append .npy to a path
-        np.save(handle, array)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _key_value(text: str) -> tuple[str, object]:

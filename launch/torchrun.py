@@ -13,8 +13,10 @@ import logging
 import os
 from dataclasses import dataclass
 
+from launch.options import add_config_arguments
+from trainer.config import TRAIN_CONFIGS, config_from_values
 from trainer.errors import InputError
-from trainer.options import TRAIN_CONFIGS, add_config_arguments, config_from_values
+from trainer.run_files import CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,12 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
         raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
                          f"for --nproc {options.nproc}; prepare with more --num-shards or "
                          "use fewer processes")
-    if train_config.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise InputError(f"--resume: {run_dir}/checkpoint.pt not found; start without --resume")
+    if train_config.resume and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        raise InputError(f"--resume: {run_dir}/{CHECKPOINT} not found; start without --resume")
     names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
     trainer_args = [shards_dir, "--out", run_dir, *_as_flags(values, names)]
     if options.nproc == 1 and options.nnodes == 1:
-        from trainer.main import main as train_main
+        from launch.train_entry import main as train_main
 
         return train_main(trainer_args)
     return _torchrun(trainer_args, options)

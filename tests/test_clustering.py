@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from launch.options import add_config_arguments
 from trainer import clustering
 from trainer.clustering import ClusterResult, cluster_items
 from trainer.config import ClusterConfig
-from trainer.options import add_config_arguments
 from trainer.post_step import write_cluster_outputs
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Western"]

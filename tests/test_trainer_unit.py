@@ -20,9 +20,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from launch.options import add_config_arguments, apply_config_file, field_comments
 from launch.torchrun import TorchrunOptions
+from launch.train_entry import build_parser
+from launch.train_entry import main as trainer_main
 from trainer.baseline import bias_baseline_rmse
-from trainer.config import ClusterConfig, ModelConfig, OptimConfig, TrainConfig
+from trainer.config import (
+    TRAIN_CONFIGS,
+    ClusterConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    config_from_values,
+)
 from trainer.data import (
     TrainBatches,
     eval_batches,
@@ -34,17 +44,8 @@ from trainer.data import (
 )
 from trainer.distributed import DistEnv, TestFault
 from trainer.errors import InputError
-from trainer.main import build_parser
-from trainer.main import main as trainer_main
 from trainer.model import BiasedMF, SquaredErrorWithL2
 from trainer.optim import RowSGD
-from trainer.options import (
-    TRAIN_CONFIGS,
-    add_config_arguments,
-    apply_config_file,
-    config_from_values,
-    field_comments,
-)
 from trainer.ownership import resolve_user_embeddings, user_ownership
 from trainer.shards import Piece, open_shards, pieces_for_rank
 from trainer.train import evaluate, train
@@ -693,7 +694,7 @@ def test_entry_point_reports_bad_config_in_one_line(tmp_path: Path, capsys) -> N
 def test_entry_point_error_lines_per_rank(capsys) -> None:
     """An InputError is the same on every rank: only rank 0 prints it. Another ValueError may
     be one rank's alone (a damaged row group), so that rank prints it, naming itself."""
-    from trainer.main import _fail
+    from launch.train_entry import _fail
 
     assert _fail(InputError("bad flag"), rank=1) == 2
     assert capsys.readouterr().err == ""

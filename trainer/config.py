@@ -154,7 +154,8 @@ class ClusterConfig:
 
 
 # Every config of a training run, in the order of config.json's sections and of --help.
-RUN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, ClusterConfig)
+TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)  # what training itself reads
+RUN_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig)
 SKIP_CLUSTERS = 0  # --clusters 0: train without the clustering post-step
 
 

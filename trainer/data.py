@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainer.run_files import USERS
 from trainer.shards import Piece
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B,) users, (B,) items, (B,) ratings
@@ -44,7 +45,7 @@ def localise_users(columns: tuple[np.ndarray, ...], piece: Piece,
     if len(users) and users.min() < 0:
         raise ValueError(f"shard {piece.path.parent.name}/{piece.path.name}: row group "
                          f"{piece.row_group} holds users of another rank's shard; the "
-                         "users.parquet shard column does not match the files (prepare again)")
+                         f"{USERS} shard column does not match the files (prepare again)")
     return (users.astype(np.int64), *columns[1:])
 
 

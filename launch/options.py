@@ -1,8 +1,10 @@
-"""Command-line flags and TOML files built from the config dataclasses.
+"""Command-line flags and TOML files built from the config dataclasses of both packages.
 
 Each dataclass field becomes a kebab-case flag whose help is the field's one-line comment,
 so a config, its flag and its TOML key cannot drift apart. Precedence: defaults < TOML
 (``--config FILE``, flat keys, snake or kebab case) < flags given on the command line.
+It lives in ``launch`` because it builds the flags of ``data_shards`` and ``trainer``
+alike; the configs themselves (and `config_from_values`) stay with their packages.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import tomllib
 
-from trainer.config import ModelConfig, OptimConfig, TrainConfig, config_from_values
+from trainer.config import TRAIN_CONFIGS, ClusterConfig
 from trainer.errors import InputError
 
 
@@ -138,10 +140,6 @@ def _number_pair(text: str) -> tuple[float, float]:
     return low, high
 
 
-TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)
-__all__ = ["config_from_values"]
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a training run, shared by ``python -m trainer`` and ``shardmf train``."""
     parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="output of `shardmf prepare`")
@@ -152,3 +150,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
         add_config_arguments(parser, cls, title=title)
+
+
+CLUSTER_SKIP = ("seed",)  # the post-step uses the run's --seed
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The clustering flags of ``train``, ``run`` and ``cluster`` (no --seed of their own)."""
+    add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
+                         title="item clusters (--clusters 0 skips them)")

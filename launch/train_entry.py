@@ -5,6 +5,7 @@
 
 Rank 0 logs and writes; the others stay quiet unless they fail. After training every
 rank leaves the process group and rank 0 alone clusters the item embeddings.
+``trainer/__main__.py`` calls `main` here: the flags are built by ``launch.options``.
 """
 
 from __future__ import annotations
@@ -18,27 +19,21 @@ import warnings
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from launch.options import add_cluster_arguments, add_train_arguments, apply_config_file
 from trainer.config import (
     RUN_CONFIGS,
-    ClusterConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    config_from_values,
     post_step_config,
 )
 from trainer.distributed import init_distributed, keep_freed_memory, teardown
 from trainer.errors import InputError
-from trainer.options import (
-    add_config_arguments,
-    add_train_arguments,
-    apply_config_file,
-    config_from_values,
-)
 from trainer.post_step import cluster_run
 from trainer.train import train
 
 log = logging.getLogger("trainer")
-CLUSTER_SKIP = ("seed",)  # the post-step uses the run's --seed
 
 
 def build_parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
@@ -48,11 +43,6 @@ def build_parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     add_train_arguments(parser)
     add_cluster_arguments(parser)
     return parser
-
-
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
-                         title="item clusters (--clusters 0 skips them)")
 
 
 @record

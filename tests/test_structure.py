@@ -1,0 +1,88 @@
+"""Design rules checked on the source: no import circle inside ``trainer``, the library
+never imports ``launch``, and the run folder's file names are spelled in one module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from trainer import run_files
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_POINTS = {"trainer.__main__"}  # run, never imported
+
+
+def _modules(package: str) -> dict[str, ast.Module]:
+    return {f"{package}.{path.stem}": ast.parse(path.read_text(), str(path))
+            for path in sorted((ROOT / package).glob("*.py"))}
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    """Every module an import statement names, at any depth (imports inside functions too)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            # `from trainer import report` names the module trainer.report
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_trainer_modules_import_no_circle() -> None:
+    modules = _modules("trainer")
+    graph = {name: {m for m in _imports(tree) if m in modules and m != name}
+             for name, tree in modules.items()}
+    state: dict[str, str] = {}  # "open" while on the current path, then "done"
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert "trainer.post_step" in graph and "trainer.run_files" in graph
+
+
+def test_the_trainer_library_never_imports_launch() -> None:
+    for name, tree in _modules("trainer").items():
+        if name in ENTRY_POINTS:
+            continue
+        assert not any(m.split(".")[0] == "launch" for m in _imports(tree)), name
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    nodes = [tree, *(n for n in ast.walk(tree)
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    return {id(n.body[0].value) for n in nodes
+            if n.body and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)}
+
+
+def test_run_folder_file_names_are_spelled_only_in_run_files() -> None:
+    names = {value for key, value in vars(run_files).items()
+             if key.isupper() and isinstance(value, str) and "." in value}
+    names.add(".rank")  # the per-rank parts: checkpoint slices, model parts
+    assert ".rank" in run_files.checkpoint_slice("1-0", 0) and ".rank" in run_files.model_part(0)
+    assert {"config.json", "metrics.jsonl", "model.pt", "report.html"} <= names
+    offenders = []
+    for package in ("trainer", "launch"):
+        for name, tree in _modules(package).items():
+            if name == "trainer.run_files":
+                continue
+            docstrings = _docstrings(tree)
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                        and id(node) not in docstrings):
+                    offenders += [f"{name}:{node.lineno}: {file_name!r}"
+                                  for file_name in names if file_name in node.value]
+    assert not offenders, "RUN_DIR file names outside trainer/run_files.py:\n" + "\n".join(
+        offenders)
