@@ -1,6 +1,10 @@
 """The training loop: every rank streams its own shards into one shared model.
 
-Per step, each rank scores its share of the global batch, back-propagates the summed
+    train(): plan the ranks' rows and steps, build the model, resume or start
+             for epoch: TrainEpoch (steps), evaluate, checkpoint, stop?
+             test the best epoch, save model.pt and metrics.json
+
+Per step (trainer/steps.py), each rank scores its share of the global batch, back-propagates the summed
 squared error plus the per-example L2 penalty, and the model's replicas are kept equal
 (trainer/sync.py): with sparse gradients on gloo (``--sync packed``, the default there)
 every touched row goes into one all-gather per step, so communication grows with the
@@ -10,7 +14,7 @@ by user, each rank owns its users' rows (trainer/ownership.py) and only item row
 exchanged. After each epoch all ranks evaluate their share of the validation rows and
 reduce sums and counts.
 
-Checkpoints come after every epoch and, with ``--checkpoint-every N``, every N steps
+Checkpoints (trainer/checkpoint.py) come after every epoch and, with ``--checkpoint-every N``, every N steps
 within one (rank 0 writes them; with owned users every rank writes its slice); a
 checkpoint holds the exact data position, so ``--resume`` (or a restart by ``torchrun
 --max-restarts``) continues mid-epoch without repeating or skipping a batch, and finishes
