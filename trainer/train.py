@@ -6,20 +6,19 @@
 
 Per step (trainer/steps.py), each rank scores its share of the global batch,
 back-propagates the summed squared error plus the per-example L2 penalty, and the
-model's replicas are kept equal
-(trainer/sync.py): with sparse gradients on gloo (``--sync packed``, the default there)
-every touched row goes into one all-gather per step, so communication grows with the
-batch, not the tables, and ``--sync-every N`` lets ranks step alone between exchanges of
-the rows they changed; dense gradients go through DDP's all-reduce. On shards partitioned
-by user, each rank owns its users' rows (trainer/ownership.py) and only item rows are
-exchanged. After each epoch all ranks evaluate their share of the validation rows and
-reduce sums and counts.
+model's replicas are kept equal (trainer/sync.py): with sparse gradients on gloo
+(``--sync packed``, the default there) every touched row goes into one all-gather per
+step, so communication grows with the batch, not the tables, and ``--sync-every N`` lets
+ranks step alone between exchanges of the rows they changed; dense gradients go through
+DDP's all-reduce. On shards partitioned by user, each rank owns its users' rows
+(trainer/ownership.py) and only item rows are exchanged. After each epoch all ranks
+evaluate their share of the validation rows and reduce sums and counts.
 
 Checkpoints (trainer/checkpoint.py) come after every epoch and, with
-``--checkpoint-every N``, every N steps within one (rank 0 writes them; with owned users every rank writes its slice); a
-checkpoint holds the exact data position, so ``--resume`` (or a restart by ``torchrun
---max-restarts``) continues mid-epoch without repeating or skipping a batch, and finishes
-with the same figures as a run that was never interrupted.
+``--checkpoint-every N``, every N steps within one (rank 0 writes them; with owned users
+every rank writes its slice); a checkpoint holds the exact data position, so ``--resume``
+(or a restart by ``torchrun --max-restarts``) continues mid-epoch without repeating or
+skipping a batch, and finishes with the same figures as a run never interrupted.
 """
 
 from __future__ import annotations
