@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.run_files import EPOCH_METRICS, FINAL_METRICS  # noqa: E402
+
 SHARDMF = [str(Path(sys.executable).with_name("shardmf"))]  # the venv's entry point
 
 CONFIGS = {  # name: (processes, ratings per step over all ranks, extra flags)
@@ -59,8 +63,8 @@ def run(shards: str, out: Path, nproc: int, batch: int, extra: list[str], args) 
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - started
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / FINAL_METRICS).read_text())
+    history = [json.loads(line) for line in (out / EPOCH_METRICS).read_text().splitlines()]
     return {"command": "shardmf " + " ".join(command[1:]), "wall_s": round(wall, 1),
             "metrics": metrics, "history": history}
 
