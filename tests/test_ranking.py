@@ -196,7 +196,8 @@ def _ratings(shards: ShardSet, split: str) -> pd.DataFrame:
                       for entry in shards.manifest["files"][split]], ignore_index=True)
 
 
-def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...]) -> dict:
+def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],
+               min_item_ratings: int = 0) -> dict:
     """The definitions in trainer/ranking.py, one user at a time, in plain Python."""
     train, test = _ratings(shards, "train"), _ratings(shards, "test")
     cutoff = relevance_threshold(shards.scale)
@@ -204,13 +205,14 @@ def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...]) -> dict:
     seen = train.groupby("user_id")["item_id"].apply(set)
     counts = np.bincount(train["item_id"], minlength=shards.num_items)
     popular_order = np.lexsort((np.arange(shards.num_items), -counts))
+    rare = set(np.flatnonzero(counts < min_item_ratings).tolist())
     with torch.no_grad():
         scores = (model.user_factors.weight @ model.item_factors.weight.T
                   + model.item_bias.weight[:, 0]).numpy()
     sums: dict[str, float] = {}
     shown: dict[str, set] = {}
     for user, wanted in relevant.items():
-        exclude = seen.get(user, set())
+        exclude = seen.get(user, set()) | rare
         lists = {"": [i for i in np.argsort(-scores[user], kind="stable")
                       if i not in exclude],
                  "popular_": [i for i in popular_order if i not in exclude]}
@@ -233,7 +235,8 @@ def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...]) -> dict:
                 shown.setdefault(f"{prefix}coverage@{k}", set()).update(top)
     result = {key: total / len(relevant) for key, total in sums.items()}
     result.update({key: len(items) / shards.num_items for key, items in shown.items()})
-    return {**result, "ranking_threshold": cutoff, "ranking_users": len(relevant)}
+    return {**result, "ranking_threshold": cutoff, "ranking_users": len(relevant),
+            "ranking_min_item_ratings": min_item_ratings}
 
 
 def test_one_process_matches_a_per_user_reference(trainer_shards_dir: Path) -> None:
@@ -250,11 +253,25 @@ def test_one_process_matches_a_per_user_reference(trainer_shards_dir: Path) -> N
     assert result["coverage@10"] > result["popular_coverage@10"]
 
 
+def test_rarely_rated_items_can_be_left_out(trainer_shards_dir: Path) -> None:
+    shards = open_shards(trainer_shards_dir)
+    model = _model(shards)
+    counts = np.bincount(_ratings(shards, "train")["item_id"], minlength=shards.num_items)
+    cutoff = int(np.quantile(counts, 0.9))  # leaves only the 10 % most rated: slots empty
+    result = ranking_metrics(model, shards, SINGLE, ks=(5, 20), min_item_ratings=cutoff)
+    expected = _reference(shards, model, (5, 20), min_item_ratings=cutoff)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert result["coverage@20"] <= (counts >= cutoff).mean()
+
+
 def test_bad_arguments_are_refused(trainer_shards_dir: Path) -> None:
     shards = open_shards(trainer_shards_dir)
     model = _model(shards)
     with pytest.raises(InputError, match="--k 0"):
         ranking_metrics(model, shards, SINGLE, ks=(0,))
+    with pytest.raises(InputError, match="--min-item-ratings -1"):
+        ranking_metrics(model, shards, SINGLE, min_item_ratings=-1)
     with pytest.raises(InputError, match="--ranking-threshold 9"):
         ranking_metrics(model, shards, SINGLE, threshold=9)
     top_only = ranking_metrics(model, shards, SINGLE, threshold=shards.scale[1], ks=(3,))

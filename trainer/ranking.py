@@ -17,6 +17,8 @@ data's rating scale (4 on 1..5, 3.875 on 0.5..5). Users with no relevant test it
 out of every mean (they are not even scored), so precision is not diluted by users there is
 nothing to find for. The baseline recommends, to every user, the items rated most often in
 training (ties: lower item id first) minus the ones that user rated, scored the same way.
+Optionally (``min_item_ratings``), items with few training ratings are never recommended,
+by either, as ``shardmf recommend`` does: their factors are mostly the prior.
 
 Who evaluates whom. The items a user rated in training must all be known to the rank that
 scores the user, and with users replicated a rank's train row groups hold only part of a
@@ -134,6 +136,7 @@ def _hit_matrix(top_items: np.ndarray, relevant_users: np.ndarray,
 def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
                     ownership: UserOwnership | None = None, split: str = "test",
                     ks: Sequence[int] = DEFAULT_KS, threshold: float | None = None,
+                    min_item_ratings: int = 0,
                     user_block: int = DEFAULT_USER_BLOCK) -> dict:
     """Ranking figures of ``model`` and of the most-popular baseline on ``split``.
 
@@ -147,17 +150,23 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
         split: "test" or "val": whose ratings are the relevant items.
         ks: list lengths, e.g. (10, 20).
         threshold: relevance threshold; None: 4 on 1..5, scaled to the data's range.
+        min_item_ratings: recommend only items with at least this many training ratings,
+            for the model and the baseline alike (``shardmf recommend`` uses 20); 0: all.
         user_block: users scored at once (memory: user_block x num_items float32).
 
     Returns:
         ``precision@k``, ``recall@k``, ``ndcg@k``, ``map@k``, ``hit_rate@k``,
         ``coverage@k`` for each k, the same with the ``popular_`` prefix for the
         baseline (None when no user has a relevant item), ``ranking_threshold`` and
-        ``ranking_users`` (users with >= 1 relevant item, over all ranks).
+        ``ranking_users`` (users with >= 1 relevant item, over all ranks) and
+        ``ranking_min_item_ratings``.
     """
     ks = _checked_ks(ks)
     if split not in ("test", "val"):
         raise ValueError(f"split {split!r}: expected 'test' or 'val'")
+    if min_item_ratings < 0:
+        raise InputError(f"--min-item-ratings {min_item_ratings}: expected 0 (every item) "
+                         "or more")
     if user_block < 1:
         raise ValueError(f"user_block {user_block}: expected >= 1")
     module = unwrap(model)
@@ -179,6 +188,7 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     popular_scores[torch.from_numpy(order)] = torch.arange(num_items, 0, -1,
                                                            dtype=torch.float32)
     popular_scores = popular_scores.to(env.device)
+    rarely_rated = (popularity < min_item_ratings).to(env.device)
     module.eval()
 
     scorers: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
@@ -193,7 +203,8 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
         seen_users, seen_items = _block_pairs(seen, rows, num_items)
         users = torch.from_numpy(rows).to(env.device)
         for which, scorer in enumerate(scorers):
-            top = top_unseen_items(scorer(users), seen_users, seen_items, max(ks))
+            scores = scorer(users).masked_fill_(rarely_rated, -torch.inf)
+            top = top_unseen_items(scores, seen_users, seen_items, max(ks))
             for index, k in enumerate(ks):
                 per_user = user_metrics(top[:, :k], relevant_users, relevant_items)
                 sums[which, index] += [per_user[name].sum() for name in METRICS]
@@ -202,7 +213,8 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     totals = all_reduce([*sums.ravel().tolist(), float(len(eval_rows))], env)
     sums, num_users = np.array(totals[:-1]).reshape(sums.shape), int(totals[-1])
     covered = (all_reduce_tensor(shown, env) > 0).sum(dim=2).numpy() / num_items
-    result: dict = {"ranking_threshold": cutoff, "ranking_users": num_users}
+    result: dict = {"ranking_threshold": cutoff, "ranking_users": num_users,
+                    "ranking_min_item_ratings": min_item_ratings}
     for which, prefix in enumerate(("", POPULAR_PREFIX)):
         for index, k in enumerate(ks):
             for position, name in enumerate(METRICS):
