@@ -190,20 +190,24 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     popular_scores = popular_scores.to(env.device)
     rarely_rated = (popularity < min_item_ratings).to(env.device)
     module.eval()
+    eval_rows = np.unique(relevant // num_items)
 
-    scorers: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+    # Both write into one (user_block, num_items) buffer, reused by every block.
+    scorers: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
         module.score_all_items,
-        lambda users: popular_scores.expand(len(users), num_items).clone())
+        lambda users, out: out.copy_(popular_scores.expand_as(out)))
+    buffer = torch.empty((min(user_block, len(eval_rows)), num_items), device=env.device)
     sums = np.zeros((len(scorers), len(ks), len(METRICS)))
     shown = torch.zeros((len(scorers), len(ks), num_items), dtype=torch.int32)
-    eval_rows = np.unique(relevant // num_items)
     for start in range(0, len(eval_rows), user_block):
         rows = eval_rows[start:start + user_block]
         relevant_users, relevant_items = _block_pairs(relevant, rows, num_items)
         seen_users, seen_items = _block_pairs(seen, rows, num_items)
         users = torch.from_numpy(rows).to(env.device)
         for which, scorer in enumerate(scorers):
-            scores = scorer(users).masked_fill_(rarely_rated, -torch.inf)
+            scores = scorer(users, buffer[:len(rows)])
+            if min_item_ratings:
+                scores.masked_fill_(rarely_rated, -torch.inf)
             top = top_unseen_items(scores, seen_users, seen_items, max(ks))
             for index, k in enumerate(ks):
                 per_user = user_metrics(top[:, :k], relevant_users, relevant_items)
@@ -244,7 +248,7 @@ def _row_map(env: DistEnv, ownership: UserOwnership | None
 
 def _rating_keys(pieces: list[Piece], rows_of: Callable[[np.ndarray], np.ndarray],
                  num_items: int, min_rating: float | None = None) -> np.ndarray:
-    """Sorted distinct ``row * num_items + item`` of this rank's users' ratings (>= min)."""
+    """Sorted ``row * num_items + item`` of this rank's users' ratings (those >= min)."""
     parts = [np.empty(0, dtype=np.int64)]
     for piece in pieces:
         users, items, ratings = read_piece(piece)
@@ -253,7 +257,12 @@ def _rating_keys(pieces: list[Piece], rows_of: Callable[[np.ndarray], np.ndarray
         if min_rating is not None:
             keep &= ratings >= min_rating
         parts.append(rows[keep] * num_items + items[keep])
-    return np.unique(np.concatenate(parts))
+    # Each (user, item) pair is in the shards once (prepare resolves duplicates), so a
+    # sort in place is enough: np.unique would hold two more copies of the keys.
+    keys = np.concatenate(parts)
+    del parts
+    keys.sort()
+    return keys
 
 
 def _block_pairs(keys: np.ndarray, rows: np.ndarray,
