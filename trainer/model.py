@@ -62,6 +62,21 @@ class BiasedMF(nn.Module):
         return self.global_mean + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0] + dot
 
     @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_items) float32 unclamped scores of every item for each of ``users``.
+
+        One matrix product instead of B x num_items pairs through ``score``: ranking needs
+        every item's score, and memory is B x num_items, so callers pass users in blocks,
+        and may pass the same ``out`` block each time (a fresh one costs page faults as
+        large as the product itself on the CPU).
+        """
+        scores = torch.matmul(self.user_factors(users), self.item_factors.weight.T, out=out)
+        scores += self.item_bias.weight[:, 0]
+        scores += (self.global_mean + self.user_bias(users))  # (B, 1): every item alike
+        return scores
+
+    @torch.no_grad()
     def predict(self, users: torch.Tensor, items: torch.Tensor,
                 scale: tuple[float, float]) -> torch.Tensor:
         """(B,) predictions clamped to the rating scale, as evaluation and users see them."""
