@@ -121,7 +121,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
     from trainer.optim import build_optimizer
     from trainer.ownership import user_ownership
     from trainer.shards import open_shards, pieces_for_rank
-    from trainer.steps import build_autograd_step, sparse_tables
+    from trainer.steps import build_step, sparse_tables
     from trainer.train import TrainEpoch
 
     torch.set_num_threads(1)
@@ -153,8 +153,8 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
                          sparse=gradients == "sparse")
         packed = sync == "packed" and env.backend is not None
         optimizer = build_optimizer(model, OptimConfig(optimizer="sgd", lr=0.001))
-        step = build_autograd_step(model, optimizer, sync, users == "owned", every,
-                                   rank_batch, env)
+        step = build_step("autograd", model, optimizer, "sgd", sync, users == "owned",
+                          every, rank_batch, env)
         step_model, grad_sync, scale = step.model, step.grad_sync, step.scale
 
         loop_s = None

@@ -10,6 +10,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 GRADIENTS = ("auto", "sparse", "dense")
 SYNCS = ("auto", "ddp", "packed")
+STEPS = ("auto", "fused", "autograd")
 USER_EMBEDDINGS = ("auto", "owned", "replicated")
 VERIFY_MODES = ("quick", "full", "none")
 CLUSTER_ALGORITHMS = ("kmeans", "minibatch", "auto")
@@ -69,6 +70,7 @@ class TrainConfig:
     sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
     sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
     user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
+    step: str = "auto"  # fused | autograd | auto (fused: compiled CPU SGD step, when numba loads)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
     prefetch: int = 4  # batches a thread cuts ahead of the steps (0: cut in the loop itself)
@@ -91,6 +93,7 @@ class TrainConfig:
         _check(self.sync_every >= 1, "sync_every", self.sync_every, "at least 1")
         _check(self.user_embeddings in USER_EMBEDDINGS, "user_embeddings",
                self.user_embeddings, " | ".join(USER_EMBEDDINGS))
+        _check(self.step in STEPS, "step", self.step, " | ".join(STEPS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0")

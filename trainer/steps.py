@@ -1,9 +1,10 @@
 """The per-step model update, behind one interface: ``loss = step(users, items, ratings)``.
 
 A step scores one rank's share of the global batch, moves the parameters and keeps the
-replicas equal. `AutogradStep` is the reference: autograd backward, the optimizer, and
-either DDP's all-reduce (inside backward) or a row sync (trainer/sync.py) around the
-optimizer step. Any other step (a fused CPU kernel) offers the same interface: called
+replicas equal. `AutogradStep` is the reference (and the GPU path): autograd backward, the
+optimizer, and either DDP's all-reduce (inside backward) or a row sync (trainer/sync.py)
+around the optimizer step. `FusedSGDStep` (trainer/fused_step.py) applies the same SGD
+update in one compiled CPU pass. Both offer the same interface: called
 with (B,) int64 user ids, (B,) int64 item ids and (B,) float32 ratings it returns the
 batch's summed loss (a detached 0-dim tensor); ``sync_bytes`` counts the bytes its sync
 moved and ``flush()`` brings the replicas level before anyone looks at them.
@@ -15,6 +16,7 @@ import torch
 
 from trainer.distributed import DistEnv, wrap_model
 from trainer.errors import InputError
+from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
 from trainer.model import BiasedMF
 from trainer.shards import ShardSet
 from trainer.sync import PackedSparseSync, PeriodicRowSync
@@ -30,6 +32,8 @@ class AutogradStep:
     ``scale`` (the world size there) makes the update the gradient of the sum over the
     global batch and the learning rate per rating; the packed sync sums already (1.0).
     """
+
+    kind = "autograd"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float) -> None:
@@ -55,12 +59,21 @@ class AutogradStep:
             self.sync_bytes += self.grad_sync.flush()
 
 
-def build_autograd_step(model: BiasedMF, optimizer: torch.optim.Optimizer, sync: str,
-                        owned: bool, sync_every: int, rank_batch: int,
-                        env: DistEnv) -> AutogradStep:
-    """The reference step for a resolved ``sync`` mode (built after any resume: the
-    periodic sync snapshots the weights it starts from)."""
+def build_step(choice: str, model: BiasedMF, optimizer: torch.optim.Optimizer,
+               optimizer_name: str, sync: str, owned: bool, sync_every: int, rank_batch: int,
+               env: DistEnv) -> AutogradStep | FusedSGDStep:
+    """The run's step for ``--step`` (auto: fused where it applies, trainer/fused_step.py).
+
+    Built after any resume: the periodic sync snapshots the weights it starts from. Only
+    the periodic sync exchanges rows the fused step changed in place; DDP and the per-step
+    packed sync exchange gradients, which it never materialises.
+    """
     step_model, grad_sync = replica_sync(sync, model, owned, sync_every, rank_batch, env)
+    per_step_sync = env.backend is not None and not isinstance(grad_sync, PeriodicRowSync)
+    kind = resolve_step(choice, optimizer=optimizer_name, device=env.device,
+                        per_step_sync=per_step_sync)
+    if kind == "fused":
+        return FusedSGDStep(model, optimizer, load_fused_kernel(), grad_sync, owned)
     return AutogradStep(step_model, optimizer, grad_sync,
                         1.0 if grad_sync is not None else float(env.world_size))
 

@@ -252,6 +252,15 @@ class PeriodicRowSync:
                 touched[grad._indices()[0]] = True
         return 0
 
+    def note_touched(self, ids: Sequence[torch.Tensor]) -> None:
+        """Mark rows changed since the last exchange: (n,) int64 ids per group, in order.
+
+        The fused step (trainer/fused_step.py) changes rows in place without gradients,
+        so the loop passes its batch's ids here instead of calling ``after_backward``.
+        """
+        for group_ids, touched in zip(ids, self.touched):
+            touched[group_ids] = True
+
     def after_step(self) -> int:
         self.pending += 1
         return self.flush() if self.pending >= self.every else 0

@@ -46,12 +46,13 @@ from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
 from trainer.errors import InputError
+from trainer.fused_step import FusedSGDStep
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, resolve_user_embeddings
 from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
-from trainer.steps import AutogradStep, build_autograd_step, use_sparse_gradients
+from trainer.steps import AutogradStep, build_step, use_sparse_gradients
 from trainer.sync import resolve_sync
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,15 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
              "steps": plan.steps, "loader_workers": train_config.loader_workers}
     checkpointer = Checkpointer(run, model, optimizer, shape, env, plan.owned)
     state = checkpointer.start(train_config)
-    step = build_autograd_step(model, optimizer, sync, plan.owned, train_config.sync_every,
-                               plan.rank_batch, env)
+    step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
+                      plan.owned, train_config.sync_every, plan.rank_batch, env)
     if env.is_main:
         config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
                   "backend": env.backend, "device": str(env.device),
                   "rank_batch_size": plan.rank_batch, "steps_per_epoch": plan.steps,
                   "gradients": "sparse" if sparse else "dense", "sync": sync,
                   "user_embeddings": "owned" if plan.owned else "replicated",
-                  "model": asdict(model_config), "optim": asdict(optim_config),
+                  "step": step.kind, "model": asdict(model_config), "optim": asdict(optim_config),
                   "train": asdict(train_config), **(extra_config or {})}
         _start_run_folder(run, config, state)
         log.info("training on %d ratings: %d users x %d items, dim %d, %d rank(s), "
@@ -219,8 +220,9 @@ class TrainEpoch:
     equal whenever anything looks at them. Without a checkpointer it saves nothing.
     """
 
-    def __init__(self, step: AutogradStep, pieces: list[Piece], rank_batch: int, steps: int,
-                 config: TrainConfig, env: DistEnv, local_rows: np.ndarray | None = None,
+    def __init__(self, step: AutogradStep | FusedSGDStep, pieces: list[Piece],
+                 rank_batch: int, steps: int, config: TrainConfig, env: DistEnv,
+                 local_rows: np.ndarray | None = None,
                  checkpointer: Checkpointer | None = None) -> None:
         self.step, self.pieces, self.rank_batch, self.steps = step, pieces, rank_batch, steps
         self.config, self.env, self.local_rows = config, env, local_rows

@@ -1,0 +1,225 @@
+"""The fused CPU training step: one compiled pass per batch instead of forward, backward
+and RowSGD.
+
+The reference step (``BiasedMF.forward``, autograd, ``RowSGD``) builds several (B, d)
+tensors and dispatches a dozen ops per batch; on one thread it reaches a fraction of a
+compiled loop (bench/fused_step.md). This kernel applies the SAME update, the batch's
+summed gradient computed from the pre-step weights with duplicates added, so convergence,
+learning rates and every figure stay those of the reference; it only runs faster. It
+writes in place into the storage of the ``nn.Embedding`` weights, which stay torch tensors:
+checkpoints, the row sync, export and clustering see no difference.
+
+numba is imported lazily: where it cannot import or compile, ``load_fused_kernel`` returns
+None after one warning and the trainer keeps the autograd step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from trainer.config import STEPS
+from trainer.errors import InputError
+from trainer.model import BiasedMF
+from trainer.sync import PeriodicRowSync
+
+log = logging.getLogger(__name__)
+
+
+def _sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
+               item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
+               old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+               errors: np.ndarray) -> float:
+    """One batch's summed-gradient SGD step, in place; returns the batch's summed loss.
+
+    Pass 1 copies every rating's rows into the (B, d) scratch buffers before anything
+    moves; pass 2 computes errors and the loss from the copies; pass 3 updates the tables
+    from the copies only. A row that several ratings of the batch touch therefore receives
+    the sum of gradients computed from its OLD value, exactly as RowSGD applies autograd's
+    sparse gradient. The arithmetic follows SquaredErrorWithL2 in float32 (loss in float64).
+
+    Pass 1 is nothing but independent loads and stores, so the CPU overlaps the cache
+    misses of several ratings; with the dot product in the same loop, its serial sum
+    held each rating's misses back (1.2-1.5x slower, bench/fused_step.md).
+    Rows are indexed as ``table[row, j]``: a row view would cost reference counting.
+
+    Args:
+        users, items: (B,) int64 row ids; ratings: (B,) float32.
+        user_factors, item_factors: (rows, d) float32 tables; user_bias, item_bias: (rows,).
+        old_users, old_items: (>= B, d) float32 scratch; old_biases: (>= B, 2) float32;
+            errors: (>= B,) float32 scratch.
+    """
+    count = len(ratings)
+    dim = user_factors.shape[1]
+    mean32 = np.float32(mean)
+    step = np.float32(-lr)
+    decay = np.float32(2.0 * reg)
+    bias_decay = np.float32(2.0 * bias_reg)
+    two = np.float32(2.0)
+    for b in range(count):
+        user, item = users[b], items[b]
+        for j in range(dim):
+            old_users[b, j] = user_factors[user, j]
+        for j in range(dim):
+            old_items[b, j] = item_factors[item, j]
+        old_biases[b, 0] = user_bias[user]
+        old_biases[b, 1] = item_bias[item]
+    squared_error = 0.0
+    squared_rows = 0.0
+    squared_biases = 0.0
+    for b in range(count):
+        dot = np.float32(0.0)
+        norms = np.float32(0.0)
+        for j in range(dim):
+            dot += old_users[b, j] * old_items[b, j]
+            norms += old_users[b, j] * old_users[b, j] + old_items[b, j] * old_items[b, j]
+        b_u, b_i = old_biases[b, 0], old_biases[b, 1]
+        error = dot + b_u + b_i + mean32 - ratings[b]
+        errors[b] = error
+        squared_error += error * error
+        squared_rows += norms
+        squared_biases += b_u * b_u + b_i * b_i
+    for b in range(count):
+        user, item = users[b], items[b]
+        gradient = two * errors[b]
+        for j in range(dim):
+            user_factors[user, j] += step * (old_users[b, j] * decay + gradient * old_items[b, j])
+        for j in range(dim):
+            item_factors[item, j] += step * (old_items[b, j] * decay + gradient * old_users[b, j])
+        user_bias[user] += step * (gradient + bias_decay * old_biases[b, 0])
+        item_bias[item] += step * (gradient + bias_decay * old_biases[b, 1])
+    return squared_error + reg * squared_rows + bias_reg * squared_biases
+
+
+@functools.cache
+def load_fused_kernel() -> Callable | None:
+    """The compiled batch kernel, or None (logged once) where numba cannot import or compile.
+
+    Compiles here, on a one-rating batch of the trainer's dtypes, so a failure surfaces now
+    rather than mid-epoch; ``cache=True`` keeps the machine code on disk between runs.
+    """
+    try:
+        import numba
+
+        kernel = numba.njit(cache=True, fastmath=False, nogil=True)(_sgd_batch)
+        ids = np.zeros(1, dtype=np.int64)
+        table = np.zeros((1, 1), dtype=np.float32)
+        column = np.zeros(1, dtype=np.float32)
+        kernel(ids, ids, column, table, table.copy(), column.copy(), column.copy(), 0.0,
+               0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
+               column.copy())
+    except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
+        log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
+                    "autograd step (install numba>=0.59 for the fused one)",
+                    type(e).__name__, e)
+        return None
+    return kernel
+
+
+def resolve_step(choice: str, *, optimizer: str, device: torch.device,
+                 per_step_sync: bool) -> str:
+    """``fused`` or ``autograd`` for this run.
+
+    auto: fused on the CPU with plain SGD when numba loads and no gradient is exchanged
+    every step (one process, or ``--sync-every N`` > 1); autograd otherwise (adagrad/adam,
+    CUDA, DDP or the per-step packed sync, which exchange gradients the fused step never
+    materialises).
+    """
+    if choice not in STEPS:
+        raise InputError(f"--step {choice!r}: expected one of {' | '.join(STEPS)}")
+    if choice == "autograd":
+        return choice
+    obstacle = None
+    if optimizer != "sgd":
+        obstacle = f"--optimizer {optimizer} (it supports sgd only)"
+    elif device.type != "cpu":
+        obstacle = f"device {device.type} (it runs on the CPU only)"
+    elif per_step_sync:
+        obstacle = ("a gradient exchange every step (use --sync-every 2 or more with "
+                    "several ranks)")
+    if obstacle is not None:
+        if choice == "fused":
+            raise InputError(f"--step fused cannot run with {obstacle}; use --step auto or "
+                             "--step autograd")
+        return "autograd"
+    if load_fused_kernel() is None:
+        if choice == "fused":
+            raise InputError("--step fused: numba could not load or compile the kernel (see "
+                             "the warning above); install numba>=0.59 or use --step autograd")
+        return "autograd"
+    return "fused"
+
+
+class FusedSGDStep:
+    """A BiasedMF's SGD step in one compiled pass: the fused twin of ``AutogradStep``.
+
+    Replaces ``loss = model(...); loss.backward(); optimizer.step()`` with the same update.
+    The learning rate is read from the optimizer's first group at every call, so the loop's
+    per-epoch schedule (and a checkpoint of the optimizer) works unchanged. The numpy views
+    share the weights' storage, which the trainer only ever changes in place (``copy_``,
+    ``load_state_dict``, the row sync). With several ranks it runs under the periodic row
+    sync (``--sync-every N`` > 1), which it tells which rows each batch changed.
+
+    Args:
+        model: a CPU float32 BiasedMF (unwrapped).
+        optimizer: the run's RowSGD (its ``lr`` is used, never its ``step``).
+        kernel: ``load_fused_kernel()``'s result.
+        grad_sync: the periodic row sync, or None for one process.
+        owned: each rank owns its users' rows (only item rows are exchanged).
+    """
+
+    kind = "fused"
+
+    def __init__(self, model: BiasedMF, optimizer: torch.optim.Optimizer, kernel: Callable,
+                 grad_sync: PeriodicRowSync | None = None, owned: bool = False) -> None:
+        tables = (model.user_factors.weight, model.item_factors.weight,
+                  model.user_bias.weight, model.item_bias.weight)
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+               for t in tables):
+            raise ValueError("the fused step needs contiguous float32 CPU tables")
+        self.model, self.optimizer, self.grad_sync, self.owned = model, optimizer, grad_sync, owned
+        self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
+        self.user_factors, self.item_factors = (t.detach().numpy() for t in tables[:2])
+        self.user_bias, self.item_bias = (t.detach().numpy().reshape(-1) for t in tables[2:])
+        self.mean = float(model.global_mean)
+        self.reg, self.bias_reg = model.config.reg, model.config.bias_reg
+        self.kernel = kernel
+        self._scratch_rows(0)
+
+    def _scratch_rows(self, rows: int) -> None:
+        """(Re)allocate scratch for ``rows`` ratings: only when a larger batch arrives."""
+        dim = self.user_factors.shape[1]
+        self.old_users = np.empty((rows, dim), dtype=np.float32)
+        self.old_items = np.empty((rows, dim), dtype=np.float32)
+        self.old_biases = np.empty((rows, 2), dtype=np.float32)
+        self.errors = np.empty(rows, dtype=np.float32)
+
+    def __call__(self, users: torch.Tensor, items: torch.Tensor,
+                 ratings: torch.Tensor) -> torch.Tensor:
+        """Apply one batch's update; returns its summed loss (0-dim float64 tensor).
+
+        Args:
+            users, items: (B,) int64 row ids; ratings: (B,) float32.
+        """
+        if len(ratings) > len(self.errors):
+            self._scratch_rows(len(ratings))
+        loss = self.kernel(
+            users.numpy(), items.numpy(), ratings.numpy(), self.user_factors,
+            self.item_factors, self.user_bias, self.item_bias, self.mean,
+            self.optimizer.param_groups[0]["lr"], self.reg, self.bias_reg, self.old_users,
+            self.old_items, self.old_biases, self.errors)
+        if self.grad_sync is not None:
+            # ids per sync group, in the order of steps.item_tables / steps.sparse_tables
+            self.grad_sync.note_touched((items,) if self.owned else (users, items))
+            self.sync_bytes += self.grad_sync.after_step()
+        return torch.tensor(loss, dtype=torch.float64)
+
+    def flush(self) -> None:
+        """Bring the replicas level; before checkpoints, evaluation and an epoch's end."""
+        if self.grad_sync is not None:
+            self.sync_bytes += self.grad_sync.flush()
