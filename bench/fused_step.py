@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from trainer.defaults import SMALL_SET  # noqa: E402
 from trainer.fused_step import FusedSGDStep, load_fused_kernel  # noqa: E402
 from trainer.model import BiasedMF  # noqa: E402
 from trainer.optim import RowSGD  # noqa: E402
@@ -131,7 +132,7 @@ def speed(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = BiasedMF(*ML25M_TABLES, 3.5, ModelConfig(dim=64))
-    optimizer = RowSGD(model.parameters(), lr=OptimConfig().lr)
+    optimizer = RowSGD(model.parameters(), lr=SMALL_SET["lr"])
     fused = FusedSGDStep(model, optimizer, load_fused_kernel())
     per_rating = FusedSGDStep(model, optimizer, per_rating_sgd)
     zipf = ratings_for(args.ratings, *ML25M_TABLES, zipf=True, seed=1)

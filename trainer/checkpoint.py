@@ -50,12 +50,19 @@ class TrainState:
     sync_bytes: int = 0  # bytes the packed sync moved in those steps (same on all ranks)
     best_val: float = math.inf
     best_epoch: int = 0
-    bad_epochs: int = 0
+    progress_val: float = math.inf  # val RMSE at the last epoch that gained >= min_delta
+    bad_epochs: int = 0  # epochs since then
     best_model: dict | None = None
     history: list[dict] = field(default_factory=list)
 
-    def end_epoch(self, record: dict, val_rmse: float | None, model: torch.nn.Module) -> bool:
-        """Record a finished epoch; keeps the model when it is the best so far (returned)."""
+    def end_epoch(self, record: dict, val_rmse: float | None, model: torch.nn.Module,
+                  min_delta: float = 0.0) -> bool:
+        """Record a finished epoch; keeps the model when it is the best so far (returned).
+
+        Any better validation RMSE keeps the model; only a gain of at least ``min_delta``
+        since the last such gain resets the early-stopping count, so a decaying learning
+        rate stops once its gains become negligible.
+        """
         self.step, self.loss_sums, self.epoch_seconds, self.sync_bytes = 0, None, 0.0, 0
         self.history.append(record)
         improved = val_rmse is None or val_rmse < self.best_val - 1e-6
@@ -63,6 +70,8 @@ class TrainState:
             self.best_val = val_rmse if val_rmse is not None else math.inf
             self.best_epoch = record["epoch"]
             self.best_model = copy.deepcopy(model.state_dict())
+        if val_rmse is None or val_rmse < self.progress_val - max(min_delta, 1e-6):
+            self.progress_val = val_rmse if val_rmse is not None else math.inf
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1

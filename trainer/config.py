@@ -1,4 +1,8 @@
-"""One typed config per component; each field is a CLI flag and a TOML key of the same name."""
+"""One typed config per component; each field is a CLI flag and a TOML key of the same name.
+
+A field whose default is None is chosen from the data when training starts
+(trainer/defaults.py): a value given as a flag or in TOML always wins.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +32,13 @@ def _check(condition: bool, field: str, value: object, expected: str) -> None:
 class ModelConfig:
     """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
 
-    dim: int = 256  # embedding dimension of user and item factors
+    dim: int | None = None  # embedding dimension (unset: 256 below 1M ratings, else 64)
     init_std: float = 0.01  # std of the normal initialisation of factors (biases start at 0)
     reg: float = 0.05  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
     bias_reg: float = 0.01  # L2 weight on b_u^2 + b_i^2, per example
 
     def __post_init__(self) -> None:
-        _check(self.dim >= 1, "dim", self.dim, "at least 1")
+        _check(self.dim is None or self.dim >= 1, "dim", self.dim, "at least 1")
         _check(self.init_std > 0, "init_std", self.init_std, "> 0")
         _check(self.reg >= 0, "reg", self.reg, ">= 0")
         _check(self.bias_reg >= 0, "bias_reg", self.bias_reg, ">= 0")
@@ -45,14 +49,15 @@ class OptimConfig:
     """How parameters move; the learning rate is per rating (the loss is a sum over the batch)."""
 
     optimizer: str = "sgd"  # sgd | adagrad | adam (lazy: moves only the rows a batch touched)
-    lr: float = 0.003  # learning rate (per rating for sgd)
-    lr_decay: float = 0.99  # learning rate multiplied by this after every epoch
+    lr: float | None = None  # learning rate, per rating for sgd (auto: trainer/defaults.py)
+    lr_decay: float | None = None  # learning rate multiplied by this after every epoch (auto)
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
                " | ".join(OPTIMIZERS))
-        _check(self.lr > 0, "lr", self.lr, "> 0")
-        _check(0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "0 < x <= 1")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.lr_decay is None or 0 < self.lr_decay <= 1, "lr_decay", self.lr_decay,
+               "0 < x <= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +65,8 @@ class TrainConfig:
     """The loop: epochs, batches, stopping, devices, checkpoints and threads."""
 
     epochs: int = 150  # most epochs to run
-    patience: int = 5  # stop after this many epochs without a better validation RMSE (0: never)
+    patience: int | None = None  # epochs gaining < min-delta before stopping (0: never)
+    min_delta: float | None = None  # val RMSE gain that resets the patience count
     batch_size: int = 1024  # ratings per step across all ranks (each rank takes its share)
     eval_batch_size: int = 65_536  # ratings per evaluation batch
     seed: int = 0  # model init and data order; same seed, data and world size, same result
@@ -68,7 +74,7 @@ class TrainConfig:
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
     gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
     sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
-    sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
+    sync_every: int | None = None  # row exchange every N steps (N > 1: ranks step alone; auto)
     user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
     step: str = "auto"  # fused | autograd | auto (fused: compiled CPU SGD step, when numba loads)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
@@ -81,7 +87,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
-        _check(self.patience >= 0, "patience", self.patience, ">= 0")
+        _check(self.patience is None or self.patience >= 0, "patience", self.patience, ">= 0")
+        _check(self.min_delta is None or self.min_delta >= 0, "min_delta", self.min_delta,
+               ">= 0")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
                "at least 1")
@@ -90,7 +98,8 @@ class TrainConfig:
         _check(self.gradients in GRADIENTS, "gradients", self.gradients,
                " | ".join(GRADIENTS))
         _check(self.sync in SYNCS, "sync", self.sync, " | ".join(SYNCS))
-        _check(self.sync_every >= 1, "sync_every", self.sync_every, "at least 1")
+        _check(self.sync_every is None or self.sync_every >= 1, "sync_every", self.sync_every,
+               "at least 1")
         _check(self.user_embeddings in USER_EMBEDDINGS, "user_embeddings",
                self.user_embeddings, " | ".join(USER_EMBEDDINGS))
         _check(self.step in STEPS, "step", self.step, " | ".join(STEPS))

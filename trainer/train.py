@@ -44,6 +44,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
+from trainer.defaults import ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
 from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep
@@ -66,6 +67,11 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     """Train on SHARDS_DIR, write RUN_DIR; returns the final metrics (on every rank)."""
     run = Path(run_dir)
     plan = _plan(shards_dir, train_config, env)
+    train_ratings = plan.shards.rows("train")
+    auto = resolve_defaults(model_config, optim_config, train_config,
+                            train_ratings=train_ratings, world_size=env.world_size,
+                            backend=env.backend)
+    model_config, optim_config, train_config = auto.model, auto.optim, auto.train
     torch.manual_seed(train_config.seed)
     sparse = plan.owned or use_sparse_gradients(
         train_config.gradients, plan.shards, plan.global_batch, env, train_config.sync_every)
@@ -87,9 +93,17 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                   "rank_batch_size": plan.rank_batch, "steps_per_epoch": plan.steps,
                   "gradients": "sparse" if sparse else "dense", "sync": sync,
                   "user_embeddings": "owned" if plan.owned else "replicated",
-                  "step": step.kind, "model": asdict(model_config), "optim": asdict(optim_config),
+                  "step": step.kind, "chosen_from_data": {**auto.chosen, "reason": auto.reason},
+                  "model": asdict(model_config), "optim": asdict(optim_config),
                   "train": asdict(train_config), **(extra_config or {})}
         _start_run_folder(run, config, state)
+        if auto.chosen:
+            log.info("defaults from the data (%s): %s", auto.reason,
+                     ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in auto.chosen.items()))
+        if ranks_cannot_pay(train_ratings, env.world_size):
+            log.warning("%d ranks on %s training ratings: each rank has too little work for "
+                        "more ranks to be faster here; one process would finish sooner",
+                        env.world_size, f"{train_ratings:,}")
         log.info("training on %d ratings: %d users x %d items, dim %d, %d rank(s), "
                  "%d steps of %d ratings per epoch", plan.shards.rows("train"),
                  plan.shards.num_users, plan.shards.num_items, model_config.dim,
@@ -109,14 +123,14 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                   "ratings_per_s": round(plan.steps * plan.global_batch / seconds, 1), "lr": lr}
         if step.grad_sync is not None:
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
-        improved = state.end_epoch(record, val_rmse, model)
+        improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
             _log_epoch(run, record, state, improved)
         checkpointer.save(state)
         if train_config.patience and state.bad_epochs >= train_config.patience:
             if env.is_main:
-                log.info("stopping: no better validation RMSE for %d epochs",
-                         train_config.patience)
+                log.info("stopping: validation RMSE gained less than %g in %d epochs",
+                         max(train_config.min_delta, 1e-6), train_config.patience)
             break
     return _finish(run, model, state, plan, train_config, env)
 

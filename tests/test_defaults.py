@@ -1,0 +1,130 @@
+"""Defaults chosen from the data (trainer/defaults.py) and early stopping with min_delta."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_sync import spawn_ranks
+
+from trainer.checkpoint import TrainState
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.defaults import (
+    LARGE_SET,
+    LARGE_SET_RATINGS,
+    SEVERAL_RANKS_SYNC_EVERY,
+    SMALL_SET,
+    ranks_cannot_pay,
+    resolve_defaults,
+)
+from trainer.distributed import DistEnv
+from trainer.train import train
+
+
+def _resolve(ratings: int, world_size: int = 1, backend: str | None = None, **given):
+    model = ModelConfig(**{k: v for k, v in given.items() if k in ("dim",)})
+    optim = OptimConfig(**{k: v for k, v in given.items() if k in ("lr", "lr_decay")})
+    train = TrainConfig(**{k: v for k, v in given.items()
+                           if k not in ("dim", "lr", "lr_decay")})
+    return resolve_defaults(model, optim, train, train_ratings=ratings,
+                            world_size=world_size, backend=backend)
+
+
+@pytest.mark.parametrize(("ratings", "recipe"), [(90_000, SMALL_SET),
+                                                 (LARGE_SET_RATINGS - 1, SMALL_SET),
+                                                 (LARGE_SET_RATINGS, LARGE_SET),
+                                                 (100_000_000, LARGE_SET)])
+def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe: dict) -> None:
+    resolved = _resolve(ratings)
+    assert resolved.model.dim == recipe["dim"]
+    assert resolved.optim.lr == recipe["lr"] and resolved.optim.lr_decay == recipe["lr_decay"]
+    assert resolved.train.patience == recipe["patience"]
+    assert resolved.train.min_delta == recipe["min_delta"]
+    assert resolved.train.sync_every == 1  # one process exchanges nothing
+    assert resolved.chosen == {**recipe, "sync_every": 1}
+    assert f"{ratings:,} training ratings" in resolved.reason
+
+
+def test_values_given_by_the_user_are_never_replaced() -> None:
+    resolved = _resolve(5_000_000, dim=16, lr=0.5, patience=0, sync_every=4, world_size=2,
+                        backend="gloo")
+    assert (resolved.model.dim, resolved.optim.lr, resolved.train.patience) == (16, 0.5, 0)
+    assert resolved.train.sync_every == 4
+    assert set(resolved.chosen) == {"lr_decay", "min_delta"}
+
+
+def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:
+    assert _resolve(5_000_000, 2, "gloo").train.sync_every == SEVERAL_RANKS_SYNC_EVERY
+    assert _resolve(5_000_000, 2, "nccl").train.sync_every == 1  # DDP on GPUs
+    assert _resolve(5_000_000, 2, "gloo", sync="ddp").train.sync_every == 1
+    assert _resolve(5_000_000, 2, "gloo", gradients="dense").train.sync_every == 1
+
+
+def test_a_second_rank_pays_only_with_enough_ratings_per_rank() -> None:
+    assert ranks_cannot_pay(90_000, 2)
+    assert not ranks_cannot_pay(90_000, 1)
+    assert not ranks_cannot_pay(5_000_000, 2)
+
+
+def _epochs(values: list[float], min_delta: float, patience: int) -> tuple[int, int]:
+    """(epochs run, best epoch) for a sequence of validation RMSEs."""
+    state, model = TrainState(), torch.nn.Linear(1, 1)
+    for epoch, value in enumerate(values, 1):
+        state.end_epoch({"epoch": epoch}, value, model, min_delta)
+        if patience and state.bad_epochs >= patience:
+            break
+    return state.epoch, state.best_epoch
+
+
+def test_min_delta_stops_on_negligible_gains_but_keeps_the_best_epoch() -> None:
+    # Gains of 0.0004 an epoch after epoch 3: below a min_delta of 0.001 for 2 epochs.
+    values = [1.0, 0.9, 0.85, 0.8496, 0.8492, 0.8488, 0.8484, 0.8480]
+    assert _epochs(values, min_delta=0.001, patience=2) == (5, 5)
+    # Without min_delta every gain counts: it runs to the end.
+    assert _epochs(values, min_delta=0.0, patience=2) == (8, 8)
+    # Small gains add up: 0.0004 + 0.0004 + 0.0004 >= 0.001 resets the count.
+    assert _epochs(values, min_delta=0.001, patience=3) == (8, 8)
+
+
+def test_a_worse_epoch_is_never_kept_as_best() -> None:
+    state, model = TrainState(), torch.nn.Linear(1, 1)
+    for epoch, value in enumerate([0.9, 0.95, 0.91], 1):
+        state.end_epoch({"epoch": epoch}, value, model, 0.001)
+    assert state.best_epoch == 1 and state.best_val == 0.9 and state.bad_epochs == 2
+    assert math.isinf(TrainState().progress_val)
+
+
+# ---------------------------------------------------------------- through train()
+
+def test_train_records_and_uses_the_choice(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    single = DistEnv(0, 0, 1, 1, torch.device("cpu"), None)
+    metrics = train(trainer_shards_dir, tmp_path / "run", ModelConfig(), OptimConfig(),
+                    TrainConfig(epochs=2, threads=1), single)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    chosen = config["chosen_from_data"]
+    assert {k: chosen[k] for k in SMALL_SET} == SMALL_SET  # ~18k ratings: a small set
+    assert "training ratings (small set" in chosen["reason"]
+    assert config["model"]["dim"] == SMALL_SET["dim"] == metrics["dim"]
+    assert config["optim"]["lr"] == SMALL_SET["lr"] and config["step"] == "fused"
+
+
+def _default_job(env: DistEnv, shards: str, out: str) -> None:
+    train(shards, Path(out) / "run", ModelConfig(), OptimConfig(),
+          TrainConfig(epochs=3, threads=1, timeout_s=60), env)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_two_gloo_ranks_at_defaults_take_the_fused_periodic_path(trainer_user_shards_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    spawn_ranks(_default_job, str(trainer_user_shards_dir), str(tmp_path),
+                folder=tmp_path / "ranks")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert config["step"] == "fused" and config["user_embeddings"] == "owned"
+    assert config["train"]["sync_every"] == SEVERAL_RANKS_SYNC_EVERY
+    assert metrics["world_size"] == 2
+    assert metrics["test_rmse"] < metrics["baseline_test_rmse"]

@@ -1,0 +1,84 @@
+"""Defaults that scale with the data: the settings a run leaves to ``auto``, from the
+manifest's counts and the world size.
+
+Two regimes, split at LARGE_SET_RATINGS training ratings, each measured on the sets in
+bench/defaults.md:
+
+- small sets (ML-100K-sized): dimension 256, SGD at 0.003 per rating decaying 0.99 an
+  epoch, stopping after 5 epochs without any better validation RMSE. Tuned on ML-100K's
+  validation split; with the fused CPU step the ~75 epochs take a few seconds.
+- large sets (millions of ratings): dimension 64, SGD at 0.03 decaying 0.9, stopping once
+  2 epochs in a row gain less than 0.001 RMSE. A larger step and a faster decay reach the
+  plateau in ~15 epochs instead of ~100; a smaller dimension keeps an epoch near the
+  memory-bound speed of the step; on these sets dimension 256 was no more accurate.
+
+With several CPU ranks the fused step needs the periodic row sync, so ranks exchange the
+rows they changed every SEVERAL_RANKS_SYNC_EVERY steps instead of every step (the
+staleness cost is in bench/scaling.md). With nccl every step syncs (DDP).
+
+Every field chosen here is ``None`` in its config until ``resolve_defaults`` fills it; a
+value the user gave (flag or TOML) is never touched. The choice and its reason go to
+``config.json`` and one log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+
+LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
+SEVERAL_RANKS_SYNC_EVERY = 32  # steps between row exchanges for several CPU ranks
+# Below this many training ratings per rank, a second rank costs more in start-up and
+# communication than it saves (ML-100K: bench/RESULTS.md).
+RATINGS_PER_RANK_TO_PAY = 500_000
+
+SMALL_SET = {"dim": 256, "lr": 0.003, "lr_decay": 0.99, "patience": 5, "min_delta": 0.0}
+LARGE_SET = {"dim": 64, "lr": 0.03, "lr_decay": 0.9, "patience": 2, "min_delta": 0.001}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The configs with every ``auto`` field filled, and what was chosen and why."""
+
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    chosen: dict[str, object]  # field -> value, only the fields left to auto
+    reason: str  # one line: the regime and the facts it was chosen from
+
+
+def resolve_defaults(model: ModelConfig, optim: OptimConfig, train: TrainConfig, *,
+                     train_ratings: int, world_size: int, backend: str | None) -> Resolved:
+    """Fill the ``None`` (auto) fields of the three configs from the data and the ranks.
+
+    Args:
+        train_ratings: the manifest's count of training ratings.
+        world_size: number of ranks.
+        backend: "gloo", "nccl", or None for one process.
+    """
+    large = train_ratings >= LARGE_SET_RATINGS
+    recipe = LARGE_SET if large else SMALL_SET
+    # The periodic exchange needs the packed sync of sparse rows: not with DDP or dense.
+    periodic = (world_size > 1 and backend == "gloo" and train.sync != "ddp"
+                and train.gradients != "dense")
+    sync_every = SEVERAL_RANKS_SYNC_EVERY if periodic else 1
+    wanted = {**recipe, "sync_every": sync_every}
+    chosen: dict[str, object] = {}
+    configs = []
+    for config in (model, optim, train):
+        auto = {f.name: wanted[f.name] for f in dataclasses.fields(config)
+                if f.name in wanted and getattr(config, f.name) is None}
+        chosen.update(auto)
+        configs.append(dataclasses.replace(config, **auto))
+    size = "large" if large else "small"
+    reason = (f"{train_ratings:,} training ratings ({size} set: "
+              f"{'>=' if large else '<'} {LARGE_SET_RATINGS:,}), {world_size} rank(s)"
+              + (f", {backend}" if backend else ""))
+    return Resolved(*configs, chosen=chosen, reason=reason)
+
+
+def ranks_cannot_pay(train_ratings: int, world_size: int) -> bool:
+    """True when each rank would train too few ratings for more ranks to be faster."""
+    return world_size > 1 and train_ratings / world_size < RATINGS_PER_RANK_TO_PAY
