@@ -13,9 +13,9 @@ from test_sync import spawn_ranks
 from trainer.checkpoint import TrainState
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.defaults import (
+    EXCHANGE_EVERY_RATINGS,
     LARGE_SET,
     LARGE_SET_RATINGS,
-    SEVERAL_RANKS_SYNC_EVERY,
     SMALL_SET,
     ranks_cannot_pay,
     resolve_defaults,
@@ -44,7 +44,7 @@ def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe:
     assert resolved.train.patience == recipe["patience"]
     assert resolved.train.min_delta == recipe["min_delta"]
     assert resolved.train.sync_every == 1  # one process exchanges nothing
-    assert resolved.chosen == {**recipe, "sync_every": 1}
+    assert resolved.chosen == {**recipe, "sync_every": 1, "prefetch": 4}
     assert f"{ratings:,} training ratings" in resolved.reason
 
 
@@ -53,14 +53,24 @@ def test_values_given_by_the_user_are_never_replaced() -> None:
                         backend="gloo")
     assert (resolved.model.dim, resolved.optim.lr, resolved.train.patience) == (16, 0.5, 0)
     assert resolved.train.sync_every == 4
-    assert set(resolved.chosen) == {"lr_decay", "min_delta"}
+    assert set(resolved.chosen) == {"lr_decay", "min_delta", "prefetch"}
 
 
 def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:
-    assert _resolve(5_000_000, 2, "gloo").train.sync_every == SEVERAL_RANKS_SYNC_EVERY
+    # 1,024 ratings a step over 2 ranks: 512 a rank, so 512 steps between exchanges
+    assert _resolve(5_000_000, 2, "gloo").train.sync_every == EXCHANGE_EVERY_RATINGS // 512
+    assert _resolve(5_000_000, 2, "gloo", batch_size=8192).train.sync_every == 64
     assert _resolve(5_000_000, 2, "nccl").train.sync_every == 1  # DDP on GPUs
     assert _resolve(5_000_000, 2, "gloo", sync="ddp").train.sync_every == 1
     assert _resolve(5_000_000, 2, "gloo", gradients="dense").train.sync_every == 1
+
+
+def test_batches_are_cut_ahead_only_with_a_spare_core() -> None:
+    model, optim, train = ModelConfig(), OptimConfig(), TrainConfig()
+    busy = resolve_defaults(model, optim, train, train_ratings=10, world_size=2,
+                            backend="gloo", spare_core=False)
+    assert busy.train.prefetch == 0 and _resolve(10).train.prefetch == 4
+    assert _resolve(10, prefetch=2).train.prefetch == 2
 
 
 def test_a_second_rank_pays_only_with_enough_ratings_per_rank() -> None:
@@ -125,6 +135,6 @@ def test_two_gloo_ranks_at_defaults_take_the_fused_periodic_path(trainer_user_sh
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert config["step"] == "fused" and config["user_embeddings"] == "owned"
-    assert config["train"]["sync_every"] == SEVERAL_RANKS_SYNC_EVERY
+    assert config["train"]["sync_every"] == EXCHANGE_EVERY_RATINGS // 512
     assert metrics["world_size"] == 2
     assert metrics["test_rmse"] < metrics["baseline_test_rmse"]

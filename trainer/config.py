@@ -79,7 +79,7 @@ class TrainConfig:
     step: str = "auto"  # fused | autograd | auto (fused: compiled CPU SGD step, when numba loads)
     threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
     loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
-    prefetch: int = 4  # batches a thread cuts ahead of the steps (0: cut in the loop itself)
+    prefetch: int | None = None  # batches a thread cuts ahead (0: none; unset: 4 if cores spare)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt
     checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
@@ -105,7 +105,8 @@ class TrainConfig:
         _check(self.step in STEPS, "step", self.step, " | ".join(STEPS))
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
-        _check(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0")
+        _check(self.prefetch is None or self.prefetch >= 0, "prefetch", self.prefetch,
+               ">= 0")
         _check(self.verify in VERIFY_MODES, "verify", self.verify, " | ".join(VERIFY_MODES))
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")

@@ -13,8 +13,14 @@ bench/defaults.md:
   memory-bound speed of the step; on these sets dimension 256 was no more accurate.
 
 With several CPU ranks the fused step needs the periodic row sync, so ranks exchange the
-rows they changed every SEVERAL_RANKS_SYNC_EVERY steps instead of every step (the
-staleness cost is in bench/scaling.md). With nccl every step syncs (DDP).
+rows they changed after every EXCHANGE_EVERY_RATINGS ratings a rank trains instead of
+every step: an exchange of a whole item table costs about as much as training 20k
+ratings, so exchanging every 32 steps of 512 ratings made two ranks 3x slower than one;
+at 262k ratings the exchange costs a few per cent (the staleness cost, +0.003 RMSE, is in
+bench/scaling.md). With nccl every step syncs (DDP).
+
+Batches are cut ahead in a thread only where a core is spare for it: with a rank on every
+core, the thread competes with the steps (bench/train_throughput.md).
 
 Every field chosen here is ``None`` in its config until ``resolve_defaults`` fills it; a
 value the user gave (flag or TOML) is never touched. The choice and its reason go to
@@ -29,12 +35,13 @@ from dataclasses import dataclass
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 
 LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
-SEVERAL_RANKS_SYNC_EVERY = 32  # steps between row exchanges for several CPU ranks
+EXCHANGE_EVERY_RATINGS = 262_144  # ratings a rank trains between row exchanges
 # Below this many training ratings per rank, a second rank costs more in start-up and
 # communication than it saves (ML-100K: bench/RESULTS.md).
 RATINGS_PER_RANK_TO_PAY = 500_000
 
 SMALL_SET = {"dim": 256, "lr": 0.003, "lr_decay": 0.99, "patience": 5, "min_delta": 0.0}
+PREFETCH = 4  # batches a loader thread cuts ahead, where a core is spare
 LARGE_SET = {"dim": 64, "lr": 0.03, "lr_decay": 0.9, "patience": 2, "min_delta": 0.001}
 
 
@@ -50,21 +57,24 @@ class Resolved:
 
 
 def resolve_defaults(model: ModelConfig, optim: OptimConfig, train: TrainConfig, *,
-                     train_ratings: int, world_size: int, backend: str | None) -> Resolved:
+                     train_ratings: int, world_size: int, backend: str | None,
+                     spare_core: bool = True) -> Resolved:
     """Fill the ``None`` (auto) fields of the three configs from the data and the ranks.
 
     Args:
         train_ratings: the manifest's count of training ratings.
         world_size: number of ranks.
         backend: "gloo", "nccl", or None for one process.
+        spare_core: this machine has more cores than local ranks.
     """
     large = train_ratings >= LARGE_SET_RATINGS
     recipe = LARGE_SET if large else SMALL_SET
     # The periodic exchange needs the packed sync of sparse rows: not with DDP or dense.
     periodic = (world_size > 1 and backend == "gloo" and train.sync != "ddp"
                 and train.gradients != "dense")
-    sync_every = SEVERAL_RANKS_SYNC_EVERY if periodic else 1
-    wanted = {**recipe, "sync_every": sync_every}
+    rank_batch = max(1, train.batch_size // world_size)
+    sync_every = max(2, EXCHANGE_EVERY_RATINGS // rank_batch) if periodic else 1
+    wanted = {**recipe, "sync_every": sync_every, "prefetch": PREFETCH if spare_core else 0}
     chosen: dict[str, object] = {}
     configs = []
     for config in (model, optim, train):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -70,7 +71,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     train_ratings = plan.shards.rows("train")
     auto = resolve_defaults(model_config, optim_config, train_config,
                             train_ratings=train_ratings, world_size=env.world_size,
-                            backend=env.backend)
+                            backend=env.backend,
+                            spare_core=len(os.sched_getaffinity(0)) > env.local_world_size)
     model_config, optim_config, train_config = auto.model, auto.optim, auto.train
     torch.manual_seed(train_config.seed)
     sparse = plan.owned or use_sparse_gradients(
