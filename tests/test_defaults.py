@@ -65,6 +65,13 @@ def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients
     assert _resolve(5_000_000, 2, "gloo", gradients="dense").train.sync_every == 1
 
 
+def test_periodic_averaging_on_a_small_set_keeps_the_per_rating_step() -> None:
+    assert _resolve(90_000, 2, "gloo").optim.lr == SMALL_SET["lr"] * 2
+    assert _resolve(90_000, 2, "gloo", lr=0.01).optim.lr == 0.01  # given: kept
+    assert _resolve(5_000_000, 2, "gloo").optim.lr == LARGE_SET["lr"]
+    assert _resolve(90_000, 2, "gloo", sync="ddp").optim.lr == SMALL_SET["lr"]
+
+
 def test_batches_are_cut_ahead_only_with_a_spare_core() -> None:
     model, optim, train = ModelConfig(), OptimConfig(), TrainConfig()
     busy = resolve_defaults(model, optim, train, train_ratings=10, world_size=2,

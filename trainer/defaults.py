@@ -18,6 +18,12 @@ every step: an exchange of a whole item table costs about as much as training 20
 ratings, so exchanging every 32 steps of 512 ratings made two ranks 3x slower than one;
 at 262k ratings the exchange costs a few per cent (the staleness cost, +0.003 RMSE, is in
 bench/scaling.md). With nccl every step syncs (DDP).
+The exchange sets a row to the mean of the ranks' changes, which divides the per-rating
+step by the number of ranks on rows every rank touches; on a small set, where an epoch
+holds a single exchange, that halved progress per epoch (ML-100K, 2 ranks: 150 epochs to
+test RMSE 0.9123), so there the learning rate left to auto is multiplied by the number of
+ranks (79 epochs to 0.9069, the exact per-step sync's figure). Large sets converged in
+the same number of epochs without it (bench/defaults.md).
 
 Batches are cut ahead in a thread only where a core is spare for it: with a rank on every
 core, the thread competes with the steps (bench/train_throughput.md).
@@ -75,6 +81,8 @@ def resolve_defaults(model: ModelConfig, optim: OptimConfig, train: TrainConfig,
     rank_batch = max(1, train.batch_size // world_size)
     sync_every = max(2, EXCHANGE_EVERY_RATINGS // rank_batch) if periodic else 1
     wanted = {**recipe, "sync_every": sync_every, "prefetch": PREFETCH if spare_core else 0}
+    if periodic and not large:
+        wanted["lr"] = recipe["lr"] * world_size
     chosen: dict[str, object] = {}
     configs = []
     for config in (model, optim, train):
