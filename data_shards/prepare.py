@@ -16,6 +16,7 @@ temporary folder renamed into place at the end, manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +25,8 @@ import math
 import os
 import shutil
 import time
-import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +36,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dask.system import CPU_COUNT
 from tqdm.dask import TqdmCallback
 
 from data_shards.errors import InputError
 from data_shards.metadata import read_item_metadata
+from data_shards.outputs import is_write_fault, no_interrupts, output_folder
 from data_shards.sources import (
     BAD_ROW_REASONS,
     REJECT_COLUMNS,
@@ -142,9 +146,6 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise InputError(f"{out} already exists and is not empty; pass --overwrite to "
-                         "replace it or choose another --out")
     if (val_inputs or test_inputs) and config.split != "random":
         raise InputError(f"--split {config.split} and --val-input/--test-input exclude each "
                          "other: pre-split inputs are used as given")
@@ -155,20 +156,33 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
             sources[role] = resolve_source(list(given), options)
     for role, source in sources.items():
         log.info("reading %d %s file(s) as %s", len(source.paths), role, source.layout)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    tmp.mkdir(parents=True)
-    try:
+    read = [p for s in sources.values() for p in (*s.paths, s.items_path) if p]
+    with (output_folder(out, "shards", overwrite=config.overwrite,
+                        inputs=read + ([config.items] if config.items else [])) as tmp,
+          tasks_end_before_cleanup()):
         manifest = _prepare_into(tmp, sources, config)
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         _write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:  # folders made for --out go too: nothing is left behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return manifest
+
+
+@contextlib.contextmanager
+def tasks_end_before_cleanup() -> Iterator[None]:
+    """Run threaded Dask tasks on a pool this block owns, and wait for them when it ends.
+
+    On an error or Ctrl-C, Dask's threaded scheduler returns at once and leaves its
+    threads running: a task still writing (``to_parquet`` creates its folders) would
+    re-create the temporary folder after it was removed. Waiting here first makes the
+    cleanup final. Other schedulers ignore the pool (a synchronous run has no threads; a
+    distributed cluster's workers are ended by whoever owns the cluster).
+    """
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
+    try:
+        with dask.config.set(pool=pool):
+            yield
+    finally:
+        with no_interrupts():  # a second Ctrl-C must not cut the wait short
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _all_paths(sources: dict[str, RatingSource]) -> str:
@@ -309,7 +323,10 @@ def _guarded(sources: dict[str, RatingSource], scale, action):
         return action()
     except InputError:
         raise
-    except (ValueError, TypeError, UnicodeDecodeError, pa.ArrowException, OSError) as e:
+    except (ValueError, TypeError, UnicodeDecodeError, pa.ArrowException, OSError,
+            EOFError) as e:
+        if is_write_fault(e):  # a full disk is no fault of the input
+            raise
         raise _diagnose(sources, scale, str(e).splitlines()[-1] if str(e) else "") from e
 
 
@@ -739,14 +756,3 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; an old one is moved aside first, then removed."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
