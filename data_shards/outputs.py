@@ -102,10 +102,11 @@ def as_write_fault(error: OSError, out: Path) -> InputError:
 
 
 @contextlib.contextmanager
-def output_folder(out: str | Path, kind: str, *, overwrite: bool = False,
+def output_folder(out: str | Path, kind: str, *, overwrite: bool | None = False,
                   inputs: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``out`` whole when the block succeeds.
 
+    ``overwrite`` None: the command has no ``--overwrite`` (only an empty OUT is used).
     The marker is written into it before the swap. ``inputs`` are the paths read to make
     the output (local ones are checked; URLs are ignored). On any exception, Ctrl-C
     included, the temporary folder goes and ``out`` stays as it was.
@@ -197,9 +198,13 @@ def _target_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _check_target(out: Path, kind: str, overwrite: bool, inputs: Iterable[str]) -> None:
+def _check_target(out: Path, kind: str, overwrite: bool | None,
+                  inputs: Iterable[str]) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
+    if overwrite is None:
+        raise InputError(f"{out} already exists and is not empty; choose another --out or "
+                         "remove it first")
     if not overwrite:
         raise InputError(f"{out} already exists and is not empty; pass --overwrite to "
                          "replace it or choose another --out")

@@ -229,6 +229,12 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     user_vocab = _vocabulary(stats["users"])
     item_vocab = _vocabulary(stats["items"])
     scale = scale or (stats["min"], stats["max"])
+    fillable = max(MIN_SHARDS, int(stats["rows"]))
+    if config.num_shards is not None and config.num_shards > fillable:
+        # Each shard costs tasks and three files however empty it is.
+        raise InputError(f"--num-shards {config.num_shards}: more shards than "
+                         f"{int(stats['rows']):,} ratings can fill; use at most {fillable:,} "
+                         "or leave it out for the automatic count")
     given = set(sources) - {"train"}
     plan = _Plan(
         seed=config.seed, split=config.split,
@@ -356,6 +362,7 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
         "rows": ratings.shape[0],
         "bad": bad.sum(),
         "missing_ids": ratings["user"].isna().sum() + ratings["item"].isna().sum(),
+        "bad_times": ratings["timestamp"].isna().sum() if "timestamp" in ratings.columns else 0,
         "min": rating.min(),
         "max": rating.max(),
         "users": ratings["user"].dropna().unique(),
@@ -367,7 +374,9 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
                                                   meta=checked._meta[list(REJECT_COLUMNS)])
     if config.split == "temporal":
         first = 1.0 - config.val_fraction - config.test_fraction
-        tasks["quantiles"] = ratings["timestamp"].quantile([first, 1.0 - config.test_fraction])
+        # float64: dask cannot take quantiles of a nullable Int64 (seconds fit exactly)
+        tasks["quantiles"] = ratings["timestamp"].astype("float64").quantile(
+            [first, 1.0 - config.test_fraction])
     with TqdmCallback(desc="read and validate", mininterval=1.0, leave=False):
         values = _guarded(sources, scale,
                           lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
@@ -376,12 +385,13 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
         raise InputError(f"{_all_paths(sources)}: no ratings found (" + (
             f"all {rejected} rows were rejected as bad; see the reasons with --on-bad-rows "
             "error)" if rejected else "only a header, or empty files)"))
-    if values["bad"] or values["missing_ids"]:
+    if values["bad"] or values["missing_ids"] or values["bad_times"]:
         if all(s.is_parquet for s in sources.values()):
             raise InputError(
                 f"{_all_paths(sources)}: {int(values['bad'])} rows with a missing, "
-                f"non-finite or out-of-range rating and {int(values['missing_ids'])} missing "
-                f"ids (expected finite ratings" +
+                f"non-finite or out-of-range rating, {int(values['missing_ids'])} missing "
+                f"ids and {int(values['bad_times'])} missing or unreadable timestamps "
+                f"(expected finite ratings" +
                 (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")") +
                 "; pass --on-bad-rows skip to drop them")
         raise _diagnose(sources, scale)
@@ -733,7 +743,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
         matched = int(joined["item"].notna().sum())
         if matched == 0:
             raise InputError(f"{path}: none of its item ids match the ratings' item ids "
-                             f"(e.g. {meta['item'].iloc[0]!r} vs {vocab[0]!r})")
+                             f"(e.g. {meta['item'].iloc[0]!r} vs {vocab[:1].tolist()[0]!r})")
         log.info("item metadata for %d of %d items from %s", matched, len(vocab), path)
     else:
         items["title"] = None

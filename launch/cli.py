@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "of SHARDS_DIR back as TSV with original ids, for other tools.")
     export_split.add_argument("shards_dir", metavar="SHARDS_DIR")
     export_split.add_argument("--out", required=True, metavar="DIR")
+    export_split.add_argument("--overwrite", action="store_true",
+                              help="replace DIR if it is an earlier export-split")
     export_split.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     train = command("train", _train, "Train on shards with torchrun (N local processes, or "
@@ -273,7 +275,7 @@ def _verify(values: dict) -> int:
 def _export_split(values: dict) -> int:
     from data_shards.export import export_split
 
-    written = export_split(values["shards_dir"], values["out"])
+    written = export_split(values["shards_dir"], values["out"], values["overwrite"])
     log.info("wrote %s to %s", ", ".join(f"{s} {n}" for s, n in written.items()), values["out"])
     return 0
 

@@ -44,7 +44,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
                " | ".join(OPTIMIZERS))
-        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0 < self.lr < float("inf"), "lr", self.lr, "a finite number > 0")
         _check(0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "0 < x <= 1")
 
 
