@@ -95,10 +95,10 @@ def is_write_fault(error: BaseException) -> bool:
 
 
 def as_write_fault(error: OSError, out: Path) -> InputError:
-    if error.errno is None:  # pyarrow: no errno, the path and cause are in the text
-        return InputError(f"{out}: {str(error).splitlines()[-1]} while writing; free some "
-                          "space or choose another --out")
-    return os_error_message(error, f"writing {out}")
+    """Disk full and the like, named at the output (pyarrow's errors carry no path)."""
+    cause = error.strerror or str(error).splitlines()[-1]
+    return InputError(f"{error.filename or out}: {cause} while writing {out}; free some "
+                      "space or choose another --out")
 
 
 @contextlib.contextmanager
@@ -117,8 +117,8 @@ def output_folder(out: str | Path, kind: str, *, overwrite: bool | None = False,
     tmp = None
     try:
         with _target_lock(out):
+            _remove_dead_leftovers(out)  # first: it may put a cut-short swap's OUT back
             _check_target(out, kind, overwrite, inputs)
-            _remove_dead_leftovers(out)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 tmp.mkdir()
