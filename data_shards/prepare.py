@@ -737,6 +737,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
     path = config.items or source.items_path
     if path:
         meta = read_item_metadata(path, config.genre_sep, source.storage_options)
+        example = meta["item"].iloc[0] if len(meta) else None  # before ids that match no type
         keys = (pd.to_numeric(meta["item"], errors="coerce").astype("Int64")
                 if pd.api.types.is_integer_dtype(vocab.dtype) else meta["item"])
         meta = meta.assign(key=keys).dropna(subset=["key"]).drop_duplicates("key")
@@ -746,7 +747,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
         matched = int(joined["item"].notna().sum())
         if matched == 0:
             raise InputError(f"{path}: none of its item ids match the ratings' item ids "
-                             f"(e.g. {meta['item'].iloc[0]!r} vs {vocab[:1].tolist()[0]!r})")
+                             f"(e.g. {example!r} vs {vocab[:1].tolist()[0]!r})")
         log.info("item metadata for %d of %d items from %s", matched, len(vocab), path)
     else:
         items["title"] = None
