@@ -108,6 +108,19 @@ def detects(action) -> bool:
     return False
 
 
+def measure(root: Path, rows: int, files: int, checksums: bool, repeats: int) -> dict:
+    paths, write_s = write_set(root, rows, files, checksums)
+    return {
+        "bytes": sum(p.stat().st_size for p in paths), "write_s": round(write_s, 3),
+        "footers_s": round(timed(lambda: footers(paths), repeats), 4),
+        "sha256_s": round(timed(lambda: sha256_all(paths), repeats), 3),
+        "decode_s": round(timed(lambda: decode(paths, False), repeats), 3),
+        "decode_verified_s": round(timed(lambda: decode(paths, checksums), repeats), 3),
+        "verify_quick_s": round(timed(lambda: verify_shards(root), repeats), 3),
+        "verify_full_s": round(timed(lambda: verify_shards(root, full=True), repeats), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=parse_size, default=parse_size("20M"))
@@ -122,19 +135,8 @@ def main() -> None:
                      platform.machine(), "pyarrow": pa.__version__}
     for checksums in (False, True):
         root = args.root / ("with" if checksums else "without")
-        paths, write_s = write_set(root, args.rows, args.files, checksums)
-        size = sum(p.stat().st_size for p in paths)
-        results["with_page_checksums" if checksums else "without_page_checksums"] = {
-            "bytes": size, "write_s": round(write_s, 3),
-            "footers_s": round(timed(lambda: footers(paths), args.repeats), 4),
-            "sha256_s": round(timed(lambda: sha256_all(paths), args.repeats), 3),
-            "decode_s": round(timed(lambda: decode(paths, False), args.repeats), 3),
-            "decode_verified_s": round(timed(lambda: decode(paths, checksums),
-                                             args.repeats), 3),
-            "verify_quick_s": round(timed(lambda: verify_shards(root), args.repeats), 3),
-            "verify_full_s": round(timed(lambda: verify_shards(root, full=True),
-                                         args.repeats), 3),
-        }
+        key = "with_page_checksums" if checksums else "without_page_checksums"
+        results[key] = measure(root, args.rows, args.files, checksums, args.repeats)
     # One flipped byte in the middle of the first data page of column 0 of a file.
     root = args.root / "with"
     target = root / "train" / "part-00000.parquet"

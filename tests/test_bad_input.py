@@ -6,8 +6,8 @@ Issue #12 cases 6, 7, 8 (the data side), 12 and 14, each with real files.
 from __future__ import annotations
 
 import gzip
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 
