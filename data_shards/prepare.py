@@ -16,6 +16,7 @@ temporary folder renamed into place at the end, manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +25,8 @@ import math
 import os
 import shutil
 import time
-import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +36,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dask.system import CPU_COUNT
 from tqdm.dask import TqdmCallback
 
 from data_shards.errors import InputError
 from data_shards.metadata import read_item_metadata
+from data_shards.outputs import is_write_fault, no_interrupts, output_folder
 from data_shards.sources import (
     BAD_ROW_REASONS,
     REJECT_COLUMNS,
@@ -57,6 +61,9 @@ SPLITS = ("train", "val", "test")
 DUPLICATE_POLICIES = ("error", "last", "mean")
 TRAIN_ROWS_PER_SHARD = 2_000_000  # auto shard count: enough shards to keep each this small
 MIN_SHARDS = 8
+# Page checksums let a reader find a damaged page as it reads it
+# (page_checksum_verification=True); bench/verify_cost.md measures their cost.
+SHARD_WRITE_OPTIONS = {"compression": "snappy", "write_page_checksum": True}
 _MIX_SHARD = np.uint64(0x9E3779B97F4A7C15)
 _MIX_ORDER = np.uint64(0xD1B54A32D192ED03)
 _MIX_USER = np.uint64(0x8CB92BA72F3D8DD7)
@@ -142,9 +149,6 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise InputError(f"{out} already exists and is not empty; pass --overwrite to "
-                         "replace it or choose another --out")
     if (val_inputs or test_inputs) and config.split != "random":
         raise InputError(f"--split {config.split} and --val-input/--test-input exclude each "
                          "other: pre-split inputs are used as given")
@@ -155,20 +159,33 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
             sources[role] = resolve_source(list(given), options)
     for role, source in sources.items():
         log.info("reading %d %s file(s) as %s", len(source.paths), role, source.layout)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    tmp.mkdir(parents=True)
-    try:
+    read = [p for s in sources.values() for p in (*s.paths, s.items_path) if p]
+    with (output_folder(out, "shards", overwrite=config.overwrite,
+                        inputs=read + ([config.items] if config.items else [])) as tmp,
+          tasks_end_before_cleanup()):
         manifest = _prepare_into(tmp, sources, config)
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         _write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:  # folders made for --out go too: nothing is left behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return manifest
+
+
+@contextlib.contextmanager
+def tasks_end_before_cleanup() -> Iterator[None]:
+    """Run threaded Dask tasks on a pool this block owns, and wait for them when it ends.
+
+    On an error or Ctrl-C, Dask's threaded scheduler returns at once and leaves its
+    threads running: a task still writing (``to_parquet`` creates its folders) would
+    re-create the temporary folder after it was removed. Waiting here first makes the
+    cleanup final. Other schedulers ignore the pool (a synchronous run has no threads; a
+    distributed cluster's workers are ended by whoever owns the cluster).
+    """
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
+    try:
+        with dask.config.set(pool=pool):
+            yield
+    finally:
+        with no_interrupts():  # a second Ctrl-C must not cut the wait short
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _all_paths(sources: dict[str, RatingSource]) -> str:
@@ -215,6 +232,12 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     user_vocab = _vocabulary(stats["users"])
     item_vocab = _vocabulary(stats["items"])
     scale = scale or (stats["min"], stats["max"])
+    fillable = max(MIN_SHARDS, int(stats["rows"]))
+    if config.num_shards is not None and config.num_shards > fillable:
+        # Each shard costs tasks and three files however empty it is.
+        raise InputError(f"--num-shards {config.num_shards}: more shards than "
+                         f"{int(stats['rows']):,} ratings can fill; use at most {fillable:,} "
+                         "or leave it out for the automatic count")
     given = set(sources) - {"train"}
     plan = _Plan(
         seed=config.seed, split=config.split,
@@ -309,7 +332,10 @@ def _guarded(sources: dict[str, RatingSource], scale, action):
         return action()
     except InputError:
         raise
-    except (ValueError, TypeError, UnicodeDecodeError, pa.ArrowException, OSError) as e:
+    except (ValueError, TypeError, UnicodeDecodeError, pa.ArrowException, OSError,
+            EOFError) as e:
+        if is_write_fault(e):  # a full disk is no fault of the input
+            raise
         raise _diagnose(sources, scale, str(e).splitlines()[-1] if str(e) else "") from e
 
 
@@ -339,6 +365,7 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
         "rows": ratings.shape[0],
         "bad": bad.sum(),
         "missing_ids": ratings["user"].isna().sum() + ratings["item"].isna().sum(),
+        "bad_times": ratings["timestamp"].isna().sum() if "timestamp" in ratings.columns else 0,
         "min": rating.min(),
         "max": rating.max(),
         "users": ratings["user"].dropna().unique(),
@@ -350,7 +377,9 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
                                                   meta=checked._meta[list(REJECT_COLUMNS)])
     if config.split == "temporal":
         first = 1.0 - config.val_fraction - config.test_fraction
-        tasks["quantiles"] = ratings["timestamp"].quantile([first, 1.0 - config.test_fraction])
+        # float64: dask cannot take quantiles of a nullable Int64 (seconds fit exactly)
+        tasks["quantiles"] = ratings["timestamp"].astype("float64").quantile(
+            [first, 1.0 - config.test_fraction])
     with TqdmCallback(desc="read and validate", mininterval=1.0, leave=False):
         values = _guarded(sources, scale,
                           lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
@@ -359,12 +388,13 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
         raise InputError(f"{_all_paths(sources)}: no ratings found (" + (
             f"all {rejected} rows were rejected as bad; see the reasons with --on-bad-rows "
             "error)" if rejected else "only a header, or empty files)"))
-    if values["bad"] or values["missing_ids"]:
+    if values["bad"] or values["missing_ids"] or values["bad_times"]:
         if all(s.is_parquet for s in sources.values()):
             raise InputError(
                 f"{_all_paths(sources)}: {int(values['bad'])} rows with a missing, "
-                f"non-finite or out-of-range rating and {int(values['missing_ids'])} missing "
-                f"ids (expected finite ratings" +
+                f"non-finite or out-of-range rating, {int(values['missing_ids'])} missing "
+                f"ids and {int(values['bad_times'])} missing or unreadable timestamps "
+                f"(expected finite ratings" +
                 (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")") +
                 "; pass --on-bad-rows skip to drop them")
         raise _diagnose(sources, scale)
@@ -539,7 +569,7 @@ def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplica
     name = f"{split}/part-{shard:05d}.parquet"
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer,
-                   row_group_size=config.row_group_size, compression="snappy")
+                   row_group_size=config.row_group_size, **SHARD_WRITE_OPTIONS)
     data = buffer.getvalue()
     (out / name).write_bytes(data)
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
@@ -707,6 +737,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
     path = config.items or source.items_path
     if path:
         meta = read_item_metadata(path, config.genre_sep, source.storage_options)
+        example = meta["item"].iloc[0] if len(meta) else None  # before ids that match no type
         keys = (pd.to_numeric(meta["item"], errors="coerce").astype("Int64")
                 if pd.api.types.is_integer_dtype(vocab.dtype) else meta["item"])
         meta = meta.assign(key=keys).dropna(subset=["key"]).drop_duplicates("key")
@@ -716,7 +747,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
         matched = int(joined["item"].notna().sum())
         if matched == 0:
             raise InputError(f"{path}: none of its item ids match the ratings' item ids "
-                             f"(e.g. {meta['item'].iloc[0]!r} vs {vocab[0]!r})")
+                             f"(e.g. {example!r} vs {vocab[:1].tolist()[0]!r})")
         log.info("item metadata for %d of %d items from %s", matched, len(vocab), path)
     else:
         items["title"] = None
@@ -739,14 +770,3 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; an old one is moved aside first, then removed."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -3,16 +3,19 @@
 Every source (the MovieLens layouts, any CSV/TSV/Parquet, a ``shardmf synth`` folder;
 local paths, globs or fsspec URLs) becomes the columns ``user`` and ``item`` (original
 ids, as strings for text files), ``rating`` (float64) and, when the source has one,
-``timestamp`` (int64 unix seconds). Problems a user can fix raise ``InputError`` naming
+``timestamp`` (nullable Int64 unix seconds, <NA> where a value is no time: a bad row,
+like a bad rating). Problems a user can fix raise ``InputError`` naming
 the file and, for text files, the line.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -64,6 +67,11 @@ class SourceOptions:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise InputError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as e:
+            raise InputError(f"--encoding {self.encoding!r}: not an encoding Python knows "
+                             "(e.g. utf-8, latin-1)") from e
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> In
     expected = len(source.field_names)
     stride = len(source.delimiter) if _is_repeated_char(source.delimiter) else 1
     for path in source.paths:
+        line_no = 0
         try:
             with fsspec.open(path, "rt", compression="infer", encoding=source.encoding,
                              newline="", **source.storage_options) as handle:
@@ -159,6 +168,12 @@ def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> In
         except UnicodeDecodeError as e:
             return InputError(f"{path}: not valid {source.encoding} text ({e.reason} at byte "
                               f"{e.start}); pass --encoding (e.g. latin-1)")
+        except csv.Error as e:
+            return InputError(f"{path}, line {line_no + 1}: {e}; not one rating per line "
+                              "(check the delimiter and quoting)")
+        except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
+            return InputError(f"{path}: cannot be read to the end after line {line_no} ({e}); "
+                              "is the file truncated or damaged?")
     return InputError(f"{', '.join(source.paths)}: could not be parsed as "
                       f"{source.layout} ratings")
 
@@ -182,7 +197,18 @@ def _row_problem(fields: list[str], wanted: dict[str, int], expected: int, strid
     if scale and not scale[0] <= value <= scale[1]:
         return (f"rating {raw} is outside the rating range {scale[0]:g}..{scale[1]:g} "
                 f"(pass --rating-range MIN,MAX if that range is wrong)")
+    if "timestamp" in wanted and not _is_time(fields[wanted["timestamp"]].strip()):
+        return (f"timestamp {fields[wanted['timestamp']].strip()!r} is not a time (expected "
+                "unix seconds or a date)")
     return None
+
+
+def _is_time(text: str) -> bool:
+    """What ``_unix_seconds`` accepts; numbers are tried first (per-line Python stays cheap)."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return not pd.isna(_unix_seconds(pd.Series([text], dtype=object)).iloc[0])
 
 
 def _split_lines(handle: io.TextIOBase, delimiter: str):
@@ -217,18 +243,32 @@ def _normalise_partition(frame: pd.DataFrame, columns: dict[str, str]) -> pd.Dat
 
 
 def _unix_seconds(column: pd.Series) -> pd.Series:
+    """Unix seconds as nullable Int64, value by value: numbers as they are, text as a number
+    or else a date. A missing or unparseable value is <NA> (a bad row), never a stand-in."""
     if pd.api.types.is_datetime64_any_dtype(column.dtype):
-        stamps = pd.to_datetime(column, utc=True)
-    elif pd.api.types.is_numeric_dtype(column.dtype):
-        return column.fillna(-1).astype("int64")
-    else:
-        numeric = pd.to_numeric(column, errors="coerce")
-        if numeric.notna().all() or column.isna().all():
-            return numeric.fillna(-1).astype("int64")
-        stamps = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
+        return _nullable_int64(_seconds_since_epoch(pd.to_datetime(column, utc=True)))
+    if pd.api.types.is_integer_dtype(column.dtype):
+        return column.astype("Int64")
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        return _nullable_int64(column.astype("float64"))
+    numbers = pd.to_numeric(column, errors="coerce").astype("float64")
+    text = (column.notna() & numbers.isna()).to_numpy()
+    if text.any():
+        stamps = pd.to_datetime(column[text], errors="coerce", utc=True, format="mixed")
+        numbers[text] = _seconds_since_epoch(stamps).to_numpy(dtype="float64")
+    return _nullable_int64(numbers)
+
+
+def _seconds_since_epoch(stamps: pd.Series) -> pd.Series:
     # Through a timedelta, not astype(int64): the datetime unit (s, ms, us, ns) varies.
-    seconds = (stamps - UNIX_EPOCH) // pd.Timedelta(seconds=1)
-    return seconds.fillna(-1).astype("int64")
+    return (stamps - UNIX_EPOCH) // pd.Timedelta(seconds=1)
+
+
+def _nullable_int64(values: pd.Series) -> pd.Series:
+    numbers = values.to_numpy(dtype="float64", na_value=np.nan)
+    valid = np.isfinite(numbers) & (np.abs(numbers) < 2.0**62)
+    array = pd.arrays.IntegerArray(np.where(valid, numbers, 0).astype(np.int64), ~valid)
+    return pd.Series(array, index=values.index)
 
 
 # ---------------------------------------------------------------- resolving inputs
@@ -303,9 +343,15 @@ def _has_parquet_magic(path: str, options: SourceOptions) -> bool:
         raise InputError(f"{path}: cannot be read ({e})") from e
 
 
+def _decoding(encoding: str) -> str:
+    """UTF-8 is read as utf-8-sig: a byte-order mark is dropped instead of sticking to the
+    first column name (or the first id)."""
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
 def _first_lines(path: str, options: SourceOptions, count: int) -> list[str]:
     try:
-        with fsspec.open(path, "rt", compression="infer", encoding=options.encoding,
+        with fsspec.open(path, "rt", compression="infer", encoding=_decoding(options.encoding),
                          newline="", **options.storage_options) as handle:
             lines = []
             for line in handle:
@@ -327,10 +373,14 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
         if not _first_lines(path, options, 1):
             raise InputError(f"{path}: the file is empty; expected one rating per line")
     first = _first_lines(files[0], options, 20)
-    delimiter = options.delimiter or _layout_delimiter(layout) or _sniff_delimiter(
-        first, files[0])
-    delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
-    sample = list(_split_lines(io.StringIO("\n".join(first)), delimiter))
+    try:
+        delimiter = options.delimiter or _layout_delimiter(layout) or _sniff_delimiter(
+            first, files[0])
+        delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
+        sample = list(_split_lines(io.StringIO("\n".join(first)), delimiter))
+    except csv.Error as e:  # e.g. a megabyte-long line: csv's field size limit
+        raise InputError(f"{files[0]}: {e} in the first lines; not one rating per line "
+                         "(check the file, or pass --delimiter)") from e
     width = len(sample[0])
     header = options.header
     if header is None:
@@ -350,7 +400,8 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
     scale = MOVIELENS_SCALES.get(layout)
     return RatingSource(
         paths=tuple(files), layout=layout, columns=columns, delimiter=delimiter,
-        header=header, field_names=names, encoding=options.encoding, rating_scale=scale,
+        header=header, field_names=names, encoding=_decoding(options.encoding),
+        rating_scale=scale,
         items_path=items_path, storage_options=dict(options.storage_options),
     )
 
@@ -361,16 +412,41 @@ def _parquet_source(files: list[str], layout: str, options: SourceOptions,
 
     try:
         with fsspec.open(files[0], "rb", **options.storage_options) as handle:
-            names = pq.ParquetFile(handle).schema_arrow.names
+            schema = pq.ParquetFile(handle).schema_arrow
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{files[0]}: not a readable Parquet file ({e})") from e
+    names = schema.names
     columns = _map_columns(list(names), True, options, files[0])
+    for role, name in columns.items():
+        _check_parquet_type(files[0], role, name, schema.field(name).type)
     scale = (1.0, 5.0) if layout == "shardmf-synth" else None
     return RatingSource(
         paths=tuple(files), layout=layout, columns=columns, delimiter=None, header=True,
         field_names=tuple(names), encoding=options.encoding, rating_scale=scale,
         items_path=items_path, storage_options=dict(options.storage_options),
     )
+
+
+def _check_parquet_type(path: str, role: str, name: str, kind) -> None:
+    """Ids: numbers or strings; ratings: numbers (not booleans); times: numbers, times or
+    text. Anything else (lists, structs, booleans) would become ids like "[0]" or 1.0."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or (
+        pa.types.is_string_view(kind))
+    number = (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+              or pa.types.is_decimal(kind))
+    allowed = {"user": (number or text, "numbers or strings"),
+               "item": (number or text, "numbers or strings"),
+               "rating": (number, "numbers"),
+               "timestamp": (number or text or pa.types.is_timestamp(kind)
+                             or pa.types.is_date(kind), "numbers, times or text")}
+    ok, expected = allowed[role]
+    if not ok:
+        raise InputError(f"{path}: column {name!r} ({role}) holds {kind}; expected {expected} "
+                         f"(pass --{_flag(role)} to name another column)")
 
 
 def _layout_delimiter(layout: str) -> str | None:
@@ -483,7 +559,8 @@ def _is_compressed(path: str) -> bool:
 # ---------------------------------------------------------------- --on-bad-rows skip
 
 # Why a row was set aside; code i + 1 in the ``reason`` column (0: a good row).
-BAD_ROW_REASONS = ("ragged_line", "non_numeric_rating", "rating_out_of_range", "missing_id")
+BAD_ROW_REASONS = ("ragged_line", "non_numeric_rating", "rating_out_of_range", "missing_id",
+                   "bad_timestamp")
 REJECT_COLUMNS = ("reason", "block", "line", "raw")
 
 
@@ -541,6 +618,8 @@ def _reason_codes(frame: pd.DataFrame, scale) -> np.ndarray:
         if not pd.api.types.is_integer_dtype(column.dtype):
             missing |= (column == "").fillna(False).to_numpy(dtype=bool)
     codes[missing] = 4
+    if "timestamp" in frame:
+        codes[(codes == 0) & frame["timestamp"].isna().to_numpy()] = 5
     return codes
 
 
@@ -628,8 +707,6 @@ def _read_text_block_slowly(data: bytes, index: int, skip_header: bool,
         ragged = frame.iloc[:0].reindex(range(len(bad_lines)))
         ragged = ragged.assign(reason=np.int8(1), block=np.int32(index),
                                line=np.asarray(bad_lines, dtype=np.int64), raw=bad_raw)
-        if "timestamp" in ragged:
-            ragged["timestamp"] = np.int64(-1)
         frame = pd.concat([frame, ragged], ignore_index=True)
     return frame.astype(_checked_dtypes(frame))
 
@@ -637,7 +714,7 @@ def _read_text_block_slowly(data: bytes, index: int, skip_header: bool,
 def _checked_dtypes(frame: pd.DataFrame) -> dict:
     dtypes = {"rating": "float64", "reason": "int8", "block": "int32", "line": "int64"}
     if "timestamp" in frame:
-        dtypes["timestamp"] = "int64"
+        dtypes["timestamp"] = "Int64"
     return dtypes
 
 

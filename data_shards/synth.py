@@ -27,9 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.callbacks import Callback
 from tqdm import tqdm
+
+from data_shards.outputs import output_folder
+from data_shards.prepare import tasks_end_before_cleanup
 
 logger = logging.getLogger(__name__)
 
@@ -172,20 +172,8 @@ def synthesize(out_dir: str | Path, config: SynthConfig) -> SynthSummary:
         ValueError: `out_dir` exists and is not an empty directory.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(
-            f"{out_dir} already exists and is not an empty directory; "
-            "choose a new path or remove it first"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp_dir.mkdir()
-    try:
+    with output_folder(out_dir, "synth", overwrite=None) as tmp_dir, tasks_end_before_cleanup():
         summary = _synthesize_into(tmp_dir, out_dir, config)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     logger.info(
         "synthesized %s ratings (%s users, %s items) in %d files under %s",
         f"{summary.num_ratings:,}",

@@ -83,16 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="SHARDS_DIR")
     _add_prepare_arguments(prepare, PrepareConfig, SourceOptions)
 
-    verify = command("verify", _verify, "Check every shard file against the manifest: "
-                     "sizes, rows and row groups (with --full also SHA-256 checksums).")
+    verify = command("verify", _verify, "Check the manifest against itself and every "
+                     "shard file against the manifest: sizes, rows, row groups, id ranges "
+                     "and SHA-256 of every byte (with --full also page checksums and every "
+                     "value).")
     verify.add_argument("shards_dir", metavar="SHARDS_DIR")
-    verify.add_argument("--full", action="store_true", help="also compare SHA-256 checksums")
+    verify.add_argument("--full", action="store_true",
+                        help="also decode every page (checksums verified) and check values")
     verify.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     export_split = command("export-split", _export_split, "Write the train/val/test splits "
                            "of SHARDS_DIR back as TSV with original ids, for other tools.")
     export_split.add_argument("shards_dir", metavar="SHARDS_DIR")
     export_split.add_argument("--out", required=True, metavar="DIR")
+    export_split.add_argument("--overwrite", action="store_true",
+                              help="replace DIR if it is an earlier export-split")
     export_split.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     train = command("train", _train, "Train on shards with torchrun (N local processes, or "
@@ -257,15 +262,15 @@ def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
 
 
 def _verify(values: dict) -> int:
-    from trainer.shards import open_shards
+    from data_shards.verify import verify_shards
 
-    shards = open_shards(values["shards_dir"], verify="full" if values["full"] else "quick")
-    manifest = shards.manifest
+    manifest = verify_shards(values["shards_dir"], full=values["full"])
     files = sum(len(entries) for entries in manifest["files"].values())
     counts = manifest["counts"]["ratings"]
-    print(f"OK {values['shards_dir']}: {files} files match the manifest "
-          f"({'sizes, rows, row groups, sha256' if values['full'] else 'sizes, rows, row groups'}"
-          f"); ratings train {counts['train']:,} / val {counts['val']:,} / "
+    checked = "sizes, rows, row groups, id ranges, sha256" + (
+        ", page checksums, every value" if values["full"] else "")
+    print(f"OK {values['shards_dir']}: the manifest adds up and {files} files match it "
+          f"({checked}); ratings train {counts['train']:,} / val {counts['val']:,} / "
           f"test {counts['test']:,}")
     return 0
 
@@ -273,7 +278,7 @@ def _verify(values: dict) -> int:
 def _export_split(values: dict) -> int:
     from data_shards.export import export_split
 
-    written = export_split(values["shards_dir"], values["out"])
+    written = export_split(values["shards_dir"], values["out"], values["overwrite"])
     log.info("wrote %s to %s", ", ".join(f"{s} {n}" for s, n in written.items()), values["out"])
     return 0
 

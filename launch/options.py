@@ -46,7 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
         default = item.default if item.default is not dataclasses.MISSING else None
         text = f"{comments.get(item.name, '')} (default: {default})".replace("%", "%%")
         kind = hints[item.name]
-        if kind is bool:
+        if kind is bool or set(typing.get_args(kind)) == {bool, type(None)}:  # bool | None
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
         else:

@@ -19,6 +19,8 @@ BAD = {  # line text -> reason (u.data: a 1..5 scale, four fields)
     "3\t52\t\t881250949": "non_numeric_rating",
     "3\t53\t9\t881250949": "rating_out_of_range",
     "\t54\t3\t881250949": "missing_id",
+    "3\t55\t4\tyesterday": "bad_timestamp",
+    "3\t56\t4\t": "bad_timestamp",
 }
 
 
@@ -47,7 +49,8 @@ def test_skip_keeps_good_rows_and_reports_bad_ones(tmp_path: Path, shard_reader,
     _, ratings = shard_reader(out)
     assert len(ratings) == len(GOOD)
     assert manifest["bad_rows"] == {"ragged_line": 1, "non_numeric_rating": 2,
-                                    "rating_out_of_range": 1, "missing_id": 1}
+                                    "rating_out_of_range": 1, "missing_id": 1,
+                                    "bad_timestamp": 2}
     assert manifest["rejects_file"] == "rejects.csv"
     rejects = pd.read_csv(out / "rejects.csv", keep_default_na=False)
     assert list(rejects.columns) == ["file", "line", "reason", "raw"]

@@ -239,7 +239,8 @@ def test_manifest_matches_the_files(tmp_path: Path, make_ratings, ratings_writer
                                      "row_group_size": 64}
     assert manifest["bad_rows"] == {} and manifest["rejects_file"] is None
     assert sorted(p.name for p in out.iterdir()) == [
-        "items.parquet", "manifest.json", "test", "train", "users.parquet", "val"]
+        ".shardmf-output.json", "items.parquet", "manifest.json", "test", "train",
+        "users.parquet", "val"]
 
     total = {"train": 0, "val": 0, "test": 0}
     rating_sum, seen = 0.0, []

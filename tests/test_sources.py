@@ -386,13 +386,13 @@ def test_parquet_with_string_ids_and_datetime_timestamps(tmp_path: Path,
 def test_date_string_timestamp_column(tmp_path: Path, shard_reader) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text("user,item,rating,date\n1,1,4,2020-01-01\n1,2,3,2020-01-02 00:00:30\n"
-                    "2,1,5,1999-12-31T23:59:59Z\n2,2,1,\n")
+                    "2,1,5,1999-12-31T23:59:59Z\n")
     out = tmp_path / "shards"
     run_prepare([path], out)
     _, ratings = shard_reader(out)
-    # Unix seconds, whatever unit pandas parses dates into; a missing date is -1.
+    # Unix seconds, whatever unit pandas parses dates into.
     assert rows_of(ratings, ("user", "item", "timestamp")) == [
-        (1, 1, 1577836800), (1, 2, 1577923230), (2, 1, 946684799), (2, 2, -1)]
+        (1, 1, 1577836800), (1, 2, 1577923230), (2, 1, 946684799)]
 
 
 def test_file_url_and_glob(tmp_path: Path, shard_reader) -> None:

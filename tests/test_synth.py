@@ -31,7 +31,8 @@ def _ratings(summary: SynthSummary) -> pd.DataFrame:
 
 def test_layout_schema_and_metadata(small_set: SynthSummary) -> None:
     out = small_set.out_dir
-    assert sorted(p.name for p in out.iterdir()) == ["items.csv", "ratings", "synth.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".shardmf-output.json", "items.csv", "ratings",
+                                                    "synth.json"]
     assert small_set.files == sorted((out / "ratings").glob("part-*.parquet"))
     assert [f.name for f in small_set.files][:2] == ["part-00000.parquet", "part-00001.parquet"]
     assert len(small_set.files) >= 4
@@ -156,7 +157,7 @@ def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="already exists and is not empty"):
         synthesize(out, SMALL)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -55,7 +55,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
                " | ".join(OPTIMIZERS))
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.lr is None or 0 < self.lr < float("inf"), "lr", self.lr,
+               "a finite number > 0")
         _check(self.lr_decay is None or 0 < self.lr_decay <= 1, "lr_decay", self.lr_decay,
                "0 < x <= 1")
 
