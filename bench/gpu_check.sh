@@ -89,7 +89,16 @@ install() {
         echo "INSTALL=0: $PY from the source tree (PYTHONPATH=$REPO)"
     else
         # --system-site-packages keeps the machine's CUDA build of torch.
-        [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv --system-site-packages "$VENV"
+        if [[ ! -x "$VENV/bin/python" ]]; then
+            "$PYTHON" -m venv --system-site-packages "$VENV"
+            # When PYTHON is itself a venv (the H200's python3 is /opt/torch/.venv/bin/python3),
+            # the new venv's "system" packages are the base interpreter's, not PYTHON's, and
+            # torch is missing. A .pth line adds PYTHON's site-packages behind the venv's own.
+            "$PYTHON" -c 'import site, sys
+if sys.prefix != sys.base_prefix:
+    print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+                >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/shardmf_parent_site.pth"
+        fi
         PY=$VENV/bin/python
         # The project's dependencies except torch; those the machine has are left alone.
         mapfile -t deps < <("$PY" -c 'import re, tomllib
