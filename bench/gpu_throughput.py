@@ -46,7 +46,8 @@ from trainer.config import ModelConfig, OptimConfig  # noqa: E402
 from trainer.distributed import DistEnv  # noqa: E402
 from trainer.model import BiasedMF  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
-from trainer.steps import AutogradStep, build_autograd_step  # noqa: E402
+from trainer.steps import AutogradStep  # noqa: E402
+from trainer.steps import build_step as build_trainer_step  # noqa: E402
 
 ML25M_TABLES = (162_541, 59_047)  # users, items of MovieLens 25M
 TARGET_RATINGS_PER_S = 100e6  # issue #11 item 4, one H200 at dim 64 (cuMF_SGD: ~640 M/s)
@@ -121,7 +122,8 @@ def build_step(mode: str, num_users: int, num_items: int, dim: int, batch: int,
     optimizer = build_optimizer(model, OptimConfig(lr=LR_TIMES_BATCH / batch))
     if mode == "sparse":
         return AutogradStep(model, optimizer, None, 1.0)
-    return build_autograd_step(model, optimizer, "ddp", False, 1, batch, env)
+    return build_trainer_step("autograd", model, optimizer, "sgd", "ddp", False, 1, batch,
+                              env)
 
 
 def time_steps(step: AutogradStep, batches: list, steps: int, device: torch.device

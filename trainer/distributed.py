@@ -108,6 +108,10 @@ def init_distributed(device: str = "auto", backend: str = "auto",
         if not torch.cuda.is_available():
             raise InputError("--device cuda, but torch sees no CUDA device (install a CUDA "
                              "build of torch or use --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"{local_world_size} ranks on this node but torch sees "
+                             f"{torch.cuda.device_count()} CUDA device(s): one rank per GPU; "
+                             "use --nproc <= the GPU count, or --device cpu")
         torch.cuda.set_device(local_rank)  # before init_process_group, so nccl binds it
         torch_device = torch.device("cuda", local_rank)
     else:
