@@ -232,7 +232,7 @@ def test_manifest_matches_the_files(tmp_path: Path, make_ratings, ratings_writer
     path = ratings_writer(frame, tmp_path / "raw", "ml-dat")
     out = tmp_path / "shards"
     manifest = run_prepare([path], out, num_shards=3, row_group_size=64, val_fraction=0.1,
-                           test_fraction=0.1)
+                           test_fraction=0.1, partition_by="random")
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format_version"] == 1
     assert manifest["partition"] == {"scheme": "random", "num_shards": 3,
