@@ -92,7 +92,7 @@ class PrepareConfig:
     duplicates: str = "error"  # repeated (user, item) pairs: error | last | mean
     split: str = "random"  # random (by hash) | temporal (latest overall) | leave-last (per user)
     leave_last: int = 1  # leave-last: each user's latest N ratings to test, the N before to val
-    partition_by: str = "user"  # shard of a rating: user (all of a user's in one) | random (by pair)
+    partition_by: str = "user"  # shard of a rating: user (all of a user's together) | random
     on_bad_rows: str = "error"  # error (stop at the first) | skip (drop, count, rejects.csv)
     overwrite: bool = False  # replace an existing output folder
 
