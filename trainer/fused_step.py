@@ -29,6 +29,12 @@ from trainer.sync import PeriodicRowSync
 
 log = logging.getLogger(__name__)
 
+# Reassociation lets LLVM vectorise the dot products and sums of squares (torch's own
+# reductions reorder them too), and contraction fuses multiply-adds: 1.1-1.3x the strict
+# kernel, side by side. No flag that changes results on inf/nan: a diverging loss must
+# still show as non-finite.
+KERNEL_FASTMATH = {"reassoc", "contract"}
+
 
 def _sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
                user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
@@ -106,7 +112,7 @@ def load_fused_kernel() -> Callable | None:
     try:
         import numba
 
-        kernel = numba.njit(cache=True, fastmath=False, nogil=True)(_sgd_batch)
+        kernel = numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)(_sgd_batch)
         ids = np.zeros(1, dtype=np.int64)
         table = np.zeros((1, 1), dtype=np.float32)
         column = np.zeros(1, dtype=np.float32)
