@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,7 @@ from trainer.train import train
 
 log = logging.getLogger("trainer")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+LOST_PEER_GRACE_S = 5.0  # far above torchrun's 0.1 s monitor interval
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,7 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = values.pop("debug", False)
     configure_logging(rank)
     try:
-        return _run(values, rank)
+        try:
+            return _run(values, rank)
+        except RuntimeError as e:
+            if not (under_torchrun and _lost_peer(e)):
+                raise
+            # torchrun stops the other ranks within its monitor interval (0.1 s) once one
+            # fails: a rank that merely lost that one dies quietly of the SIGTERM while it
+            # waits here. Only one left running says what happened to it.
+            time.sleep(LOST_PEER_GRACE_S)
+            print(f"shardmf: error: rank {rank}: lost contact with another rank, which "
+                  f"failed or was stopped ({str(e).splitlines()[0][:200]})", file=sys.stderr)
+            return 1
     except (InputError, ValueError) as e:
         if debug:
             raise
@@ -99,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
         raise
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """gloo's error when another rank's connection closes (that rank is the cause)."""
+    text = str(error)
+    return any(sign in text for sign in ("Connection closed by peer",
+                                         "Connection reset by peer", "Broken pipe"))
 
 
 def _end_with_parent() -> None:
