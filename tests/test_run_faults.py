@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -164,7 +165,7 @@ def wait_for(predicate, timeout: float) -> bool:
 @pytest.mark.distributed
 @pytest.mark.parametrize("how", ["SIGINT-group", "SIGTERM-launcher", "SIGKILL-launcher"])
 def test_killing_the_launcher_ends_every_rank(trainer_shards_dir: Path, tmp_path: Path,
-                                              how: str) -> None:
+                                              how: str, capsys) -> None:
     """Ctrl-C (SIGINT to the process group) is one line and exit 130; SIGTERM 143; even
     SIGKILL of the launcher alone ends both ranks (PR_SET_PDEATHSIG). A --resume started
     beside the live ranks fails at once on the run folder's lock; after the kill the last
@@ -178,10 +179,8 @@ def test_killing_the_launcher_ends_every_rank(trainer_shards_dir: Path, tmp_path
         assert len(ranks) == 2, ranks
 
         started = time.monotonic()
-        beside = shardmf("train", trainer_shards_dir, "--out", run, *QUICK, "--resume",
-                         expect=2)
-        assert "another shardmf process (pid " in one_error(beside)
-        assert time.monotonic() - started < 15
+        line = refused(capsys, "train", trainer_shards_dir, "--out", run, *QUICK, "--resume")
+        assert "another shardmf process (pid " in line and time.monotonic() - started < 5
 
         name, target = how.split("-")
         number = getattr(signal, name)
@@ -199,12 +198,16 @@ def test_killing_the_launcher_ends_every_rank(trainer_shards_dir: Path, tmp_path
     else:
         assert job.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], err
         assert "Traceback" not in err and "[rank" not in err, err
-        stopped = [line for line in err.splitlines() if line.startswith("shardmf:")]
+        stopped = re.findall(r"shardmf: [^\n]*", err)  # (after a progress bar's \r)
         assert len(stopped) == 1 and "a run keeps its last checkpoint" in stopped[0], err
     assert leftovers(tmp_path) == [] or name == "SIGKILL"
+    if name != "SIGKILL":
+        return
+    # The hardest case (nothing could clean up): the last checkpoint still resumes, and the
+    # killed writers' temporary files, if any, are removed.
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
-    resumed = shardmf("train", trainer_shards_dir, "--out", run, *QUICK, "--batch-size", "64",
-                      "--epochs", str(saved["epoch"] + 1), "--resume")
+    resumed = shardmf("train", trainer_shards_dir, "--out", run, "--nproc", "2", *QUICK,
+                      "--batch-size", "64", "--epochs", str(saved["epoch"] + 1), "--resume")
     assert "resuming from" in resumed.stderr
     assert json.loads((run / "metrics.json").read_text())["epochs"] == saved["epoch"] + 1
     assert leftovers(tmp_path) == []
