@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -270,7 +269,8 @@ def test_corrupt_shard_through_torchrun(corrupt_shards: Path, tmp_path: Path) ->
     assert lines[0].startswith("shardmf: error: shard train/part-00001.parquet")
 
 
-def test_a_damaged_row_group_on_one_rank_is_one_line(trainer_shards_dir: Path, tmp_path: Path) -> None:
+def test_a_damaged_row_group_on_one_rank_is_one_line(trainer_shards_dir: Path,
+                                                     tmp_path: Path) -> None:
     """A row group only rank 1 reads is damaged (same size, intact footer, so --verify quick
     passes): rank 1 fails mid-epoch, rank 0 must not hang, and rank 1's one line names it."""
     shards = Path(shutil.copytree(trainer_shards_dir, tmp_path / "shards"))
