@@ -47,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = vars(parser.parse_args(argv))
         return values.pop("handler")(values)
-    except KeyboardInterrupt:
-        print("shardmf: interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from launch.train_entry import Terminated
+
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"shardmf: {stopped}; nothing half-written was kept (a run keeps its last "
+              "checkpoint: --resume continues it)", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:
             raise

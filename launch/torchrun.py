@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 from launch.options import add_config_arguments
 from trainer.config import TRAIN_CONFIGS, config_from_values
 from trainer.errors import InputError
-from trainer.run_files import CHECKPOINT
+from trainer.run_files import precheck_run_target
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,7 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
         raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
                          f"for --nproc {options.nproc}; prepare with more --num-shards or "
                          "use fewer processes")
-    if train_config.resume and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-        raise InputError(f"--resume: {run_dir}/{CHECKPOINT} not found; start without --resume")
+    precheck_run_target(Path(run_dir), train_config.resume, train_config.overwrite)
     names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
     trainer_args = [shards_dir, "--out", run_dir, *_as_flags(values, names)]
     if options.nproc == 1 and options.nnodes == 1:
@@ -77,8 +78,11 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
 
 
 def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from launch.train_entry import Terminated
 
     if options.nnodes == 1 and not options.rdzv_endpoint:
         where = ["--standalone"]
@@ -91,9 +95,16 @@ def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # A failure is reported below in one line (its rank printed the details): torchrun's own
     # "failed (exitcode: ...)" log line would only repeat it.
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    # torchelastic's module loggers carry their own levels, so each is set, not only the
+    # parent (its "Received 2 death signal" would add a line to Ctrl-C's one).
+    for name in ["torch.distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(args))
+    except SignalException as e:
+        # torchrun has already passed the signal on to every rank and waited for them.
+        raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated()) from None
     except ChildFailedError as e:
         # Ranks that torchrun stopped after the first failure died of its signal (a negative
         # exit code): they are not the cause, and rank 0 among them is the usual one. Failure

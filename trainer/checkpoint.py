@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -86,16 +87,19 @@ class Checkpointer:
     """Saves and restores one run's training state; every rank holds one and calls it."""
 
     def __init__(self, run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                 shape: dict, env: DistEnv, owned: bool) -> None:
+                 shape: dict, env: DistEnv, owned: bool, identity: dict | None = None) -> None:
         self.run, self.model, self.optimizer = run, model, optimizer
         self.shape, self.env, self.owned = shape, env, owned
+        # What a resumed run must share with this one: {"shards": ShardSet.identity,
+        # "optimizer": its name}; recorded in the checkpoint, compared on --resume.
+        self.identity = identity or {}
 
     def start(self, config: TrainConfig) -> TrainState:
         """The state to continue from: a checkpoint's (resume, restart) or a fresh one."""
         run, env = self.run, self.env
         if should_resume(run, config, env):
             state = load_checkpoint(run, self.model, self.optimizer, self.shape, env,
-                                    self.owned)
+                                    self.owned, self.identity)
             if env.is_main:
                 log.info("resuming from %s: %d epoch(s) done, then %d of %d steps",
                          run / CHECKPOINT, state.epoch, state.step, self.shape["steps"])
@@ -109,7 +113,7 @@ class Checkpointer:
     def save(self, state: TrainState) -> None:
         """Every rank calls this at the same point (it holds collectives)."""
         save_checkpoint(self.run, self.model, self.optimizer, state, self.shape, self.env,
-                        self.owned)
+                        self.owned, self.identity)
 
 
 def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
@@ -130,45 +134,48 @@ def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
 
 
 def save_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                    state: TrainState, shape: dict, env: DistEnv, owned: bool) -> None:
+                    state: TrainState, shape: dict, env: DistEnv, owned: bool,
+                    identity: dict | None = None) -> None:
     """Every rank calls this at the same point; files are written then renamed into place.
 
     Replicated: rank 0 writes RUN/checkpoint.pt alone (every rank holds the same model).
     Owned users: each rank writes its own slice (its users, the items, its optimizer,
     RNG and best weights) as checkpoint.<epoch>-<step>.rank<r>.pt; once all are on disk,
     rank 0 writes checkpoint.pt naming them, and only then are older slices removed. A
-    crash at any moment leaves a checkpoint.pt whose slices all exist.
+    crash at any moment leaves a checkpoint.pt whose slices all exist. A write that fails
+    (disk full) fails every rank with the same one line, not the writer alone.
     """
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
              "best_model": state.best_model}
-    shared = {"shape": shape, **{key: getattr(state, key) for key in STATE_KEYS}}
+    shared = {"shape": shape, "identity": identity or {},
+              **{key: getattr(state, key) for key in STATE_KEYS}}
     if not owned:
-        if env.is_main:
-            save_torch_atomic({**shared, **local}, run / CHECKPOINT)
+        _agreed(lambda: save_torch_atomic({**shared, **local}, run / CHECKPOINT)
+                if env.is_main else None, env)
         return
     tag = f"{state.epoch}-{state.step}"
     mine = run / checkpoint_slice(tag, env.rank)
-    save_torch_atomic(local, mine)
-    all_reduce([0.0], env)  # every slice is on disk before checkpoint.pt names them
-    if env.is_main:
-        save_torch_atomic({**shared, "slices": tag, "world_size": env.world_size},
-                          run / CHECKPOINT)
-    all_reduce([0.0], env)
+    _agreed(lambda: save_torch_atomic(local, mine), env)  # every slice is on disk before
+    _agreed(lambda: save_torch_atomic(  # checkpoint.pt names them
+        {**shared, "slices": tag, "world_size": env.world_size}, run / CHECKPOINT)
+        if env.is_main else None, env)
     for old in run.glob(checkpoint_slice_pattern(env.rank)):
         if old != mine:
             old.unlink()
 
 
 def load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
-                    shape: dict, env: DistEnv, owned: bool) -> TrainState:
+                    shape: dict, env: DistEnv, owned: bool,
+                    identity: dict | None = None) -> TrainState:
     """Every rank reads checkpoint.pt (the run folder is on storage all ranks share)."""
     path = run / CHECKPOINT
     if not path.is_file():
         raise InputError(f"--resume: {path} not found; start without --resume")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_trusted(path)
+    _check_identity(path, payload.get("identity") or {}, identity or {})
     if owned != ("slices" in payload):
         written = "owned" if "slices" in payload else "replicated"
         raise InputError(f"--resume: {path} was written with --user-embeddings {written}; "
@@ -183,7 +190,7 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer
         if not slice_path.is_file():
             raise InputError(f"--resume: {slice_path} not found; {CHECKPOINT} names it "
                              "(restore it, or start without --resume)")
-        local = torch.load(slice_path, map_location="cpu", weights_only=True)
+        local = load_trusted(slice_path)
     state = TrainState()
     for key in STATE_KEYS:
         setattr(state, key, payload.get(key, getattr(state, key)))  # older: epoch ends only
@@ -202,6 +209,58 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer
         if "cuda" in local["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(local["rng"]["cuda"])
     return state
+
+
+def load_trusted(path: Path) -> dict:
+    """A file this trainer wrote, loaded without running code; any other is one InputError.
+
+    Empty, truncated, random or crafted files all end here; torch's own message is not
+    passed on (for a crafted pickle it suggests ``weights_only=False``, which would run it).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise InputError(f"--resume: {path} is not a checkpoint shardmf wrote (damaged, cut "
+                         "short, or holding objects it refuses to load); restore it or start "
+                         "without --resume") from e
+    if not isinstance(payload, dict):
+        raise InputError(f"--resume: {path} holds a {type(payload).__name__}, not a shardmf "
+                         "checkpoint; restore it or start without --resume")
+    return payload
+
+
+def _check_identity(path: Path, saved: dict, current: dict) -> None:
+    """--resume continues the same training: same shards, same optimizer."""
+    if saved.get("shards") and current.get("shards") and saved["shards"] != current["shards"]:
+        raise InputError(f"--resume: {path} was trained on other shards (identity "
+                         f"{saved['shards']}, SHARDS_DIR has {current['shards']}); resume with "
+                         "the shards it was trained on, or start without --resume")
+    if saved.get("optimizer") and current.get("optimizer") and (
+            saved["optimizer"] != current["optimizer"]):
+        raise InputError(f"--resume: {path} was trained with --optimizer {saved['optimizer']}; "
+                         f"this run has --optimizer {current['optimizer']}. Resume with "
+                         f"--optimizer {saved['optimizer']}")
+
+
+def _agreed(write, env: DistEnv) -> None:
+    """Run a rank's part of a save; an InputError on any rank is raised on every rank.
+
+    One rank failing alone (disk full) would leave the others waiting in the next
+    collective, then failing with a lost-peer error instead of the cause.
+    """
+    error = None
+    try:
+        write()
+    except InputError as e:
+        error = str(e)
+    errors = [error]
+    if env.backend is not None and env.world_size > 1:
+        errors = [None] * env.world_size
+        torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise InputError(first)
 
 
 def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:

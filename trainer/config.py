@@ -83,6 +83,7 @@ class TrainConfig:
     prefetch: int | None = None  # batches a thread cuts ahead (0: none; unset: 4 if cores spare)
     verify: str = "quick"  # check shards against the manifest: quick | full | none
     resume: bool = False  # continue from RUN_DIR/checkpoint.pt
+    overwrite: bool = False  # replace the run in RUN_DIR (only a folder shardmf marked as a run)
     checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
     timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job
 
@@ -111,6 +112,9 @@ class TrainConfig:
         _check(self.verify in VERIFY_MODES, "verify", self.verify, " | ".join(VERIFY_MODES))
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in RUN_DIR and --overwrite replaces "
+                             "it; pass one of them")
 
 
 @dataclass(frozen=True, kw_only=True)

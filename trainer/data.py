@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -24,8 +25,19 @@ COLUMNS = ["user_id", "item_id", "rating"]
 
 
 def read_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row group as (int64 users, int64 items, float32 ratings)."""
-    table = pq.ParquetFile(piece.path).read_row_group(piece.row_group, columns=COLUMNS)
+    """One row group as (int64 users, int64 items, float32 ratings).
+
+    Pages are verified against the Parquet page checksums prepare writes (files without
+    them read as before), so a damaged byte fails here instead of training on it.
+    """
+    try:
+        table = pq.ParquetFile(piece.path, page_checksum_verification=True).read_row_group(
+            piece.row_group, columns=COLUMNS)
+    except (pa.ArrowException, OSError) as e:
+        # A ValueError, not an InputError: only the rank reading this row group sees it.
+        raise ValueError(f"shard {piece.path.parent.name}/{piece.path.name}: row group "
+                         f"{piece.row_group} is damaged ({str(e).splitlines()[0]}); restore "
+                         "the file or prepare the shards again") from e
     if table.num_rows != piece.rows:  # possible only with --verify none
         # A ValueError, not an InputError: only the rank reading this row group sees it.
         raise ValueError(f"shard {piece.path.parent.name}/{piece.path.name}: row group "

@@ -6,21 +6,42 @@ Training writes ``config.json`` first, then ``metrics.jsonl`` (one record per ep
 files and the two reports, reports last. Every file goes through `write_atomic`: a
 crash leaves the previous complete file or none, never a half-written one that looks
 complete. No other module spells these names.
+
+A run folder is owned like every folder shardmf writes, by the on-disk convention of
+``data_shards/outputs.py`` (trainer cannot import it, so the two are kept in step by
+hand; the marker's name and format must stay identical)::
+
+    RUN/.shardmf-output.json   {"tool": "shardmf", "kind": "run", "version": ...}
+    PARENT/.RUN.lock           flock()ed by the one process writing RUN, removed after
+
+Unlike a shard folder, a run is written in place, not built aside and swapped in: its
+checkpoint must survive a crash where ``--resume`` finds it. `claim_run_folder` is the
+one way in: it takes the lock, refuses an existing run unless resumed or overwritten
+(``--overwrite`` removes the old run's files by name and only in a marked run folder, so
+shards or anything else inside it stay), and on failure before any checkpoint removes
+what it created. Write faults (disk full, permission denied) become one `InputError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +69,25 @@ OPTIONAL_FIGURES = (CURVES_FIGURE, K_SELECTION_FIGURE)
 
 EXPORT_DIR = "export"  # default folder of `export_run`
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
+
+# Ownership (the same convention and names as data_shards/outputs.py).
+MARKER = ".shardmf-output.json"
+RUN_KIND = "run"
+EXPORT_KIND = "export"
+# What one run writes, removed by --overwrite (with the checkpoint slices and model parts).
+RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, FINAL_METRICS, CHECKPOINT, MODEL, USERS,
+               ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE, *OPTIONAL_FIGURES)
+# Files whose presence makes a folder a run (an older run has them but no marker).
+RUN_EVIDENCE = (CONFIG, CHECKPOINT, MODEL, FINAL_METRICS)
+# The temporary name of `replace_atomically`: .NAME.PID.HEX.tmp
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+# Errors only a write can cause, and what to do about each.
+_WRITE_FAULT_HINTS = {errno.ENOSPC: "free some space or choose another --out",
+                      errno.EDQUOT: "free some space or choose another --out",
+                      errno.EFBIG: "free some space or choose another --out",
+                      errno.EACCES: "fix the permissions or choose another --out",
+                      errno.EPERM: "fix the permissions or choose another --out",
+                      errno.EROFS: "choose a writable --out"}
 
 
 def checkpoint_slice(tag: str, rank: int) -> str:
@@ -90,15 +130,44 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    recorder = None
     try:
         with open(temp, "xb") as handle:
-            write(handle)
+            recorder = _WriteRecorder(handle)
+            write(recorder)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        # torch.save reports a failed write as "unexpected pos": the recorder kept the cause.
+        cause = recorder.error if recorder is not None and recorder.error else error
+        if isinstance(cause, OSError) and cause.errno in _WRITE_FAULT_HINTS:
+            raise write_fault(cause, path) from error
         raise
+
+
+class _WriteRecorder:
+    """A file handle that remembers the OS error of a failed write."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def write_fault(error: OSError, path: Path) -> InputError:
+    """One line for a failed write: the path, the OS's cause and what to do."""
+    hint = _WRITE_FAULT_HINTS.get(error.errno, "choose another --out")
+    return InputError(f"{path}: {error.strerror or error} while writing it; {hint}")
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -191,3 +260,194 @@ def read_run_files(run_dir: Path, metrics: dict[str, Any] | None = None) -> RunF
     return RunFiles(name=run_dir.resolve().name, metrics=metrics,
                     config=read_json(run_dir / CONFIG),
                     epochs=read_epochs(run_dir / EPOCH_METRICS))
+
+
+# --- ownership: marker, lock, claim -----------------------------------------------
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """Mark ``folder`` as shardmf's; the format of data_shards/outputs.py's write_marker."""
+    payload = {"tool": "shardmf", "kind": kind, "version": _version()}
+    write_atomic(folder / MARKER, (json.dumps(payload) + "\n").encode("utf-8"))
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of ``folder``, or None when it has none (or not a shardmf one)."""
+    try:
+        payload = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and payload.get("tool") == "shardmf" else None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("shardmf")
+    except metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """flock() on PARENT/.NAME.lock for the block; a second writer fails at once.
+
+    The file holds the holder's pid, for the message. The holder unlinks it while still
+    locked, so a waiter that opened the old file must lock the one now at the path.
+    """
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"{path}: {e.strerror} while locking {folder}; "
+                             f"{_WRITE_FAULT_HINTS.get(e.errno, 'choose another --out')}"
+                             ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(f"{folder}: another shardmf process (pid {holder}) is writing "
+                             "it; wait for it to end (or stop it), or choose another --out"
+                             ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool = False) -> str:
+    """What training into ``run`` would do: "new", "resume" or "overwrite"; or InputError.
+
+    ``restarted``: torchrun restarted this job, so a run in the folder is its own.
+    """
+    if run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} is a file, not a folder; choose another --out")
+    entries = {entry.name for entry in run.iterdir()} if run.is_dir() else set()
+    marker = read_marker(run)
+    is_run = (marker is not None and marker.get("kind") == RUN_KIND) or any(
+        name in entries for name in RUN_EVIDENCE)
+    if resume:
+        if CHECKPOINT not in entries:
+            raise InputError(f"--resume: {run / CHECKPOINT} not found; start without --resume")
+        return "resume"
+    if restarted or not is_run and not entries - {SHARDS_DIR, MARKER}:
+        return "new"  # empty, or holding only the shards of `shardmf run`
+    if marker is not None and marker.get("kind") != RUN_KIND:
+        raise InputError(f"--out {run} holds shardmf {marker.get('kind')} output, not a run; "
+                         "choose another --out")
+    if not is_run:
+        raise InputError(f"--out {run} is not empty and holds no shardmf run; choose another "
+                         "--out (training never writes into a foreign folder)")
+    if not overwrite:
+        state = "a finished run" if FINAL_METRICS in entries else "a run with a checkpoint"
+        raise InputError(f"--out {run} already holds {state}; pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    if marker is None:
+        raise InputError(f"--overwrite {run}: it has no {MARKER} (written before runs were "
+                         "marked, or not by shardmf), so it is never replaced; remove it "
+                         "yourself or choose another --out")
+    return "overwrite"
+
+
+def precheck_run_target(run: Path, resume: bool, overwrite: bool) -> None:
+    """`check_run_target` before the ranks start, so a refusal is one line and no wait;
+    the lock is tried too, so a run beside live ranks fails at once. Changes nothing."""
+    if run.parent.is_dir() and not (run.exists() and not run.is_dir()):
+        with folder_lock(run):
+            check_run_target(run, resume, overwrite)
+    else:
+        check_run_target(run, resume, overwrite)
+
+
+@contextlib.contextmanager
+def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
+                     restarted: bool = False) -> Iterator[Path]:
+    """Hold ``run`` for one training job: locked, checked, marked; cleaned up on failure.
+
+    Called by rank 0 alone. On an exception (Ctrl-C included) before this job wrote a
+    checkpoint, the files it wrote go, and the folders it created if left empty; with a
+    checkpoint the run stays, for ``--resume``.
+    """
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} is a file, not a folder; choose another --out")
+    created = [p for p in (run, *run.parents) if not p.exists()]
+    try:
+        for folder in reversed(created):
+            folder.mkdir(exist_ok=True)  # exist_ok: another writer may create a parent too
+    except OSError as e:
+        _remove_empty(created)
+        raise InputError(f"{e.filename}: {e.strerror} while creating the run folder; "
+                         f"{_WRITE_FAULT_HINTS.get(e.errno, 'choose another --out')}") from e
+    try:
+        with folder_lock(run):
+            _remove_dead_temporaries(run)
+            action = check_run_target(run, resume, overwrite, restarted)
+            if action == "overwrite":
+                clear_run(run)
+            had_checkpoint = (run / CHECKPOINT).exists()
+            if read_marker(run) is None:
+                write_marker(run, RUN_KIND)
+            try:
+                yield run
+            except BaseException:
+                if not had_checkpoint and not (run / CHECKPOINT).exists():
+                    for name in (CONFIG, EPOCH_METRICS):
+                        (run / name).unlink(missing_ok=True)
+                    if run in created:
+                        (run / MARKER).unlink(missing_ok=True)
+                raise
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def clear_run(run: Path) -> None:
+    """Remove every file a run writes (its checkpoint slices and export too), nothing else."""
+    for name in RUN_OUTPUTS:
+        (run / name).unlink(missing_ok=True)
+    for stale in (*run.glob(checkpoint_slice("*", "*")), *run.glob(model_part("*"))):
+        stale.unlink()
+    export = run / EXPORT_DIR
+    marker = read_marker(export)
+    if marker is not None and marker.get("kind") == EXPORT_KIND:
+        shutil.rmtree(export)
+
+
+def _remove_dead_temporaries(run: Path) -> None:
+    """Temporary files of writers killed mid-write (their pid is gone); the lock is held."""
+    if not run.is_dir():
+        return
+    for entry in run.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and not _alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir (never rmtree) the folders this process created, deepest first."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # another writer's files keep it
+            folder.rmdir()

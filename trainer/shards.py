@@ -17,6 +17,7 @@ from trainer.config import VERIFY_MODES
 from trainer.errors import InputError
 
 SUPPORTED_MANIFEST_VERSIONS = (1,)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class ShardSet:
         low, high = self.manifest["rating"]["scale"]
         return float(low), float(high)
 
+    @property
+    def identity(self) -> str:
+        """A short hash of the manifest's file entries (paths, sizes, rows, SHA-256s): equal
+        for the same shards wherever they lie, different for another split or data set."""
+        entries = json.dumps(self.manifest["files"], sort_keys=True).encode("utf-8")
+        return hashlib.sha256(entries).hexdigest()[:16]
+
     def rows(self, split: str) -> int:
         return int(self.manifest["counts"]["ratings"][split])
 
@@ -66,8 +74,10 @@ class ShardSet:
 def open_shards(shards_dir: str | Path, verify: str = "quick") -> ShardSet:
     """Load the manifest and check every file against it.
 
-    ``quick`` compares sizes, row counts and row groups (reads Parquet footers only);
-    ``full`` also compares SHA-256 checksums; ``none`` trusts the manifest.
+    ``quick`` checks the manifest's counts against its file entries and the id tables,
+    and compares sizes, row counts, row groups and id ranges (reads Parquet footers only);
+    ``full`` also compares SHA-256 checksums; ``none`` trusts the manifest. Pages are
+    checked as they are read (trainer/data.py), where the shards carry page checksums.
     """
     if verify not in VERIFY_MODES:
         raise InputError(f"--verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
@@ -88,13 +98,54 @@ def open_shards(shards_dir: str | Path, verify: str = "quick") -> ShardSet:
                          f"{SUPPORTED_MANIFEST_VERSIONS}; re-create the shards with this version")
     shard_set = ShardSet(root, manifest)
     if verify != "none":
-        for split in ("train", "val", "test"):
+        _check_manifest_sums(manifest_path, manifest)
+        limits = {"user_id": shard_set.num_users, "item_id": shard_set.num_items}
+        for split in SPLITS:
             for entry in manifest["files"][split]:
-                _verify_file(root, entry, full=verify == "full")
+                _verify_file(root, entry, limits, full=verify == "full")
     return shard_set
 
 
-def _verify_file(root: Path, entry: dict, full: bool) -> None:
+def _check_manifest_sums(where: Path, manifest: dict) -> None:
+    """The manifest's counts must follow from its own file entries and the id tables
+    (the same checks as data_shards/verify.py), so an edited count is named, not an
+    IndexError in the middle of training."""
+    root = where.parent
+    try:
+        counts = manifest["counts"]
+        for split in SPLITS:
+            entries = manifest["files"][split]
+            for entry in entries:
+                if sum(entry["row_groups"]) != entry["rows"]:
+                    raise InputError(f"{where}: {entry['path']} has {entry['rows']:,} rows "
+                                     f"but row groups of {sum(entry['row_groups']):,}")
+            listed = sum(int(entry["rows"]) for entry in entries)
+            if listed != counts["ratings"][split]:
+                raise InputError(f"{where}: counts.ratings.{split} is "
+                                 f"{counts['ratings'][split]:,} but its files hold "
+                                 f"{listed:,} rows (the manifest was edited or is damaged)")
+        for side, key in (("users", "users_file"), ("items", "items_file")):
+            rows = _footer(root / manifest[key]).num_rows
+            if rows != counts[side]:
+                raise InputError(f"{where}: counts.{side} is {counts[side]:,} but "
+                                 f"{manifest[key]} has {rows:,} rows (the manifest was "
+                                 "edited or is damaged)")
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{where}: a required entry is missing or malformed ({e!r}); "
+                         "re-create the shards") from e
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the manifest lists it (re-run `shardmf prepare` "
+                         "or restore the file)")
+    try:
+        return pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from e
+
+
+def _verify_file(root: Path, entry: dict, limits: dict[str, int], full: bool) -> None:
     path = root / entry["path"]
     if not path.is_file():
         raise InputError(f"shard {entry['path']}: missing from {root}; the manifest lists it "
@@ -114,6 +165,15 @@ def _verify_file(root: Path, entry: dict, full: bool) -> None:
     if groups != entry["row_groups"]:
         raise InputError(f"shard {entry['path']}: row groups {groups} differ from the "
                          f"manifest's {entry['row_groups']}")
+    for group in range(metadata.num_row_groups):  # id ranges from the footer's statistics
+        for column in range(metadata.num_columns):
+            chunk = metadata.row_group(group).column(column)
+            limit, stats = limits.get(chunk.path_in_schema), chunk.statistics
+            if limit is None or stats is None or not stats.has_min_max:
+                continue
+            if stats.min < 0 or stats.max >= limit:
+                raise InputError(f"shard {entry['path']}: {chunk.path_in_schema} in "
+                                 f"{stats.min}..{stats.max}, the manifest counts {limit:,}")
     if full:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != entry["sha256"]:

@@ -85,7 +85,9 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     optimizer = build_optimizer(model, optim_config)
     shape = {"world_size": env.world_size, "rank_batch_size": plan.rank_batch,
              "steps": plan.steps, "loader_workers": train_config.loader_workers}
-    checkpointer = Checkpointer(run, model, optimizer, shape, env, plan.owned)
+    checkpointer = Checkpointer(run, model, optimizer, shape, env, plan.owned,
+                                identity={"shards": plan.shards.identity,
+                                          "optimizer": optim_config.optimizer})
     state = checkpointer.start(train_config)
     step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
                       plan.owned, train_config.sync_every, plan.rank_batch, env)
