@@ -33,8 +33,12 @@ RUN_TIMEOUT_S = 150  # one job; a healthy one takes 10-25 s on 2 busy cores
 
 # One rank per core, small model; a collective stuck for 60 s fails the job instead of
 # hanging it. --batch-size is global: each of 2 ranks takes 128 ratings per step.
+# Exact per-step synchronisation (--sync-every 1), the optimisation one rank runs: these
+# tests compare ranks with one rank and with uninterrupted runs bit for bit. The default
+# periodic exchange of several ranks is tested in test_defaults.py and test_sync.py.
 SETTINGS = ["--threads", "1", "--dim", "16", "--batch-size", "256", "--reg", "0.02",
-            "--optimizer", "sgd", "--lr", "0.03", "--seed", "0", "--timeout-s", "60"]
+            "--optimizer", "sgd", "--lr", "0.03", "--seed", "0", "--timeout-s", "60",
+            "--sync-every", "1"]
 NO_CLUSTERS = ["--clusters", "0"]
 CLUSTERS = ["--clusters", "4", "--min-item-ratings", "5", "--baseline-shuffles", "2"]
 

@@ -204,8 +204,10 @@ def test_single_process_packed_sync_is_a_no_op() -> None:
 
 # ---------------------------------------------------------------- the trainer with it
 
+# Exact per-step synchronisation unless a test asks for the periodic one (several ranks
+# default to a periodic exchange: trainer/defaults.py).
 SETTINGS = {"batch_size": 512, "seed": 0, "threads": 1, "gradients": "sparse",
-            "timeout_s": 60, "epochs": 2, "patience": 0}
+            "timeout_s": 60, "epochs": 2, "patience": 0, "sync_every": 1}
 
 
 def _configs(lr_decay: float = 0.99, **train) -> tuple[ModelConfig, OptimConfig, TrainConfig]:
