@@ -6,6 +6,7 @@
     shardmf run INPUT... --out RUN_DIR            prepare, train and cluster in one go
     shardmf verify SHARDS_DIR [--full]            check the shard files against the manifest
     shardmf export-split SHARDS_DIR --out DIR     the splits as TSV, for other tools
+    shardmf evaluate RUN_DIR [--k 10 20]          ranking figures vs most-popular
     shardmf recommend | similar | export RUN_DIR  use a trained run
     shardmf synth --out RAW_DIR                   a rating set with planted genres
     shardmf demo                                  synth -> run on 2 processes, with figures
@@ -28,10 +29,12 @@ from launch.options import (
     add_cluster_arguments,
     add_config_arguments,
     add_train_arguments,
+    add_training_config_arguments,
     apply_config_file,
 )
 from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
-from trainer.config import MIN_ITEM_RATINGS, TRAIN_CONFIGS, config_from_values
+from trainer.config import MIN_ITEM_RATINGS, config_from_values
+from trainer.ranking import DEFAULT_KS
 from trainer.run import EXPORT_FORMATS
 from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
 
@@ -118,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "the flags (flags given here win)")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     _add_prepare_arguments(run, PrepareConfig, SourceOptions)
-    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
-        add_config_arguments(run, cls, title=title)
+    add_training_config_arguments(run)
     add_cluster_arguments(run)
     add_launch_arguments(run)
 
@@ -129,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_config_arguments(synth, SynthConfig, title="synthetic data")
     _add_dask_arguments(synth)
+
+    evaluate = command("evaluate", _evaluate, "Ranking figures of a finished run on its test "
+                       "split (precision, recall, NDCG, MAP, hit rate, coverage at k) beside "
+                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Runs in "
+                       "one process and needs the run's shards.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    evaluate.add_argument("--k", type=_positive, nargs="+", default=list(DEFAULT_KS),
+                          metavar="K", help="list lengths (default: "
+                          f"{' '.join(map(str, DEFAULT_KS))})")
+    evaluate.add_argument("--threshold", type=float, metavar="RATING",
+                          help="a test rating at or above this is relevant (default: 75 %% "
+                          "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
+    evaluate.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
+                          help="recommend only items with at least N training ratings, as "
+                          "`recommend` does with 20 (default: 0, every item)")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     recommend = command("recommend", _recommend, "The items a user would rate highest, by "
                         "the trained model (original ids; seen items excluded).")
@@ -353,6 +371,28 @@ def _demo(values: dict) -> int:
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
     return 0
+
+
+def _evaluate(values: dict) -> int:
+    from trainer import evaluate_run
+    from trainer.ranking import METRICS, POPULAR_PREFIX
+
+    figures = evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
+                           values["min_item_ratings"])
+    print(f"ranking on the test split of {values['run_dir']}: {figures['ranking_users']:,} "
+          f"users with a rating >= {figures['ranking_threshold']:g}")
+    print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
+    for k in sorted(set(values["k"])):
+        for name in (*METRICS, "coverage"):
+            model, popular = figures[f"{name}@{k}"], figures[f"{POPULAR_PREFIX}{name}@{k}"]
+            print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
+    print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
+          f"{values['run_dir']}` redraws the report with them")
+    return 0
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _recommend(values: dict) -> int:

@@ -49,6 +49,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
+        elif _is_number_list(kind):
+            group.add_argument(flag, type=int, nargs="+", default=argparse.SUPPRESS,
+                               help=text, metavar="N")
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
                                help=text, metavar=_metavar(kind))
@@ -103,6 +106,12 @@ def _toml_value(path: Path, key: str, value, kind):
                      f"{getattr(kind, '__name__', str(kind))}")
 
 
+def _is_number_list(kind) -> bool:
+    """``tuple[int, ...]``: a flag taking one or more numbers (``--ranking-ks 10 20``)."""
+    args = typing.get_args(kind)
+    return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
 def _parser_for(kind):
     origin = typing.get_origin(kind)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -148,7 +157,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys "
                         "as the flags (flags given here win)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
+    add_training_config_arguments(parser)
+
+
+def add_training_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag group per config that training reads (TRAIN_CONFIGS)."""
+    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training",
+                                          "ranking evaluation (test split, after training)")):
         add_config_arguments(parser, cls, title=title)
 
 

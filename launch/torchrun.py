@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from launch.options import add_config_arguments
-from trainer.config import TRAIN_CONFIGS, config_from_values
+from trainer.config import TRAIN_CONFIGS, TrainConfig, config_from_values
 from trainer.errors import InputError
 from trainer.run_files import CHECKPOINT
 
@@ -57,9 +57,10 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
     from trainer.config import RUN_CONFIGS, post_step_config
     from trainer.shards import open_shards
 
-    configs = [config_from_values(cls, values) for cls in TRAIN_CONFIGS]
+    for cls in TRAIN_CONFIGS:  # a bad flag fails here, once, not on every rank
+        config_from_values(cls, values)
     post_step_config(values)  # a bad clustering flag fails here, not after training
-    train_config = configs[-1]
+    train_config = config_from_values(TrainConfig, values)
     shards = open_shards(shards_dir, train_config.verify)
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
         raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
@@ -123,8 +124,8 @@ def _as_flags(values: dict, names: set[str]) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            flags.extend([flag, ",".join(str(v) for v in value)])
+        elif isinstance(value, tuple):  # a list of numbers, e.g. --ranking-ks 10 20
+            flags.extend([flag, *(str(v) for v in value)])
         else:
             flags.extend([flag, str(value)])
     return flags

@@ -24,6 +24,7 @@ from trainer.config import (
     RUN_CONFIGS,
     ModelConfig,
     OptimConfig,
+    RankingConfig,
     TrainConfig,
     config_from_values,
     post_step_config,
@@ -68,6 +69,7 @@ def _run(values: dict, rank: int) -> int:
         model_config = config_from_values(ModelConfig, values)
         optim_config = config_from_values(OptimConfig, values)
         train_config = config_from_values(TrainConfig, values)
+        ranking_config = config_from_values(RankingConfig, values)
         post = post_step_config(values)
     except ValueError as e:  # a bad flag: the same on every rank
         raise InputError(str(e)) from e
@@ -77,7 +79,8 @@ def _run(values: dict, rank: int) -> int:
             1, (os.cpu_count() or 1) // env.local_world_size))
         keep_freed_memory()
         train(values["shards_dir"], values["out"], model_config, optim_config, train_config,
-              env, extra_config={"cluster": vars(post) if post else None})
+              env, extra_config={"cluster": vars(post) if post else None},
+              ranking_config=ranking_config)
     finally:
         teardown()
     if env.is_main and post is not None:

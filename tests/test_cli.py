@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from launch.cli import main
 
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
-            "export", "export-split", "verify")
+            "export", "export-split", "verify", "evaluate")
 
 
 def _write_ratings(path: Path, rows: int = 3000, seed: int = 0) -> None:
@@ -123,6 +124,45 @@ def test_unknown_ids_and_titles(trained_run: Path, capsys: pytest.CaptureFixture
     code = main([args[0], str(trained_run), *args[1:]])
     assert code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_run_reports_ranking_against_most_popular(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for k in (10, 20):
+        for name in ("precision", "recall", "ndcg", "map", "hit_rate", "coverage"):
+            assert 0 <= metrics[f"{name}@{k}"] <= 1
+            assert 0 <= metrics[f"popular_{name}@{k}"] <= 1
+    assert metrics["ranking_threshold"] == 4.0  # 75 % up the data's 1..5 scale
+    # Half the users love what the other half hate: one list for all cannot serve both.
+    assert metrics["ndcg@10"] > metrics["popular_ndcg@10"]
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["ranking"] == {"ranking_ks": [10, 20], "ranking_threshold": None}
+    report = (trained_run / "report.md").read_text()
+    assert "## Ranking: the model against most-popular" in report
+    assert f"| NDCG@10 | {metrics['ndcg@10']:.4f} | {metrics['popular_ndcg@10']:.4f} |" in report
+    assert "ndcg@10" in (trained_run / "report.html").read_text().lower()
+
+
+def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    path = trained_run / "metrics.json"
+    trained = json.loads(path.read_text())
+    assert main(["evaluate", str(trained_run)]) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    again = json.loads(path.read_text())
+    ranking = {key: value for key, value in trained.items() if "@" in key}
+    assert {key: again[key] for key in ranking} == pytest.approx(ranking)  # the same figures
+
+    assert main(["evaluate", str(trained_run), "--k", "5", "--threshold", "5"]) == 0
+    merged = json.loads(path.read_text())
+    assert "ndcg@5" in merged and "ndcg@10" not in merged  # replaced, not mixed
+    assert merged["ranking_threshold"] == 5.0
+    assert merged["test_rmse"] == trained["test_rmse"]  # the other figures are kept
+
+    assert main(["evaluate", str(trained_run), "--threshold", "9"]) == 2
+    assert "relevance threshold 9" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == merged
+    path.write_text(json.dumps(trained))  # as training left it, for the other tests
 
 
 def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path: Path) -> None:

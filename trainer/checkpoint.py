@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
 from trainer.errors import InputError
 from trainer.model import BiasedMF
@@ -201,6 +201,19 @@ def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
                "model_config": asdict(model.config), "scale": list(shards.scale),
                "shards_dir": str(shards.root.resolve())}
     save_torch_atomic(payload, path)
+
+
+def load_model(path: Path) -> tuple[BiasedMF, dict]:
+    """A model saved by `save_model` (on the CPU) and its payload (scale, shards_dir, ...)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not found; train a run first (`shardmf train SHARDS_DIR "
+                         "--out RUN_DIR`)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload["state_dict"]
+    model = BiasedMF(state["user_factors.weight"].shape[0], state["item_factors.weight"].shape[0],
+                     float(state["global_mean"]), ModelConfig(**payload["model_config"]))
+    model.load_state_dict(state)
+    return model, payload
 
 
 def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,

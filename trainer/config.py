@@ -156,8 +156,22 @@ class ClusterConfig:
             raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankingConfig:
+    """The ranking evaluation of the best epoch on the test split (trainer/ranking.py)."""
+
+    ranking_ks: tuple[int, ...] = (10, 20)  # list lengths k of precision@k, NDCG@k, ...
+    ranking_threshold: float | None = None  # relevant: test rating >= this (None: 4 on 1-5)
+
+    def __post_init__(self) -> None:
+        ks = self.ranking_ks
+        _check(isinstance(ks, tuple) and len(ks) > 0 and all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks),
+            "ranking_ks", ks, "one or more whole numbers >= 1, e.g. 10 20")
+
+
 # Every config of a training run, in the order of config.json's sections and of --help.
-TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)  # what training itself reads
+TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, RankingConfig)  # what training reads
 RUN_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig)
 SKIP_CLUSTERS = 0  # --clusters 0: train without the clustering post-step
 

@@ -68,7 +68,7 @@ def relevance_threshold(scale: tuple[float, float], threshold: float | None = No
     if threshold is None:
         return low + RELEVANT_FRACTION * (high - low)
     if not low < threshold <= high:
-        raise InputError(f"--ranking-threshold {threshold:g}: outside the rating scale "
+        raise InputError(f"relevance threshold {threshold:g}: outside the rating scale "
                          f"({low:g}, {high:g}]; choose a rating a liked item gets, e.g. "
                          f"{low + RELEVANT_FRACTION * (high - low):g}")
     return float(threshold)
@@ -233,8 +233,8 @@ def _checked_ks(ks: Sequence[int]) -> tuple[int, ...]:
     values = tuple(ks)
     if not values or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
                          for k in values):
-        raise InputError(f"--k {' '.join(map(str, values)) or '(none)'}: expected one or "
-                         "more whole numbers >= 1, e.g. --k 10 20")
+        raise InputError(f"list lengths k {' '.join(map(str, values)) or '(none)'}: expected "
+                         "one or more whole numbers >= 1, e.g. 10 20")
     return tuple(sorted(set(int(k) for k in values)))
 
 

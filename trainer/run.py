@@ -1,5 +1,6 @@
 """A finished run folder as a thing to use: predictions, recommendations, similar items,
-and embeddings keyed by original ids; `export_run` writes those embeddings for other tools.
+and embeddings keyed by original ids; `export_run` writes those embeddings for other tools,
+`evaluate_run` adds ranking figures to its metrics.json.
 
     run = load_run("runs/ml100k")
     run.recommend(user=196, n=10)
@@ -18,9 +19,24 @@ import pandas as pd
 import pyarrow.dataset as pads
 import torch
 
+from trainer.checkpoint import load_model
 from trainer.config import MIN_ITEM_RATINGS
+from trainer.distributed import DistEnv
 from trainer.errors import InputError
-from trainer.run_files import EXPORT_DIR, ITEMS, MODEL, USERS, export_names, write_atomic
+from trainer.ranking import DEFAULT_KS, ranking_metrics
+from trainer.run_files import (
+    EXPORT_DIR,
+    FINAL_METRICS,
+    ITEMS,
+    MODEL,
+    USERS,
+    export_names,
+    is_ranking_key,
+    read_json,
+    write_atomic,
+    write_json,
+)
+from trainer.shards import open_shards
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +192,28 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
             write_atomic(folder / names["ids"], _parquet_bytes(frame[[id_column, "bias"]]))
     log.info("wrote %s embeddings to %s", format, folder)
     return folder
+
+
+def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = DEFAULT_KS,
+                 threshold: float | None = None, min_item_ratings: int = 0) -> dict:
+    """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
+
+    Runs in this one process (every user is scored here; training's own evaluation is
+    spread over its ranks) and needs the run's shards. The figures replace the ranking
+    figures in RUN_DIR/metrics.json (atomically; the other figures are kept) and are
+    returned. See `trainer.ranking.ranking_metrics` for the keys.
+    """
+    run = Path(run_dir)
+    model, payload = load_model(run / MODEL)
+    shards = open_shards(payload["shards_dir"])
+    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
+                     device=torch.device("cpu"), backend=None)
+    figures = ranking_metrics(model, shards, single, ks=ks, threshold=threshold,
+                              min_item_ratings=min_item_ratings)
+    kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
+            if not is_ranking_key(k)}
+    write_json(run / FINAL_METRICS, {**kept, **figures})
+    return figures
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:

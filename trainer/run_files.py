@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # Training.
 CONFIG = "config.json"  # the resolved, nested configuration of the run
 EPOCH_METRICS = "metrics.jsonl"  # one JSON object per epoch
-FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ...)
+FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ndcg@10, ...)
 CHECKPOINT = "checkpoint.pt"  # what --resume continues from
 MODEL = "model.pt"  # the kept (best-epoch) weights, every user included
 # The id maps, copied from SHARDS_DIR (where they have the same names).
@@ -48,6 +48,12 @@ OPTIONAL_FIGURES = (CURVES_FIGURE, K_SELECTION_FIGURE)
 
 EXPORT_DIR = "export"  # default folder of `export_run`
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
+
+
+def is_ranking_key(key: str) -> bool:
+    """A metrics.json key of the ranking evaluation: ``ndcg@10``, ``popular_map@20``,
+    ``ranking_threshold``, ... (`shardmf evaluate` replaces all of them at once)."""
+    return "@" in key or key.startswith("ranking_")
 
 
 def checkpoint_slice(tag: str, rank: int) -> str:
