@@ -51,7 +51,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                                default=argparse.SUPPRESS, help=text)
         elif _is_number_list(kind):
             group.add_argument(flag, type=int, nargs="+", default=argparse.SUPPRESS,
-                               help=text, metavar="N")
+                               help=text, metavar="N", action=_StoreTuple)
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
                                help=text, metavar=_metavar(kind))
@@ -104,6 +104,13 @@ def _toml_value(path: Path, key: str, value, kind):
             return value
     raise InputError(f"--config {path}: {key} = {value!r} is not a valid "
                      f"{getattr(kind, '__name__', str(kind))}")
+
+
+class _StoreTuple(argparse.Action):
+    """Store ``nargs`` values as a tuple, the type the config field declares."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(values))
 
 
 def _is_number_list(kind) -> bool:

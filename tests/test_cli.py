@@ -68,6 +68,16 @@ def test_bad_flag_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--val-fraction 2.0" in capsys.readouterr().err
 
 
+def test_number_list_flags_parse_to_the_configs_tuple() -> None:
+    from launch.cli import build_parser
+    from trainer.config import RankingConfig, config_from_values
+
+    values = vars(build_parser().parse_args(["train", "s", "--out", "r", "--ranking-ks", "5",
+                                             "10", "--ranking-threshold", "3.5"]))
+    assert config_from_values(RankingConfig, values) == RankingConfig(ranking_ks=(5, 10),
+                                                                      ranking_threshold=3.5)
+
+
 def test_train_on_missing_shards_names_the_file(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     code = main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
@@ -174,6 +184,11 @@ def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path:
     assert main(["export", str(trained_run), "--out", str(tmp_path / "pq")]) == 0
     table = pd.read_parquet(tmp_path / "pq" / "users_embeddings.parquet")
     assert list(table.columns[:2]) == ["original_user_id", "f0"]
+    summary = json.loads((tmp_path / "pq" / "model.json").read_text())
+    from trainer import load_run
+
+    assert summary["global_mean"] == pytest.approx(load_run(trained_run).global_mean)
+    assert summary["rating_scale"] == [1.0, 5.0]
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),

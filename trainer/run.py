@@ -26,9 +26,11 @@ from trainer.errors import InputError
 from trainer.ranking import DEFAULT_KS, ranking_metrics
 from trainer.run_files import (
     EXPORT_DIR,
+    EXPORT_SUMMARY,
     FINAL_METRICS,
     ITEMS,
     MODEL,
+    SHARDS_DIR,
     USERS,
     export_names,
     is_ranking_key,
@@ -58,7 +60,7 @@ class TrainedRun:
         self.item_bias = state["item_bias.weight"].numpy()[:, 0]
         self.global_mean = float(state["global_mean"])
         self.scale = tuple(payload["scale"])
-        self.shards_dir = Path(payload["shards_dir"])
+        self.shards_dir = shards_of(self.run_dir, payload)
         self.users = pd.read_parquet(self.run_dir / USERS)
         self.items = pd.read_parquet(self.run_dir / ITEMS)
         self._user_index = pd.Index(self.users["original_user_id"])
@@ -91,10 +93,24 @@ class TrainedRun:
     # ------------------------------------------------------------ using the model
 
     def predict(self, users, items) -> np.ndarray:
-        """Predicted ratings (clamped to the scale) for pairs of original ids."""
-        u = np.array([self.user_id(x) for x in np.atleast_1d(users)])
-        i = np.array([self.item_id(x) for x in np.atleast_1d(items)])
-        scores = self._scores(u, i)
+        """Predicted ratings, clamped to the scale, for pairs of original ids.
+
+        An id unknown to the run (a user or item never seen in training) adds nothing: an
+        unknown user gets ``global_mean + item_bias``, an unknown item ``global_mean +
+        user_bias``, both unknown ``global_mean`` (no factor term without both factors).
+        """
+        u = _positions(self._user_index, np.atleast_1d(users))
+        i = _positions(self._item_index, np.atleast_1d(items))
+        if len(u) != len(i):
+            raise InputError(f"predict: {len(u)} users but {len(i)} items; give one item "
+                             "per user")
+        known_u, known_i = u >= 0, i >= 0
+        both = known_u & known_i
+        scores = np.full(len(u), self.global_mean)
+        scores[known_u] += self.user_bias[u[known_u]]
+        scores[known_i] += self.item_bias[i[known_i]]
+        scores[both] += np.einsum("bd,bd->b", self.user_factors[u[both]],
+                                  self.item_factors[i[both]])
         return np.clip(scores, *self.scale)
 
     def recommend(self, user, n: int = 10, exclude_seen: bool = True,
@@ -140,10 +156,6 @@ class TrainedRun:
     def user_embeddings(self) -> pd.DataFrame:
         return _embedding_frame(self.user_factors, self.user_bias, self._user_index)
 
-    def _scores(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return (self.global_mean + self.user_bias[u] + self.item_bias[i]
-                + np.einsum("bd,bd->b", self.user_factors[u], self.item_factors[i]))
-
     def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
         return self.items["train_ratings"].to_numpy() < min_item_ratings
 
@@ -155,6 +167,13 @@ class TrainedRun:
         dataset = pads.dataset(folder, format="parquet")
         table = dataset.to_table(columns=["item_id"], filter=pads.field("user_id") == uid)
         return table.column("item_id").to_numpy().astype(np.int64)
+
+
+def shards_of(run_dir: Path, payload: dict) -> Path:
+    """The run's shards: RUN_DIR/shards when there (`shardmf run`, a saved estimator: they
+    move with the folder), else the folder it was trained on."""
+    inside = run_dir / SHARDS_DIR
+    return inside if (inside / "manifest.json").is_file() else Path(payload["shards_dir"])
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -171,7 +190,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
     ``parquet``: ``{side}_embeddings.parquet`` (original id, f0.., bias) per side;
     ``npy``: ``{side}_factors.npy`` (float32, one row per id) beside ``{side}_ids.parquet``
-    (original id, bias). ``out`` defaults to RUN_DIR/export; returns the folder.
+    (original id, bias). Either way ``model.json`` holds the global mean and the rating
+    scale, so a rating is ``clip(global_mean + user bias + item bias + <f_u, f_i>, scale)``.
+    ``out`` defaults to RUN_DIR/export; returns the folder.
     """
     if format not in EXPORT_FORMATS:
         raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
@@ -190,6 +211,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
             np.save(buffer, factors)
             write_atomic(folder / names["factors"], buffer.getvalue())
             write_atomic(folder / names["ids"], _parquet_bytes(frame[[id_column, "bias"]]))
+    write_json(folder / EXPORT_SUMMARY, {
+        "global_mean": run.global_mean, "rating_scale": list(run.scale),
+        "dim": int(run.item_factors.shape[1]),
+        "rating": "clip(global_mean + user bias + item bias + <user f, item f>, rating_scale)"})
     log.info("wrote %s embeddings to %s", format, folder)
     return folder
 
@@ -205,7 +230,7 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = DEFAULT_KS,
     """
     run = Path(run_dir)
     model, payload = load_model(run / MODEL)
-    shards = open_shards(payload["shards_dir"])
+    shards = open_shards(shards_of(run, payload))
     single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
                      device=torch.device("cpu"), backend=None)
     figures = ranking_metrics(model, shards, single, ks=ks, threshold=threshold,
@@ -222,16 +247,32 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _key(index: pd.Index, original) -> object:
+    """An original id in the index's type (text from a command line becomes a number);
+    None when it cannot be one."""
+    if pd.api.types.is_integer_dtype(index.dtype):
+        if isinstance(original, str):
+            try:
+                return int(original)
+            except ValueError:
+                return None
+        return original
+    return str(original)
+
+
+def _positions(index: pd.Index, originals: np.ndarray) -> np.ndarray:
+    """(N,) int64 positions of original ids in ``index``; -1 for ids not in it."""
+    keys = [_key(index, original) for original in originals]
+    known = [k is not None for k in keys]
+    positions = np.full(len(keys), -1, dtype=np.int64)
+    if any(known):
+        positions[np.flatnonzero(known)] = index.get_indexer(
+            [k for k in keys if k is not None])
+    return positions
+
+
 def _lookup(index: pd.Index, original, kind: str, run_dir: Path) -> int:
-    key = original
-    if pd.api.types.is_integer_dtype(index.dtype) and isinstance(original, str):
-        try:
-            key = int(original)
-        except ValueError:
-            key = None
-    elif not pd.api.types.is_integer_dtype(index.dtype):
-        key = str(original)
-    position = index.get_indexer([key])[0] if key is not None else -1
+    position = _positions(index, np.array([original], dtype=object))[0]
     if position < 0:
         raise InputError(f"{kind} {original!r} is not in {run_dir} (ids are the original "
                          f"ones from the ratings, e.g. {index[0]!r})")

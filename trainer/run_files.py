@@ -47,6 +47,8 @@ REPORTS = (REPORT_MD, REPORT_HTML)
 OPTIONAL_FIGURES = (CURVES_FIGURE, K_SELECTION_FIGURE)
 
 EXPORT_DIR = "export"  # default folder of `export_run`
+EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
+ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 
 
