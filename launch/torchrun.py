@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launch.options import add_config_arguments
 from trainer.config import TRAIN_CONFIGS, TrainConfig, config_from_values
@@ -25,11 +25,16 @@ log = logging.getLogger(__name__)
 class TorchrunOptions:
     """Where the ranks run: N processes on this node, on one or several nodes."""
 
-    nproc: int = 1  # training processes on this node (ranks)
-    nnodes: int = 1  # nodes taking part; each runs this same command
-    rdzv_endpoint: str | None = None  # HOST:PORT every node can reach (c10d rendezvous)
-    rdzv_id: str = "shardmf"  # job id shared by the nodes of one run
-    max_restarts: int = 0  # restarts of all ranks after a failure; they resume from the checkpoint
+    nproc: int = field(default=1, metadata={"help": "training processes on this node (ranks)"})
+    nnodes: int = field(
+        default=1, metadata={"help": "nodes taking part; each runs this same command"})
+    rdzv_endpoint: str | None = field(default=None, metadata={
+        "help": "HOST:PORT every node can reach (c10d rendezvous) (default: none: a "
+        "standalone job on this node; needed with --nnodes above 1)"})
+    rdzv_id: str = field(
+        default="shardmf", metadata={"help": "job id shared by the nodes of one run"})
+    max_restarts: int = field(default=0, metadata={
+        "help": "restarts of all ranks after a failure; they resume from the checkpoint"})
 
     def __post_init__(self) -> None:
         if self.nproc < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -39,6 +40,35 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> 
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: shardmf" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_command_explains_itself() -> None:
+    from launch.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(COMMANDS)
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"shardmf {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where}: no help"
+            assert "(default: None)" not in action.help, f"{where}: says (default: None)"
+            assert "FORMATS" not in action.help, f"{where}: a placeholder in its help"
+        text = sub.format_help()
+        assert " TEXT" not in text, f"{name}: a bare TEXT placeholder"
+
+
+def test_version_and_top_level_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("shardmf ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "evaluate" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -1,9 +1,14 @@
-"""One typed config per component; each field is a CLI flag and a TOML key of the same name."""
+"""One typed config per component; each field is a CLI flag and a TOML key of the same name.
+
+A field's ``metadata`` carries its flag's ``help`` (what it means, and in words what a
+None or 0 default means) and, for a fixed set of values, its ``choices``: the flags, the
+TOML keys and the validation below all read them from here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -14,6 +19,7 @@ STEPS = ("auto", "fused", "autograd")
 USER_EMBEDDINGS = ("auto", "owned", "replicated")
 VERIFY_MODES = ("quick", "full", "none")
 CLUSTER_ALGORITHMS = ("kmeans", "minibatch", "auto")
+EXPORT_FORMATS = ("parquet", "npy")  # of `trainer.export_run`
 # Items rated less in training have factors that are mostly the prior: clustering,
 # recommendations and similar items leave them out by default.
 MIN_ITEM_RATINGS = 20
@@ -28,10 +34,13 @@ def _check(condition: bool, field: str, value: object, expected: str) -> None:
 class ModelConfig:
     """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
 
-    dim: int = 256  # embedding dimension of user and item factors
-    init_std: float = 0.01  # std of the normal initialisation of factors (biases start at 0)
-    reg: float = 0.05  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
-    bias_reg: float = 0.01  # L2 weight on b_u^2 + b_i^2, per example
+    dim: int = field(default=256, metadata={"help": "embedding dimension of user and item factors"})
+    init_std: float = field(default=0.01, metadata={
+        "help": "std of the normal initialisation of factors (biases start at 0)"})
+    reg: float = field(default=0.05, metadata={
+        "help": "L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)"})
+    bias_reg: float = field(
+        default=0.01, metadata={"help": "L2 weight on b_u^2 + b_i^2, per example"})
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", self.dim, "at least 1")
@@ -44,9 +53,12 @@ class ModelConfig:
 class OptimConfig:
     """How parameters move; the learning rate is per rating (the loss is a sum over the batch)."""
 
-    optimizer: str = "sgd"  # sgd | adagrad | adam (lazy: moves only the rows a batch touched)
-    lr: float = 0.003  # learning rate (per rating for sgd)
-    lr_decay: float = 0.99  # learning rate multiplied by this after every epoch
+    optimizer: str = field(default="sgd", metadata={
+        "help": "update rule (adagrad and adam are lazy: they move only the rows a batch "
+        "touched)", "choices": OPTIMIZERS})
+    lr: float = field(default=0.003, metadata={"help": "learning rate (per rating for sgd)"})
+    lr_decay: float = field(
+        default=0.99, metadata={"help": "learning rate multiplied by this after every epoch"})
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
@@ -59,25 +71,48 @@ class OptimConfig:
 class TrainConfig:
     """The loop: epochs, batches, stopping, devices, checkpoints and threads."""
 
-    epochs: int = 150  # most epochs to run
-    patience: int = 5  # stop after this many epochs without a better validation RMSE (0: never)
-    batch_size: int = 1024  # ratings per step across all ranks (each rank takes its share)
-    eval_batch_size: int = 65_536  # ratings per evaluation batch
-    seed: int = 0  # model init and data order; same seed, data and world size, same result
-    device: str = "auto"  # auto | cpu | cuda (auto: cuda when available)
-    backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
-    gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
-    sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
-    sync_every: int = 1  # packed sync every N steps (N > 1: ranks step alone, then sum changes)
-    user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
-    step: str = "auto"  # fused | autograd | auto (fused: compiled CPU SGD step, when numba loads)
-    threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
-    prefetch: int = 4  # batches a thread cuts ahead of the steps (0: cut in the loop itself)
-    verify: str = "quick"  # check shards against the manifest: quick | full | none
-    resume: bool = False  # continue from RUN_DIR/checkpoint.pt
-    checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
-    timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job
+    epochs: int = field(default=150, metadata={"help": "most epochs to run"})
+    patience: int = field(default=5, metadata={
+        "help": "stop after this many epochs without a better validation RMSE (0: never)"})
+    batch_size: int = field(default=1024, metadata={
+        "help": "ratings per step across all ranks (each rank takes its share)"})
+    eval_batch_size: int = field(default=65_536, metadata={"help": "ratings per evaluation batch"})
+    seed: int = field(default=0, metadata={
+        "help": "model init and data order; same seed, data and world size, same result"})
+    device: str = field(default="auto", metadata={
+        "help": "where ranks compute (auto: cuda when available)", "choices": DEVICES})
+    backend: str = field(default="auto", metadata={
+        "help": "torch.distributed backend (auto: nccl on cuda, gloo on cpu)",
+        "choices": BACKENDS})
+    gradients: str = field(default="auto", metadata={
+        "help": "embedding gradients (auto: dense for small tables and on nccl, else sparse)",
+        "choices": GRADIENTS})
+    sync: str = field(default="auto", metadata={
+        "help": "how replicas stay equal: ddp all-reduce, or packed (one all-gather of the "
+        "touched rows per step; auto: packed with sparse gradients)", "choices": SYNCS})
+    sync_every: int = field(default=1, metadata={
+        "help": "packed sync every N steps (N > 1: ranks step alone, then sum changes)"})
+    user_embeddings: str = field(default="auto", metadata={
+        "help": "owned: each user's row lives on the rank that reads the user's shards "
+        "(shards partitioned by user); auto: owned when the shards allow it",
+        "choices": USER_EMBEDDINGS})
+    step: str = field(default="auto", metadata={
+        "help": "fused: a compiled CPU SGD step (numba); auto: fused when numba loads and "
+        "the run allows it, else autograd", "choices": STEPS})
+    threads: int = field(default=1, metadata={
+        "help": "torch threads per rank (0: cores / local ranks); small MF ops like 1"})
+    loader_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes per rank (0: load in the rank)"})
+    prefetch: int = field(default=4, metadata={
+        "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself)"})
+    verify: str = field(default="quick", metadata={
+        "help": "check shards against the manifest: quick (sizes, rows), full (also "
+        "SHA-256), none", "choices": VERIFY_MODES})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in RUN_DIR"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "also checkpoint every N steps mid-epoch (0: at epoch ends only)"})
+    timeout_s: int = field(
+        default=600, metadata={"help": "collective timeout: a rank stuck this long fails the job"})
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
@@ -106,15 +141,24 @@ class TrainConfig:
 class ClusterConfig:
     """How item embeddings are clustered and scored; validated on construction."""
 
-    clusters: int | str = "auto"  # k (2 or more), or auto: best silhouette over k-min..k-max
-    k_min: int = 4  # smallest k tried by --clusters auto
-    k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
-    algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)
-    normalize: bool = False  # L2-normalise embeddings before clustering (cosine geometry)
-    min_item_ratings: int = MIN_ITEM_RATINGS  # items with fewer training ratings are left out
-    top_items: int = 10  # items listed per cluster, most training ratings first
-    seed: int = 0  # random_state for K-Means, PCA, silhouette sampling and the shuffles
-    baseline_shuffles: int = 20  # genre-label shuffles for the chance baseline
+    clusters: int | str = field(default="auto", metadata={
+        "help": "k (2 or more), or auto: best silhouette over k-min..k-max"})
+    k_min: int = field(default=4, metadata={"help": "smallest k tried by --clusters auto"})
+    k_max: int = field(default=30, metadata={
+        "help": "largest k tried by --clusters auto (capped at clustered items - 1)"})
+    algorithm: str = field(default="auto", metadata={
+        "help": "K-Means or MiniBatchKMeans (auto: minibatch above 100,000 items)",
+        "choices": CLUSTER_ALGORITHMS})
+    normalize: bool = field(default=False, metadata={
+        "help": "L2-normalise embeddings before clustering (cosine geometry)"})
+    min_item_ratings: int = field(default=MIN_ITEM_RATINGS, metadata={
+        "help": "items with fewer training ratings are left out"})
+    top_items: int = field(
+        default=10, metadata={"help": "items listed per cluster, most training ratings first"})
+    seed: int = field(default=0, metadata={
+        "help": "random_state for K-Means, PCA, silhouette sampling and the shuffles"})
+    baseline_shuffles: int = field(
+        default=20, metadata={"help": "genre-label shuffles for the chance baseline"})
 
     def __post_init__(self) -> None:
         # Same wording as the other configs: each field is also a CLI flag.
@@ -160,8 +204,11 @@ class ClusterConfig:
 class RankingConfig:
     """The ranking evaluation of the best epoch on the test split (trainer/ranking.py)."""
 
-    ranking_ks: tuple[int, ...] = (10, 20)  # list lengths k of precision@k, NDCG@k, ...
-    ranking_threshold: float | None = None  # relevant: test rating >= this (None: 4 on 1-5)
+    ranking_ks: tuple[int, ...] = field(default=(10, 20), metadata={
+        "help": "list lengths k of precision@k, recall@k, NDCG@k, MAP@k, hit rate, coverage"})
+    ranking_threshold: float | None = field(default=None, metadata={
+        "help": "a test rating at or above this is relevant (default: 75% up the data's "
+        "rating scale: 4 on 1-5, 3.875 on 0.5-5)"})
 
     def __post_init__(self) -> None:
         ks = self.ranking_ks

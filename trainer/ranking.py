@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from trainer.config import RankingConfig
 from trainer.data import read_piece
 from trainer.distributed import DistEnv, all_reduce, all_reduce_tensor, unwrap
 from trainer.errors import InputError
@@ -51,7 +52,7 @@ from trainer.ownership import UserOwnership
 from trainer.shards import Piece, ShardSet
 
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")  # per-user means
-DEFAULT_KS = (10, 20)
+DEFAULT_KS = RankingConfig.ranking_ks  # (10, 20)
 DEFAULT_USER_BLOCK = 256  # users scored at once: memory is this x num_items float32
 RELEVANT_FRACTION = 0.75  # default threshold: this far up the rating scale (4 on 1..5)
 POPULAR_PREFIX = "popular_"

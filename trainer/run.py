@@ -17,19 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
-import torch
 
-from trainer.checkpoint import load_model
-from trainer.config import MIN_ITEM_RATINGS
-from trainer.distributed import DistEnv
+from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.errors import InputError
-from trainer.ranking import DEFAULT_KS, ranking_metrics
 from trainer.run_files import (
     EXPORT_DIR,
     EXPORT_SUMMARY,
     FINAL_METRICS,
     ITEMS,
     MODEL,
+    MODEL_ARRAYS,
     SHARDS_DIR,
     USERS,
     export_names,
@@ -38,7 +35,6 @@ from trainer.run_files import (
     write_atomic,
     write_json,
 )
-from trainer.shards import open_shards
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +44,18 @@ class TrainedRun:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        model_path = self.run_dir / MODEL
-        if not model_path.is_file():
-            raise InputError(f"{model_path}: not found; {self.run_dir} is not a finished run "
+        arrays_path = self.run_dir / MODEL_ARRAYS
+        if not arrays_path.is_file():
+            raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
-        payload = torch.load(model_path, map_location="cpu", weights_only=True)
-        state = payload["state_dict"]
-        self.user_factors = state["user_factors.weight"].numpy()
-        self.item_factors = state["item_factors.weight"].numpy()
-        self.user_bias = state["user_bias.weight"].numpy()[:, 0]
-        self.item_bias = state["item_bias.weight"].numpy()[:, 0]
-        self.global_mean = float(state["global_mean"])
-        self.scale = tuple(payload["scale"])
-        self.shards_dir = shards_of(self.run_dir, payload)
+        with np.load(arrays_path) as arrays:
+            self.user_factors = arrays["user_factors.weight"]
+            self.item_factors = arrays["item_factors.weight"]
+            self.user_bias = arrays["user_bias.weight"][:, 0]
+            self.item_bias = arrays["item_bias.weight"][:, 0]
+            self.global_mean = float(arrays["global_mean"])
+            self.scale = tuple(float(x) for x in arrays["scale"])
+            self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
         self.users = pd.read_parquet(self.run_dir / USERS)
         self.items = pd.read_parquet(self.run_dir / ITEMS)
         self._user_index = pd.Index(self.users["original_user_id"])
@@ -181,9 +176,6 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     return TrainedRun(run_dir)
 
 
-EXPORT_FORMATS = ("parquet", "npy")
-
-
 def export_run(run_dir: str | Path, out: str | Path | None = None,
                format: str = "parquet") -> Path:
     """Write a run's user and item embeddings with their original ids, for other tools.
@@ -219,7 +211,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
     return folder
 
 
-def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = DEFAULT_KS,
+def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
                  threshold: float | None = None, min_item_ratings: int = 0) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
 
@@ -228,6 +220,14 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = DEFAULT_KS,
     figures in RUN_DIR/metrics.json (atomically; the other figures are kept) and are
     returned. See `trainer.ranking.ranking_metrics` for the keys.
     """
+    # Here, not at the top: recommending from a run must not wait for torch to import.
+    import torch
+
+    from trainer.checkpoint import load_model
+    from trainer.distributed import DistEnv
+    from trainer.ranking import ranking_metrics
+    from trainer.shards import open_shards
+
     run = Path(run_dir)
     model, payload = load_model(run / MODEL)
     shards = open_shards(shards_of(run, payload))

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 log = logging.getLogger(__name__)
 
 # Training.
@@ -30,6 +28,7 @@ EPOCH_METRICS = "metrics.jsonl"  # one JSON object per epoch
 FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ndcg@10, ...)
 CHECKPOINT = "checkpoint.pt"  # what --resume continues from
 MODEL = "model.pt"  # the kept (best-epoch) weights, every user included
+MODEL_ARRAYS = "model.npz"  # the same weights as numpy arrays: read without importing torch
 # The id maps, copied from SHARDS_DIR (where they have the same names).
 USERS = "users.parquet"
 ITEMS = "items.parquet"
@@ -121,6 +120,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def save_torch_atomic(payload: Any, path: Path) -> None:
     """``torch.save`` of ``payload`` to ``path``, atomically."""
+    import torch  # here: the command line reads this module's names without torch
     replace_atomically(path, lambda handle: torch.save(payload, handle))
 
 
