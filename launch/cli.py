@@ -38,6 +38,8 @@ from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPO
 
 log = logging.getLogger("shardmf")
 EXIT_USAGE = 2
+# Commands that draw progress bars: their log lines are routed above the bars.
+PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,20 +50,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         values = vars(parser.parse_args(argv))
-        return values.pop("handler")(values)
+        handler = values.pop("handler")
+        if not values.pop("progress_bars"):
+            return handler(values)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bar, never on it
+            return handler(values)
     except KeyboardInterrupt:
-        print("shardmf: interrupted; nothing half-written was kept", file=sys.stderr)
+        print_error("shardmf: interrupted; nothing half-written was kept")
         return 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:
             raise
-        print(f"shardmf: error: {e}", file=sys.stderr)
+        print_error(f"shardmf: error: {e}")
         return EXIT_USAGE
     except RuntimeError as e:  # a rank failed; its own error is already on stderr
         if debug:
             raise
-        print(f"shardmf: error: {e}", file=sys.stderr)
+        print_error(f"shardmf: error: {e}")
         return 1
+
+
+def print_error(text: str) -> None:
+    """``text`` on stderr on a line of its own: a live progress bar is cleared first."""
+    tqdm = sys.modules.get("tqdm")  # no progress bar can exist before tqdm is imported
+    if tqdm is None:
+        print(text, file=sys.stderr)
+    else:
+        tqdm.tqdm.write(text, file=sys.stderr)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -80,7 +97,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def command(name: str, handler, text: str) -> argparse.ArgumentParser:
         """The subparser of ``name``; a detached one when its flags are not needed."""
         sub = commands.add_parser(name, help=text, description=text)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, progress_bars=name in PROGRESS_BAR_COMMANDS)
         return sub if build_all or name == only else argparse.ArgumentParser(add_help=False)
 
     prepare = command("prepare", _prepare, "Read ratings with Dask, validate them, encode "
@@ -429,9 +446,15 @@ def _recommend(values: dict) -> int:
     run = load_run(values["run_dir"])
     table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
                           min_item_ratings=values["min_item_ratings"])
-    print(f"top {len(table)} for user {values['user']} (predicted rating):")
+    high = run.scale[1]
+    clipped = bool((table["score"] > high).any())
+    note = (f"; ≥{high:.2f}: above the scale's top, with the unclipped score that orders "
+            "them" if clipped else "")
+    print(f"top {len(table)} for user {values['user']} (predicted rating{note}):")
     for row in table.itertuples():
-        print(f"  {row.predicted_rating:4.2f}  {_label(row)}")
+        rating = (f"≥{high:.2f} ({row.score:.2f})" if row.score > high
+                  else f"{row.predicted_rating:4.2f}")
+        print(f"  {rating:<14} {_label(row)}")
     return 0
 
 

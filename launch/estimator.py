@@ -306,7 +306,10 @@ def _progress_logging(verbose: bool) -> Iterator[None]:
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
     try:
-        yield
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=loggers):  # lines above progress bars
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)

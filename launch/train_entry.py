@@ -18,6 +18,8 @@ import warnings
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from launch.options import add_cluster_arguments, add_train_arguments, apply_config_file
 from trainer.config import (
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = values.pop("debug", False)
     configure_logging(rank)
     try:
-        return _run(values, rank)
+        with logging_redirect_tqdm():  # log lines above rank 0's progress bar, never on it
+            return _run(values, rank)
     except (InputError, ValueError) as e:
         if debug:
             raise
@@ -100,5 +103,5 @@ def _fail(error: Exception, rank: int) -> int:
     so whichever rank meets it says so: a silent rank would leave nothing to read."""
     if rank == 0 or not isinstance(error, InputError):
         where = f"rank {rank}: " if rank else ""
-        print(f"shardmf: error: {where}{error}", file=sys.stderr)
+        tqdm.write(f"shardmf: error: {where}{error}", file=sys.stderr)  # a line of its own
     return 2

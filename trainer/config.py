@@ -108,7 +108,8 @@ class TrainConfig:
     verify: str = field(default="quick", metadata={
         "help": "check shards against the manifest: quick (sizes, rows), full (also "
         "SHA-256), none", "choices": VERIFY_MODES})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in RUN_DIR"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint in RUN_DIR"})
     checkpoint_every: int = field(default=0, metadata={
         "help": "also checkpoint every N steps mid-epoch (0: at epoch ends only)"})
     timeout_s: int = field(

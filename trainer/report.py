@@ -45,6 +45,9 @@ _MD_TITLES, _HTML_TITLES = 3, 5  # most-rated titles shown per cluster
 # two items is noise.
 _DISTINCTIVE_MIN_SHARE = 0.15
 _DISTINCTIVE_MIN_LIFT = 1.2
+# In a cluster this small one item moves a share by 10+ points: its lifts are no finding.
+_MIN_ITEMS_FOR_LIFTS = 10
+_SMALL_CLUSTER_NOTE = f"under {_MIN_ITEMS_FOR_LIFTS} items: lifts are not a finding"
 
 
 @dataclass(frozen=True)
@@ -334,8 +337,15 @@ def legend_label(summary: dict[str, Any]) -> str:
     return f"{summary['cluster']} ({summary['size']:,}): {g['genre']} ×{g['lift']:.1f}"
 
 
+def lifts_are_findings(summary: dict[str, Any]) -> bool:
+    return summary["size"] >= _MIN_ITEMS_FOR_LIFTS
+
+
 def distinctive_genres(summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Up to n genres common in the cluster and over-represented there, highest lift first."""
+    """Up to n genres common in the cluster and over-represented there, highest lift first;
+    none in a cluster too small for lifts to mean anything."""
+    if not lifts_are_findings(summary):
+        return []
     common = [
         g
         for g in summary["genres"]
@@ -607,7 +617,8 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
         titles = "; ".join(item["title"] for item in summary["top_items"][:_MD_TITLES])
         lines.append(
             f"| {summary['cluster']} | {summary['size']:,} | {_cell(common or '-')} | "
-            f"{_cell(telling or '-')} | {_cell(titles or '-')} |"
+            f"{_cell(telling or ('-' if lifts_are_findings(summary) else _SMALL_CLUSTER_NOTE))}"
+            f" | {_cell(titles or '-')} |"
         )
     lines.append("")
 
@@ -860,10 +871,13 @@ def _html_clusters(result: ClusterResult) -> str:
         cluster = summary["cluster"]
         genre_cell = ""
         if result.genres_known:
-            chips = "".join(_genre_chip(g) for g in summary["genres"][:_HTML_GENRES])
+            findings = lifts_are_findings(summary)
+            chips = "".join(_genre_chip(g, findings) for g in summary["genres"][:_HTML_GENRES])
             telling = distinctive_genres(summary, 1)
             if telling and telling[0] not in summary["genres"][:_HTML_GENRES]:
                 chips += _genre_chip(telling[0])
+            if not findings:
+                chips += f' <span class="muted">({e(_SMALL_CLUSTER_NOTE)})</span>'
             genre_cell = f"<td>{chips or '-'}</td>"
         titles = " · ".join(
             f'{e(item["title"])} <span class="muted">({item["train_ratings"]:,})</span>'
@@ -878,8 +892,11 @@ def _html_clusters(result: ClusterResult) -> str:
     return "\n".join(r for r in rows if r)
 
 
-def _genre_chip(genre: dict[str, Any]) -> str:
+def _genre_chip(genre: dict[str, Any], highlight: bool = True) -> str:
+    """A genre with its share and lift; coloured by lift unless ``highlight`` is off (a
+    cluster too small for lifts to be findings)."""
     level = " high" if genre["lift"] >= 1.5 else " low" if genre["lift"] < 0.8 else ""
+    level = level if highlight else ""
     return (
         f'<span class="genre{level}">{html.escape(genre["genre"])} '
         f"{genre['share']:.0%} ×{genre['lift']:.1f}</span>"

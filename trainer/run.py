@@ -115,6 +115,8 @@ class TrainedRun:
         ``exclude_seen`` drops the items the user rated in training (read from the shards;
         skipped with a warning when the shards are gone). Items with fewer training ratings
         than ``min_item_ratings`` are left out: their factors are mostly the prior.
+        Columns: original_item_id, title, genres, predicted_rating (clipped to the rating
+        scale, so the best items often tie at its top) and score (unclipped: the order).
         """
         uid = self.user_id(user)
         scores = (self.global_mean + self.user_bias[uid] + self.item_bias
@@ -126,6 +128,7 @@ class TrainedRun:
         top = _top(scores, n)
         table = self.items.iloc[top][["original_item_id", "title", "genres"]].copy()
         table["predicted_rating"] = np.clip(scores[top], *self.scale)
+        table["score"] = scores[top]
         return table.reset_index(drop=True)
 
     def similar_items(self, item, n: int = 10,
