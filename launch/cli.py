@@ -145,8 +145,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, metavar="RUN_DIR",
                      help="run folder: shards (RUN_DIR/shards), config, metrics, checkpoint, "
                      "model, clusters, reports")
-    run.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as "
-                     "the flags (flags given here win)")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are this "
+                     "command's flags (snake or kebab case; nproc and the other launch flags "
+                     "included, but not --config, --out or the inputs); flags given here win")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     if build_all or only == "run":
         _add_prepare_arguments(run)
@@ -344,7 +345,7 @@ def _export_split(values: dict) -> int:
 def _train(values: dict) -> int:
     from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(values, RUN_CONFIGS)
+    values = apply_config_file(values, (*RUN_CONFIGS, TorchrunOptions))
     return launch_training(values["shards_dir"], values["out"], values,
                            TorchrunOptions.from_values(values))
 
@@ -370,7 +371,8 @@ def _run(values: dict) -> int:
     from data_shards import PrepareConfig, SourceOptions
     from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS))
+    values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS,
+                                        TorchrunOptions))
     out = Path(values["out"])
     shards = out / SHARDS_DIR
     if not values.get("resume"):

@@ -176,8 +176,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="output of `shardmf prepare`")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run folder: config, metrics, checkpoint, model, clusters")
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys "
-                        "as the flags (flags given here win)")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are the "
+                        "config flags (snake or kebab case; `shardmf train` also takes nproc "
+                        "and the other launch flags); flags given here win")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_training_config_arguments(parser)
 

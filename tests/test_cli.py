@@ -116,6 +116,16 @@ def test_train_on_missing_shards_names_the_file(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+def test_config_file_takes_the_launch_keys_too(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("nproc = 2\nepochs = 3\nrdzv-id = 'x'\n")
+    code = main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                 "--config", str(config)])
+    assert code == 2
+    assert "manifest.json: not found" in capsys.readouterr().err  # not "unknown key"
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
