@@ -25,10 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer.checkpoint import load_model  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.distributed import DistEnv, all_reduce, init_distributed, teardown  # noqa: E402
 from trainer.model import BiasedMF  # noqa: E402
 from trainer.ranking import DEFAULT_KS, DEFAULT_USER_BLOCK, ranking_metrics  # noqa: E402
+from trainer.run_files import MODEL  # noqa: E402
 from trainer.shards import open_shards  # noqa: E402
 
 
@@ -44,16 +46,6 @@ def per_rank(value: float, env: DistEnv) -> list[float]:
     one_hot = [0.0] * env.world_size
     one_hot[env.rank] = value
     return all_reduce(one_hot, env)
-
-
-def load_model(run_dir: Path) -> tuple[BiasedMF, Path]:
-    """The run's best-epoch model and the shard folder it was trained on."""
-    payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    state = payload["state_dict"]
-    model = BiasedMF(state["user_factors.weight"].shape[0], state["item_factors.weight"].shape[0],
-                     float(state["global_mean"]), ModelConfig(**payload["model_config"]))
-    model.load_state_dict(state)
-    return model, Path(payload["shards_dir"])
 
 
 def main() -> None:
@@ -78,7 +70,8 @@ def main() -> None:
     env = init_distributed("cpu")
     try:
         if args.command == "run":
-            model, shards_dir = load_model(args.run_dir)
+            model, payload = load_model(args.run_dir / MODEL)
+            shards_dir = payload["shards_dir"]
         else:
             shards_dir = args.shards_dir
         shards = open_shards(shards_dir)

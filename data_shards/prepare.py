@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dask
@@ -81,20 +81,41 @@ GIVEN_CODES = {"train": -1, "val": 1, "test": 2}
 class PrepareConfig:
     """How ratings become shards; every field has a CLI flag of the same name."""
 
-    val_fraction: float = 0.05  # share of ratings for validation (random and temporal splits)
-    test_fraction: float = 0.05  # share of ratings for test (random and temporal splits)
-    seed: int = 0  # drives the split, the shard assignment and the row order
-    num_shards: int | None = None  # train shards (val/test get as many); None: auto
-    row_group_size: int = 65_536  # rows per Parquet row group: the unit a rank streams
-    rating_range: tuple[float, float] | None = None  # declared scale; None: the layout's or data's
-    items: str | None = None  # item metadata file; MovieLens siblings are found automatically
-    genre_sep: str | None = None  # separator of genres in --items; None: detected
-    duplicates: str = "error"  # repeated (user, item) pairs: error | last | mean
-    split: str = "random"  # random (by hash) | temporal (latest overall) | leave-last (per user)
-    leave_last: int = 1  # leave-last: each user's latest N ratings to test, the N before to val
-    partition_by: str = "user"  # shard of a rating: user (all of a user's together) | random
-    on_bad_rows: str = "error"  # error (stop at the first) | skip (drop, count, rejects.csv)
-    overwrite: bool = False  # replace an existing output folder
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "share of ratings for validation (random and temporal splits)"})
+    test_fraction: float = field(
+        default=0.05, metadata={"help": "share of ratings for test (random and temporal splits)"})
+    seed: int = field(
+        default=0, metadata={"help": "drives the split, the shard assignment and the row order"})
+    num_shards: int | None = field(default=None, metadata={
+        "help": "train shards (val/test get as many) (default: one per "
+        f"{TRAIN_ROWS_PER_SHARD:,} training ratings, at least {MIN_SHARDS})"})
+    row_group_size: int = field(
+        default=65_536, metadata={"help": "rows per Parquet row group: the unit a rank streams"})
+    rating_range: tuple[float, float] | None = field(default=None, metadata={
+        "help": "the rating scale, e.g. 1,5 (default: the layout's, e.g. MovieLens 1-5, "
+        "else the lowest and highest rating in the data)"})
+    items: str | None = field(default=None, metadata={
+        "help": "item metadata file (titles, genres) (default: a MovieLens file beside the "
+        "ratings when there is one, else none)"})
+    genre_sep: str | None = field(default=None, metadata={
+        "help": "separator of genres in --items (default: detected, e.g. |)"})
+    duplicates: str = field(default="error", metadata={
+        "help": "repeated (user, item) pairs: stop, keep the last, or average them",
+        "choices": DUPLICATE_POLICIES})
+    split: str = field(default="random", metadata={
+        "help": "random (by hash), temporal (latest overall to val/test) or leave-last "
+        "(per user)", "choices": SPLIT_METHODS})
+    leave_last: int = field(default=1, metadata={
+        "help": "leave-last: each user's latest N ratings to test, the N before to val"})
+    partition_by: str = field(default="user", metadata={
+        "help": "shard of a rating: user (all of a user's in one, so ranks own their users) "
+        "or random (by pair)",
+        "choices": PARTITION_SCHEMES})
+    on_bad_rows: str = field(default="error", metadata={
+        "help": "error: stop at the first bad row; skip: drop, count and list them in "
+        "rejects.csv", "choices": BAD_ROW_POLICIES})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):

@@ -54,15 +54,28 @@ UNIX_EPOCH = pd.Timestamp(0, tz="UTC")
 class SourceOptions:
     """What the user said about the input; everything left None is detected."""
 
-    format: str = "auto"  # one of FORMATS
-    user_col: str | None = None  # column name, or 0-based position as digits
-    item_col: str | None = None
-    rating_col: str | None = None
-    time_col: str | None = None
-    delimiter: str | None = None  # None: detected from the first lines
-    header: bool | None = None  # None: detected (a non-numeric rating field means a header)
-    encoding: str = "utf-8"
-    storage_options: dict = field(default_factory=dict)  # passed to fsspec (s3 keys, ...)
+    format: str = field(default="auto", metadata={
+        "help": "input layout (auto: from the file names and first lines)", "choices": FORMATS})
+    user_col: str | None = field(default=None, metadata={
+        "help": "user id column: name, or 0-based position as digits (default: detected from "
+        "the header, e.g. userId, or the layout's first field)"})
+    item_col: str | None = field(default=None, metadata={
+        "help": "item id column, as --user-col (default: detected, e.g. movieId, or the "
+        "second field)"})
+    rating_col: str | None = field(default=None, metadata={
+        "help": "rating column, as --user-col (default: detected, e.g. rating, or the third "
+        "field)"})
+    time_col: str | None = field(default=None, metadata={
+        "help": "timestamp column, as --user-col (default: detected, e.g. timestamp, or the "
+        "fourth field when there is one; needed by --split temporal and leave-last)"})
+    delimiter: str | None = field(default=None, metadata={
+        "help": "field separator of text files (default: detected from the first lines)"})
+    header: bool | None = field(default=None, metadata={
+        "help": "whether text files start with a header line (default: detected: a "
+        "non-numeric rating field means a header)"})
+    encoding: str = field(default="utf-8", metadata={"help": "text encoding of the inputs"})
+    storage_options: dict = field(default_factory=dict, metadata={
+        "help": "passed to fsspec (s3 keys, ...)"})
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -83,14 +83,18 @@ _SCORE_CHUNK_ROWS = 1 << 18  # bounds the (rows, latent_dim) temporaries
 class SynthConfig:
     """Size and shape of a synthetic rating set; the same config gives the same bytes."""
 
-    num_users: int = 6_000  # users in the world, ids 1..num_users
-    num_items: int = 2_000  # items in the world, ids 1..num_items
-    num_ratings: int = 600_000  # target number of ratings (repeats removed, may end slightly lower)
-    num_genres: int = 8  # planted genres, one per item
-    latent_dim: int = 16  # dimension of the planted taste/genre space
-    noise: float = 0.4  # std of rating noise before rounding to stars, stars
-    seed: int = 0  # seed of every random draw
-    rows_per_file: int = 2_000_000  # upper bound on rows per Parquet file (one Dask task each)
+    num_users: int = field(default=6_000, metadata={"help": "users in the world, ids 1..num_users"})
+    num_items: int = field(default=2_000, metadata={"help": "items in the world, ids 1..num_items"})
+    num_ratings: int = field(default=600_000, metadata={
+        "help": "target number of ratings (repeats removed, may end slightly lower)"})
+    num_genres: int = field(default=8, metadata={"help": "planted genres, one per item"})
+    latent_dim: int = field(
+        default=16, metadata={"help": "dimension of the planted taste/genre space"})
+    noise: float = field(
+        default=0.4, metadata={"help": "std of rating noise before rounding to stars"})
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    rows_per_file: int = field(default=2_000_000, metadata={
+        "help": "upper bound on rows per Parquet file (one Dask task each)"})
 
     def __post_init__(self) -> None:
         for name in ("num_users", "num_items", "num_ratings", "num_genres", "latent_dim"):

@@ -6,6 +6,7 @@
     shardmf run INPUT... --out RUN_DIR            prepare, train and cluster in one go
     shardmf verify SHARDS_DIR [--full]            check the shard files against the manifest
     shardmf export-split SHARDS_DIR --out DIR     the splits as TSV, for other tools
+    shardmf evaluate RUN_DIR [--k 10 20]          ranking figures vs most-popular
     shardmf recommend | similar | export RUN_DIR  use a trained run
     shardmf synth --out RAW_DIR                   a rating set with planted genres
     shardmf demo                                  synth -> run on 2 processes, with figures
@@ -28,78 +29,106 @@ from launch.options import (
     add_cluster_arguments,
     add_config_arguments,
     add_train_arguments,
+    add_training_config_arguments,
     apply_config_file,
 )
 from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
-from trainer.config import MIN_ITEM_RATINGS, TRAIN_CONFIGS, config_from_values
-from trainer.run import EXPORT_FORMATS
+from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig, config_from_values
 from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
 
 log = logging.getLogger("shardmf")
 EXIT_USAGE = 2
+# Commands that draw progress bars: their log lines are routed above the bars.
+PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    # Only the command at hand gets its flags ("": none, for --help and --version alone).
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         values = vars(parser.parse_args(argv))
-        return values.pop("handler")(values)
+        handler = values.pop("handler")
+        if not values.pop("progress_bars"):
+            return handler(values)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bar, never on it
+            return handler(values)
     except KeyboardInterrupt as e:
         from launch.train_entry import Terminated
 
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"shardmf: {stopped}; nothing half-written was kept (a run keeps its last "
-              "checkpoint: --resume continues it)", file=sys.stderr)
+        print_error(f"shardmf: {stopped}; nothing half-written was kept (a run keeps its "
+                    "last checkpoint: --resume continues it)")
         return 143 if isinstance(e, Terminated) else 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:
             raise
-        print(f"shardmf: error: {e}", file=sys.stderr)
+        print_error(f"shardmf: error: {e}")
         return EXIT_USAGE
     except RuntimeError as e:  # a rank failed; its own error is already on stderr
         if debug:
             raise
-        print(f"shardmf: error: {e}", file=sys.stderr)
+        print_error(f"shardmf: error: {e}")
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from data_shards import PrepareConfig, SourceOptions
-    from data_shards.synth import SynthConfig
+def print_error(text: str) -> None:
+    """``text`` on stderr on a line of its own: a live progress bar is cleared first."""
+    tqdm = sys.modules.get("tqdm")  # no progress bar can exist before tqdm is imported
+    if tqdm is None:
+        print(text, file=sys.stderr)
+    else:
+        tqdm.tqdm.write(text, file=sys.stderr)
 
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command, with the flags of all of them (``only`` None) or of ``only`` alone.
+
+    Commands whose flags come from data_shards' configs import Dask to build them; building
+    only the command at hand keeps ``--help`` and the small commands free of that.
+    """
     parser = argparse.ArgumentParser(
         prog="shardmf", description="Matrix factorisation on rating sets too large for one "
         "process: Dask shards, torch.distributed training, item clusters.")
+    parser.add_argument("--version", action="version", version=f"shardmf {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build_all = only is None
 
     def command(name: str, handler, text: str) -> argparse.ArgumentParser:
+        """The subparser of ``name``; a detached one when its flags are not needed."""
         sub = commands.add_parser(name, help=text, description=text)
-        sub.set_defaults(handler=handler)
-        return sub
+        sub.set_defaults(handler=handler, progress_bars=name in PROGRESS_BAR_COMMANDS)
+        return sub if build_all or name == only else argparse.ArgumentParser(add_help=False)
 
     prepare = command("prepare", _prepare, "Read ratings with Dask, validate them, encode "
                       "ids, split train/val/test and write Parquet shards plus a manifest.")
     prepare.add_argument("inputs", nargs="*", metavar="INPUT",
                          help="ratings files, folders, globs or fsspec URLs (or --movielens)")
-    prepare.add_argument("--out", required=True, metavar="SHARDS_DIR")
-    _add_prepare_arguments(prepare, PrepareConfig, SourceOptions)
+    prepare.add_argument("--out", required=True, metavar="SHARDS_DIR",
+                         help="folder for the shards and manifest.json (must not exist, or "
+                         "be empty, unless --overwrite)")
+    if build_all or only == "prepare":
+        _add_prepare_arguments(prepare)
 
     verify = command("verify", _verify, "Check the manifest against itself and every "
                      "shard file against the manifest: sizes, rows, row groups, id ranges "
                      "and SHA-256 of every byte (with --full also page checksums and every "
                      "value).")
-    verify.add_argument("shards_dir", metavar="SHARDS_DIR")
+    verify.add_argument("shards_dir", metavar="SHARDS_DIR", help="output of `shardmf prepare`")
     verify.add_argument("--full", action="store_true",
                         help="also decode every page (checksums verified) and check values")
     verify.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     export_split = command("export-split", _export_split, "Write the train/val/test splits "
                            "of SHARDS_DIR back as TSV with original ids, for other tools.")
-    export_split.add_argument("shards_dir", metavar="SHARDS_DIR")
-    export_split.add_argument("--out", required=True, metavar="DIR")
+    export_split.add_argument("shards_dir", metavar="SHARDS_DIR",
+                              help="output of `shardmf prepare`")
+    export_split.add_argument("--out", required=True, metavar="DIR",
+                              help="folder for train.tsv, val.tsv and test.tsv")
     export_split.add_argument("--overwrite", action="store_true",
                               help="replace DIR if it is an earlier export-split")
     export_split.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -112,36 +141,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = command("cluster", _cluster, "Re-run the rank-0 post-step on a finished run: "
                       "K-Means on item embeddings, scores against genres, report.")
-    cluster.add_argument("run_dir", metavar="RUN_DIR")
+    cluster.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     cluster.add_argument("--seed", type=int, default=argparse.SUPPRESS,
                          help="K-Means and baseline seed (default: the run's)")
-    add_cluster_arguments(cluster)
+    add_cluster_arguments(cluster, skippable=False)
     cluster.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     run = command("run", _run, "Prepare, train and cluster in one go: INPUT -> "
                   "RUN_DIR/shards -> RUN_DIR.")
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="ratings files, folders, globs or fsspec URLs (or --movielens)")
-    run.add_argument("--out", required=True, metavar="RUN_DIR")
-    run.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as "
-                     "the flags (flags given here win)")
+    run.add_argument("--out", required=True, metavar="RUN_DIR",
+                     help="run folder: shards (RUN_DIR/shards), config, metrics, checkpoint, "
+                     "model, clusters, reports")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are this "
+                     "command's flags (snake or kebab case; nproc and the other launch flags "
+                     "included, but not --config, --out or the inputs); flags given here win")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    _add_prepare_arguments(run, PrepareConfig, SourceOptions)
-    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
-        add_config_arguments(run, cls, title=title)
-    add_cluster_arguments(run)
-    add_launch_arguments(run)
+    if build_all or only == "run":
+        _add_prepare_arguments(run)
+        add_training_config_arguments(run)
+        add_cluster_arguments(run)
+        add_launch_arguments(run)
 
     synth = command("synth", _synth, "Generate a MovieLens-shaped rating set with planted "
                     "genres (Parquet ratings, items.csv), deterministic for a seed.")
-    synth.add_argument("--out", required=True, metavar="RAW_DIR")
+    synth.add_argument("--out", required=True, metavar="RAW_DIR",
+                       help="folder for the ratings (Parquet), items.csv and synth.json")
     synth.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    add_config_arguments(synth, SynthConfig, title="synthetic data")
-    _add_dask_arguments(synth)
+    if build_all or only == "synth":
+        from data_shards.synth import SynthConfig
+
+        add_config_arguments(synth, SynthConfig, title="synthetic data")
+        _add_dask_arguments(synth)
+
+    evaluate = command("evaluate", _evaluate, "Ranking figures of a finished run on its test "
+                       "split (precision, recall, NDCG, MAP, hit rate, coverage at k) beside "
+                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Runs in "
+                       "one process and needs the run's shards.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    default_ks = RankingConfig.ranking_ks
+    evaluate.add_argument("--k", type=_positive, nargs="+", default=list(default_ks),
+                          metavar="K", help="list lengths (default: "
+                          f"{' '.join(map(str, default_ks))})")
+    evaluate.add_argument("--threshold", type=float, metavar="RATING",
+                          help="a test rating at or above this is relevant (default: 75 %% "
+                          "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
+    evaluate.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
+                          help="recommend only items with at least N training ratings, as "
+                          "`recommend` does with 20 (default: 0, every item)")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     recommend = command("recommend", _recommend, "The items a user would rate highest, by "
                         "the trained model (original ids; seen items excluded).")
-    recommend.add_argument("run_dir", metavar="RUN_DIR")
+    recommend.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     recommend.add_argument("--user", required=True, help="original user id")
     recommend.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
@@ -153,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     similar = command("similar", _similar, "Items whose embeddings point the same way as "
                       "one item's (cosine similarity).")
-    similar.add_argument("run_dir", metavar="RUN_DIR")
+    similar.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     which = similar.add_mutually_exclusive_group(required=True)
     which.add_argument("--item", help="original item id")
     which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
@@ -165,10 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = command("export", _export, "Write a run's user and item embeddings with their "
                      "original ids, for other tools.")
-    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
                         help="parquet: one table per side; npy: arrays plus id tables")
-    export.add_argument("--out", metavar="DIR", help="default: RUN_DIR/export")
+    export.add_argument("--out", metavar="DIR", help="folder for the files (default: "
+                        "RUN_DIR/export)")
     export.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     demo = command("demo", _demo, "The whole pipeline on a synthetic set with planted genres, "
@@ -180,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardmf")
+    except PackageNotFoundError:
+        return "(not installed; run from a source tree)"
+
+
 def _positive(text: str) -> int:
     number = int(text)
     if number < 1:
@@ -187,7 +250,8 @@ def _positive(text: str) -> int:
     return number
 
 
-def _add_prepare_arguments(parser, prepare_config, source_options) -> None:
+def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_shards import PrepareConfig, SourceOptions
     from data_shards.movielens import RELEASES
 
     inputs = parser.add_argument_group("inputs")
@@ -202,11 +266,11 @@ def _add_prepare_arguments(parser, prepare_config, source_options) -> None:
                        f"(default ~/.cache/shardmf) and checked: {', '.join(RELEASES)}")
     which.add_argument("--movielens-path", metavar="ZIP|DIR",
                        help="a MovieLens release zip or extracted folder on disk")
-    add_config_arguments(parser, source_options, skip=("storage_options",),
+    add_config_arguments(parser, SourceOptions, skip=("storage_options",),
                          title="input columns and parsing")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for URLs, repeatable (e.g. anon=true)")
-    add_config_arguments(parser, prepare_config, title="shards")
+    add_config_arguments(parser, PrepareConfig, title="shards")
     _add_dask_arguments(parser)
     if not any(a.dest == "debug" for a in parser._actions):
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with the same "
@@ -290,7 +354,7 @@ def _export_split(values: dict) -> int:
 def _train(values: dict) -> int:
     from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(values, RUN_CONFIGS)
+    values = apply_config_file(values, (*RUN_CONFIGS, TorchrunOptions))
     return launch_training(values["shards_dir"], values["out"], values,
                            TorchrunOptions.from_values(values))
 
@@ -316,7 +380,8 @@ def _run(values: dict) -> int:
     from data_shards import PrepareConfig, SourceOptions
     from trainer.config import RUN_CONFIGS
 
-    values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS))
+    values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS,
+                                        TorchrunOptions))
     out = Path(values["out"])
     shards = out / SHARDS_DIR
     if not values.get("resume"):
@@ -364,15 +429,43 @@ def _demo(values: dict) -> int:
     return 0
 
 
+def _evaluate(values: dict) -> int:
+    from trainer import evaluate_run
+    from trainer.ranking import METRICS, POPULAR_PREFIX
+
+    figures = evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
+                           values["min_item_ratings"])
+    print(f"ranking on the test split of {values['run_dir']}: {figures['ranking_users']:,} "
+          f"users with a rating >= {figures['ranking_threshold']:g}")
+    print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
+    for k in sorted(set(values["k"])):
+        for name in (*METRICS, "coverage"):
+            model, popular = figures[f"{name}@{k}"], figures[f"{POPULAR_PREFIX}{name}@{k}"]
+            print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
+    print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
+          f"{values['run_dir']}` redraws the report with them")
+    return 0
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _recommend(values: dict) -> int:
     from trainer import load_run
 
     run = load_run(values["run_dir"])
     table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
                           min_item_ratings=values["min_item_ratings"])
-    print(f"top {len(table)} for user {values['user']} (predicted rating):")
+    high = run.scale[1]
+    clipped = bool((table["score"] > high).any())
+    note = (f"; ≥{high:.2f}: above the scale's top, with the unclipped score that orders "
+            "them" if clipped else "")
+    print(f"top {len(table)} for user {values['user']} (predicted rating{note}):")
     for row in table.itertuples():
-        print(f"  {row.predicted_rating:4.2f}  {_label(row)}")
+        rating = (f"≥{high:.2f} ({row.score:.2f})" if row.score > high
+                  else f"{row.predicted_rating:4.2f}")
+        print(f"  {rating:<14} {_label(row)}")
     return 0
 
 

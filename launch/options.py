@@ -1,7 +1,8 @@
 """Command-line flags and TOML files built from the config dataclasses of both packages.
 
-Each dataclass field becomes a kebab-case flag whose help is the field's one-line comment,
-so a config, its flag and its TOML key cannot drift apart. Precedence: defaults < TOML
+Each dataclass field becomes a kebab-case flag whose help and choices come from the field's
+metadata (``field(default=..., metadata={"help": ..., "choices": ...})``), so a config,
+its flag and its TOML key cannot drift apart. Precedence: defaults < TOML
 (``--config FILE``, flat keys, snake or kebab case) < flags given on the command line.
 It lives in ``launch`` because it builds the flags of ``data_shards`` and ``trainer``
 alike; the configs themselves (and `config_from_values`) stay with their packages.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import typing
 from pathlib import Path
 
@@ -22,36 +21,55 @@ from trainer.config import TRAIN_CONFIGS, ClusterConfig
 from trainer.errors import InputError
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in the class source: the flag's help."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                          skip: tuple[str, ...] = (), title: str | None = None) -> None:
-    """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS)."""
+    """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS).
+
+    Help and choices come from the field's metadata. A field another config of the same
+    command already added (``seed`` of prepare and training) keeps one flag, whose help
+    then says what else it drives.
+    """
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
-    comments = field_comments(cls)
-    existing = {a.dest for a in parser._actions}
+    existing = {a.dest: a for a in parser._actions}
     for item in dataclasses.fields(cls):
-        if item.name in skip or item.name in existing:
+        if item.name in skip:
+            continue
+        text = flag_help(item)
+        if item.name in existing:
+            existing[item.name].help += f"; also {item.metadata.get('help', '')}"
             continue
         flag = "--" + item.name.replace("_", "-")
-        default = item.default if item.default is not dataclasses.MISSING else None
-        text = f"{comments.get(item.name, '')} (default: {default})".replace("%", "%%")
         kind = hints[item.name]
         if kind is bool or set(typing.get_args(kind)) == {bool, type(None)}:  # bool | None
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
+        elif _is_number_list(kind):
+            group.add_argument(flag, type=int, nargs="+", default=argparse.SUPPRESS,
+                               help=text, metavar="N", action=_StoreTuple)
+        elif "choices" in item.metadata:
+            group.add_argument(flag, choices=item.metadata["choices"],
+                               default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
                                help=text, metavar=_metavar(kind))
+
+
+def flag_help(item: dataclasses.Field) -> str:
+    """A field's help with its default in words; a None default is explained by the help
+    itself (it says "(default: ...)"), never shown as a bare None."""
+    text = item.metadata.get("help", "")
+    default = item.default
+    if "(default:" in text or default is dataclasses.MISSING or default is None:
+        shown = ""
+    elif isinstance(default, bool):
+        shown = f" (default: {'on' if default else 'off'})"
+    elif isinstance(default, tuple):
+        shown = f" (default: {' '.join(map(str, default))})"
+    else:
+        shown = f" (default: {default:,})" if isinstance(default, int) else (
+            f" (default: {default})")
+    return (text + shown).replace("%", "%%")  # argparse formats help with %
 
 
 def apply_config_file(values: dict, config_classes: tuple[type, ...]) -> dict:
@@ -103,6 +121,19 @@ def _toml_value(path: Path, key: str, value, kind):
                      f"{getattr(kind, '__name__', str(kind))}")
 
 
+class _StoreTuple(argparse.Action):
+    """Store ``nargs`` values as a tuple, the type the config field declares."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
+def _is_number_list(kind) -> bool:
+    """``tuple[int, ...]``: a flag taking one or more numbers (``--ranking-ks 10 20``)."""
+    args = typing.get_args(kind)
+    return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
 def _parser_for(kind):
     origin = typing.get_origin(kind)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -128,7 +159,7 @@ def _metavar(kind) -> str:
     parser = _parser_for(kind)
     if parser.__name__ == "int_or_text":
         return "N|auto"
-    return {int: "N", float: "X", _number_pair: "MIN,MAX"}.get(parser, "TEXT")
+    return {int: "N", float: "X", _number_pair: "MIN,MAX"}.get(parser)  # None: the name
 
 
 def _number_pair(text: str) -> tuple[float, float]:
@@ -145,17 +176,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="output of `shardmf prepare`")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run folder: config, metrics, checkpoint, model, clusters")
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys "
-                        "as the flags (flags given here win)")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are the "
+                        "config flags (snake or kebab case; `shardmf train` also takes nproc "
+                        "and the other launch flags); flags given here win")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training")):
+    add_training_config_arguments(parser)
+
+
+def add_training_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag group per config that training reads (TRAIN_CONFIGS)."""
+    for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training",
+                                          "ranking evaluation (test split, after training)")):
         add_config_arguments(parser, cls, title=title)
 
 
 CLUSTER_SKIP = ("seed",)  # the post-step uses the run's --seed
 
 
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """The clustering flags of ``train``, ``run`` and ``cluster`` (no --seed of their own)."""
+def add_cluster_arguments(parser: argparse.ArgumentParser, skippable: bool = True) -> None:
+    """The clustering flags of ``train``, ``run`` and ``cluster`` (no --seed of their own);
+    ``skippable``: training, where ``--clusters 0`` leaves the post-step out."""
     add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
-                         title="item clusters (--clusters 0 skips them)")
+                         title="item clusters (--clusters 0 skips them)" if skippable
+                         else "item clusters")

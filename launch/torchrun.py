@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.options import add_config_arguments
-from trainer.config import TRAIN_CONFIGS, config_from_values
+from trainer.config import TRAIN_CONFIGS, TrainConfig, config_from_values
 from trainer.errors import InputError
 from trainer.run_files import precheck_run_target
 
@@ -27,11 +27,16 @@ log = logging.getLogger(__name__)
 class TorchrunOptions:
     """Where the ranks run: N processes on this node, on one or several nodes."""
 
-    nproc: int = 1  # training processes on this node (ranks)
-    nnodes: int = 1  # nodes taking part; each runs this same command
-    rdzv_endpoint: str | None = None  # HOST:PORT every node can reach (c10d rendezvous)
-    rdzv_id: str = "shardmf"  # job id shared by the nodes of one run
-    max_restarts: int = 0  # restarts of all ranks after a failure; they resume from the checkpoint
+    nproc: int = field(default=1, metadata={"help": "training processes on this node (ranks)"})
+    nnodes: int = field(
+        default=1, metadata={"help": "nodes taking part; each runs this same command"})
+    rdzv_endpoint: str | None = field(default=None, metadata={
+        "help": "HOST:PORT every node can reach (c10d rendezvous) (default: none: a "
+        "standalone job on this node; needed with --nnodes above 1)"})
+    rdzv_id: str = field(
+        default="shardmf", metadata={"help": "job id shared by the nodes of one run"})
+    max_restarts: int = field(default=0, metadata={
+        "help": "restarts of all ranks after a failure; they resume from the checkpoint"})
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -59,9 +64,10 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
     from trainer.config import RUN_CONFIGS, post_step_config
     from trainer.shards import open_shards
 
-    configs = [config_from_values(cls, values) for cls in TRAIN_CONFIGS]
+    for cls in TRAIN_CONFIGS:  # a bad flag fails here, once, not on every rank
+        config_from_values(cls, values)
     post_step_config(values)  # a bad clustering flag fails here, not after training
-    train_config = configs[-1]
+    train_config = config_from_values(TrainConfig, values)
     shards = open_shards(shards_dir, train_config.verify)
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
         raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
@@ -134,8 +140,8 @@ def _as_flags(values: dict, names: set[str]) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            flags.extend([flag, ",".join(str(v) for v in value)])
+        elif isinstance(value, tuple):  # a list of numbers, e.g. --ranking-ks 10 20
+            flags.extend([flag, *(str(v) for v in value)])
         else:
             flags.extend([flag, str(value)])
     return flags

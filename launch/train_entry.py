@@ -27,12 +27,15 @@ from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from launch.options import add_cluster_arguments, add_train_arguments, apply_config_file
 from trainer.config import (
     RUN_CONFIGS,
     ModelConfig,
     OptimConfig,
+    RankingConfig,
     TrainConfig,
     config_from_values,
     post_step_config,
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(rank)
     try:
         try:
-            return _run(values, rank)
+            with logging_redirect_tqdm():  # log lines above rank 0's progress bar, never on it
+                return _run(values, rank)
         except RuntimeError as e:
             if not (under_torchrun and _lost_peer(e)):
                 raise
@@ -141,6 +145,7 @@ def _run(values: dict, rank: int) -> int:
         model_config = config_from_values(ModelConfig, values)
         optim_config = config_from_values(OptimConfig, values)
         train_config = config_from_values(TrainConfig, values)
+        ranking_config = config_from_values(RankingConfig, values)
         post = post_step_config(values)
     except ValueError as e:  # a bad flag: the same on every rank
         raise InputError(str(e)) from e
@@ -152,7 +157,8 @@ def _run(values: dict, rank: int) -> int:
                 1, (os.cpu_count() or 1) // env.local_world_size))
             keep_freed_memory()
             train(values["shards_dir"], values["out"], model_config, optim_config,
-                  train_config, env, extra_config={"cluster": vars(post) if post else None})
+                  train_config, env, extra_config={"cluster": vars(post) if post else None},
+                  ranking_config=ranking_config)
         finally:
             teardown()
         if env.is_main and post is not None:
@@ -190,5 +196,5 @@ def _fail(error: Exception, rank: int) -> int:
     so whichever rank meets it says so: a silent rank would leave nothing to read."""
     if rank == 0 or not isinstance(error, InputError):
         where = f"rank {rank}: " if rank else ""
-        print(f"shardmf: error: {where}{error}", file=sys.stderr)
+        tqdm.write(f"shardmf: error: {where}{error}", file=sys.stderr)  # a line of its own
     return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from launch.cli import main
 
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
-            "export", "export-split", "verify")
+            "export", "export-split", "verify", "evaluate")
 
 
 def _write_ratings(path: Path, rows: int = 3000, seed: int = 0) -> None:
@@ -38,6 +40,35 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> 
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: shardmf" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_command_explains_itself() -> None:
+    from launch.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(COMMANDS)
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"shardmf {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where}: no help"
+            assert "(default: None)" not in action.help, f"{where}: says (default: None)"
+            assert "FORMATS" not in action.help, f"{where}: a placeholder in its help"
+        text = sub.format_help()
+        assert " TEXT" not in text, f"{name}: a bare TEXT placeholder"
+
+
+def test_version_and_top_level_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("shardmf ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "evaluate" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("content", "expected"), [
@@ -67,12 +98,32 @@ def test_bad_flag_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--val-fraction 2.0" in capsys.readouterr().err
 
 
+def test_number_list_flags_parse_to_the_configs_tuple() -> None:
+    from launch.cli import build_parser
+    from trainer.config import RankingConfig, config_from_values
+
+    values = vars(build_parser().parse_args(["train", "s", "--out", "r", "--ranking-ks", "5",
+                                             "10", "--ranking-threshold", "3.5"]))
+    assert config_from_values(RankingConfig, values) == RankingConfig(ranking_ks=(5, 10),
+                                                                      ranking_threshold=3.5)
+
+
 def test_train_on_missing_shards_names_the_file(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     code = main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "manifest.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_config_file_takes_the_launch_keys_too(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("nproc = 2\nepochs = 3\nrdzv-id = 'x'\n")
+    code = main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                 "--config", str(config)])
+    assert code == 2
+    assert "manifest.json: not found" in capsys.readouterr().err  # not "unknown key"
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +176,45 @@ def test_unknown_ids_and_titles(trained_run: Path, capsys: pytest.CaptureFixture
     assert expected in capsys.readouterr().err
 
 
+def test_a_run_reports_ranking_against_most_popular(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for k in (10, 20):
+        for name in ("precision", "recall", "ndcg", "map", "hit_rate", "coverage"):
+            assert 0 <= metrics[f"{name}@{k}"] <= 1
+            assert 0 <= metrics[f"popular_{name}@{k}"] <= 1
+    assert metrics["ranking_threshold"] == 4.0  # 75 % up the data's 1..5 scale
+    # Half the users love what the other half hate: one list for all cannot serve both.
+    assert metrics["ndcg@10"] > metrics["popular_ndcg@10"]
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["ranking"] == {"ranking_ks": [10, 20], "ranking_threshold": None}
+    report = (trained_run / "report.md").read_text()
+    assert "## Ranking: the model against most-popular" in report
+    assert f"| NDCG@10 | {metrics['ndcg@10']:.4f} | {metrics['popular_ndcg@10']:.4f} |" in report
+    assert "ndcg@10" in (trained_run / "report.html").read_text().lower()
+
+
+def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    path = trained_run / "metrics.json"
+    trained = json.loads(path.read_text())
+    assert main(["evaluate", str(trained_run)]) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    again = json.loads(path.read_text())
+    ranking = {key: value for key, value in trained.items() if "@" in key}
+    assert {key: again[key] for key in ranking} == pytest.approx(ranking)  # the same figures
+
+    assert main(["evaluate", str(trained_run), "--k", "5", "--threshold", "5"]) == 0
+    merged = json.loads(path.read_text())
+    assert "ndcg@5" in merged and "ndcg@10" not in merged  # replaced, not mixed
+    assert merged["ranking_threshold"] == 5.0
+    assert merged["test_rmse"] == trained["test_rmse"]  # the other figures are kept
+
+    assert main(["evaluate", str(trained_run), "--threshold", "9"]) == 2
+    assert "relevance threshold 9" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == merged
+    path.write_text(json.dumps(trained))  # as training left it, for the other tests
+
+
 def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path: Path) -> None:
     assert main(["export", str(trained_run), "--format", "npy", "--out", str(tmp_path)]) == 0
     factors = np.load(tmp_path / "items_factors.npy")
@@ -134,6 +224,11 @@ def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path:
     assert main(["export", str(trained_run), "--out", str(tmp_path / "pq")]) == 0
     table = pd.read_parquet(tmp_path / "pq" / "users_embeddings.parquet")
     assert list(table.columns[:2]) == ["original_user_id", "f0"]
+    summary = json.loads((tmp_path / "pq" / "model.json").read_text())
+    from trainer import load_run
+
+    assert summary["global_mean"] == pytest.approx(load_run(trained_run).global_mean)
+    assert summary["rating_scale"] == [1.0, 5.0]
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),

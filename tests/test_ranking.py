@@ -77,7 +77,7 @@ def test_threshold_default_scales_with_the_rating_range() -> None:
     assert relevance_threshold((0.0, 10.0)) == 7.5
     assert relevance_threshold((1.0, 5.0), 3.5) == 3.5
     for bad in (6.0, 1.0, 0.0):
-        with pytest.raises(InputError, match="ranking-threshold"):
+        with pytest.raises(InputError, match="relevance threshold"):
             relevance_threshold((1.0, 5.0), bad)
 
 
@@ -268,11 +268,11 @@ def test_rarely_rated_items_can_be_left_out(trainer_shards_dir: Path) -> None:
 def test_bad_arguments_are_refused(trainer_shards_dir: Path) -> None:
     shards = open_shards(trainer_shards_dir)
     model = _model(shards)
-    with pytest.raises(InputError, match="--k 0"):
+    with pytest.raises(InputError, match="list lengths k 0"):
         ranking_metrics(model, shards, SINGLE, ks=(0,))
     with pytest.raises(InputError, match="--min-item-ratings -1"):
         ranking_metrics(model, shards, SINGLE, min_item_ratings=-1)
-    with pytest.raises(InputError, match="--ranking-threshold 9"):
+    with pytest.raises(InputError, match="relevance threshold 9"):
         ranking_metrics(model, shards, SINGLE, threshold=9)
     top_only = ranking_metrics(model, shards, SINGLE, threshold=shards.scale[1], ks=(3,))
     assert 0 < top_only["ranking_users"] < ranking_metrics(model, shards, SINGLE,

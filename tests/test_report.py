@@ -243,3 +243,12 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     # A blank or error page has a handful of colours; text, charts and tables have hundreds.
     assert len(colours) > 200, f"{len(colours)} distinct colours: the page looks blank"
     assert pixels[..., :3].std() > 0.05
+
+
+def test_lifts_of_small_clusters_are_not_findings() -> None:
+    from trainer.report import distinctive_genres, legend_label
+
+    summary = {"cluster": 0, "size": 6, "genres": [{"genre": "Horror", "share": 0.5,
+                                                    "lift": 4.0}]}
+    assert distinctive_genres(summary, 1) == [] and legend_label(summary) == "0 (6)"
+    assert distinctive_genres({**summary, "size": 10}, 1)[0]["genre"] == "Horror"

@@ -11,15 +11,17 @@ holds the best-epoch weights with every user, and the run copies the shards' id 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
 from trainer.errors import InputError
 from trainer.model import BiasedMF
@@ -28,12 +30,14 @@ from trainer.run_files import (
     CHECKPOINT,
     ITEMS,
     MODEL,
+    MODEL_ARRAYS,
     USERS,
     checkpoint_slice,
     checkpoint_slice_pattern,
     copy_atomic,
     model_part,
     save_torch_atomic,
+    write_atomic,
 )
 from trainer.shards import ShardSet
 
@@ -264,11 +268,31 @@ def _agreed(write, env: DistEnv) -> None:
 
 
 def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
-    """The kept (best-epoch) weights plus what is needed to use them without the shards."""
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "model_config": asdict(model.config), "scale": list(shards.scale),
-               "shards_dir": str(shards.root.resolve())}
+    """The kept (best-epoch) weights plus what is needed to use them without the shards,
+    at ``path`` (model.pt) and as arrays beside it (model.npz: `trainer.run` reads those,
+    so recommending from a run does not wait seconds for torch to import)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"state_dict": state, "model_config": asdict(model.config),
+               "scale": list(shards.scale), "shards_dir": str(shards.root.resolve())}
     save_torch_atomic(payload, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: tensor.numpy() for name, tensor in state.items()},
+             scale=np.array(shards.scale, dtype=np.float64),
+             shards_dir=np.array(payload["shards_dir"]))
+    write_atomic(Path(path).with_name(MODEL_ARRAYS), buffer.getvalue())
+
+
+def load_model(path: Path) -> tuple[BiasedMF, dict]:
+    """A model saved by `save_model` (on the CPU) and its payload (scale, shards_dir, ...)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not found; train a run first (`shardmf train SHARDS_DIR "
+                         "--out RUN_DIR`)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload["state_dict"]
+    model = BiasedMF(state["user_factors.weight"].shape[0], state["item_factors.weight"].shape[0],
+                     float(state["global_mean"]), ModelConfig(**payload["model_config"]))
+    model.load_state_dict(state)
+    return model, payload
 
 
 def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,

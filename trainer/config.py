@@ -1,5 +1,8 @@
 """One typed config per component; each field is a CLI flag and a TOML key of the same name.
 
+A field's ``metadata`` carries its flag's ``help`` (what it means, and in words what a
+None or 0 default means) and, for a fixed set of values, its ``choices``: the flags, the
+TOML keys and the validation below all read them from here.
 A field whose default is None is chosen from the data when training starts
 (trainer/defaults.py): a value given as a flag or in TOML always wins.
 """
@@ -7,7 +10,7 @@ A field whose default is None is chosen from the data when training starts
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,6 +21,7 @@ STEPS = ("auto", "fused", "autograd")
 USER_EMBEDDINGS = ("auto", "owned", "replicated")
 VERIFY_MODES = ("quick", "full", "none")
 CLUSTER_ALGORITHMS = ("kmeans", "minibatch", "auto")
+EXPORT_FORMATS = ("parquet", "npy")  # of `trainer.export_run`
 # Items rated less in training have factors that are mostly the prior: clustering,
 # recommendations and similar items leave them out by default.
 MIN_ITEM_RATINGS = 20
@@ -32,10 +36,15 @@ def _check(condition: bool, field: str, value: object, expected: str) -> None:
 class ModelConfig:
     """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
 
-    dim: int | None = None  # embedding dimension (unset: 256 below 1M ratings, else 64)
-    init_std: float = 0.01  # std of the normal initialisation of factors (biases start at 0)
-    reg: float = 0.05  # L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)
-    bias_reg: float = 0.01  # L2 weight on b_u^2 + b_i^2, per example
+    dim: int | None = field(default=None, metadata={
+        "help": "embedding dimension of user and item factors (default: 256 below 1M "
+        "training ratings, 64 from 1M)"})
+    init_std: float = field(default=0.01, metadata={
+        "help": "std of the normal initialisation of factors (biases start at 0)"})
+    reg: float = field(default=0.05, metadata={
+        "help": "L2 weight on ||p_u||^2 + ||q_i||^2, per example (rows a batch touches)"})
+    bias_reg: float = field(
+        default=0.01, metadata={"help": "L2 weight on b_u^2 + b_i^2, per example"})
 
     def __post_init__(self) -> None:
         _check(self.dim is None or self.dim >= 1, "dim", self.dim, "at least 1")
@@ -48,9 +57,15 @@ class ModelConfig:
 class OptimConfig:
     """How parameters move; the learning rate is per rating (the loss is a sum over the batch)."""
 
-    optimizer: str = "sgd"  # sgd | adagrad | adam (lazy: moves only the rows a batch touched)
-    lr: float | None = None  # learning rate, per rating for sgd (auto: trainer/defaults.py)
-    lr_decay: float | None = None  # learning rate multiplied by this after every epoch (auto)
+    optimizer: str = field(default="sgd", metadata={
+        "help": "update rule (adagrad and adam are lazy: they move only the rows a batch "
+        "touched)", "choices": OPTIMIZERS})
+    lr: float | None = field(default=None, metadata={
+        "help": "learning rate, per rating for sgd (default: 0.003 below 1M training "
+        "ratings, 0.03 from 1M; times the ranks on small sets with a periodic exchange)"})
+    lr_decay: float | None = field(default=None, metadata={
+        "help": "learning rate multiplied by this after every epoch (default: 0.99 below 1M "
+        "training ratings, 0.9 from 1M)"})
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
@@ -65,27 +80,57 @@ class OptimConfig:
 class TrainConfig:
     """The loop: epochs, batches, stopping, devices, checkpoints and threads."""
 
-    epochs: int = 150  # most epochs to run
-    patience: int | None = None  # epochs gaining < min-delta before stopping (0: never)
-    min_delta: float | None = None  # val RMSE gain that resets the patience count
-    batch_size: int = 1024  # ratings per step across all ranks (each rank takes its share)
-    eval_batch_size: int = 65_536  # ratings per evaluation batch
-    seed: int = 0  # model init and data order; same seed, data and world size, same result
-    device: str = "auto"  # auto | cpu | cuda (auto: cuda when available)
-    backend: str = "auto"  # auto | gloo | nccl (auto: nccl on cuda, gloo on cpu)
-    gradients: str = "auto"  # sparse | dense | auto (dense for small tables and on nccl)
-    sync: str = "auto"  # ddp | packed | auto (packed: one all-gather of sparse rows per step)
-    sync_every: int | None = None  # row exchange every N steps (N > 1: ranks step alone; auto)
-    user_embeddings: str = "auto"  # owned | replicated | auto (owned: user rows on their rank)
-    step: str = "auto"  # fused | autograd | auto (fused: compiled CPU SGD step, when numba loads)
-    threads: int = 1  # torch threads per rank (0: cores / local ranks); small MF ops like 1
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the rank)
-    prefetch: int | None = None  # batches a thread cuts ahead (0: none; unset: 4 if cores spare)
-    verify: str = "quick"  # check shards against the manifest: quick | full | none
-    resume: bool = False  # continue from RUN_DIR/checkpoint.pt
-    overwrite: bool = False  # replace the run in RUN_DIR (only a folder shardmf marked as a run)
-    checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
-    timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job
+    epochs: int = field(default=150, metadata={"help": "most epochs to run"})
+    patience: int | None = field(default=None, metadata={
+        "help": "stop after this many epochs gaining less than --min-delta validation RMSE "
+        "(0: never; default: 5 below 1M training ratings, 2 from 1M)"})
+    min_delta: float | None = field(default=None, metadata={
+        "help": "smallest validation RMSE gain that resets the patience count; the best "
+        "epoch is kept regardless (default: 0 below 1M training ratings, 0.001 from 1M)"})
+    batch_size: int = field(default=1024, metadata={
+        "help": "ratings per step across all ranks (each rank takes its share)"})
+    eval_batch_size: int = field(default=65_536, metadata={"help": "ratings per evaluation batch"})
+    seed: int = field(default=0, metadata={
+        "help": "model init and data order; same seed, data and world size, same result"})
+    device: str = field(default="auto", metadata={
+        "help": "where ranks compute (auto: cuda when available)", "choices": DEVICES})
+    backend: str = field(default="auto", metadata={
+        "help": "torch.distributed backend (auto: nccl on cuda, gloo on cpu)",
+        "choices": BACKENDS})
+    gradients: str = field(default="auto", metadata={
+        "help": "embedding gradients (auto: dense for small tables and on nccl, else sparse)",
+        "choices": GRADIENTS})
+    sync: str = field(default="auto", metadata={
+        "help": "how replicas stay equal: ddp all-reduce, or packed (one all-gather of the "
+        "touched rows per step; auto: packed with sparse gradients)", "choices": SYNCS})
+    sync_every: int | None = field(default=None, metadata={
+        "help": "exchange changed rows every N steps (N > 1: ranks step alone, then average "
+        "their changes; default: 1 for one rank or nccl, else every 262,144 ratings a rank)"})
+    user_embeddings: str = field(default="auto", metadata={
+        "help": "owned: each user's row lives on the rank that reads the user's shards "
+        "(shards partitioned by user); auto: owned when the shards allow it",
+        "choices": USER_EMBEDDINGS})
+    step: str = field(default="auto", metadata={
+        "help": "fused: a compiled CPU SGD step (numba); auto: fused when numba loads and "
+        "the run allows it, else autograd", "choices": STEPS})
+    threads: int = field(default=1, metadata={
+        "help": "torch threads per rank (0: cores / local ranks); small MF ops like 1"})
+    loader_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes per rank (0: load in the rank)"})
+    prefetch: int | None = field(default=None, metadata={
+        "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself; "
+        "default: 4 when a core is spare for the thread, else 0)"})
+    verify: str = field(default="quick", metadata={
+        "help": "check shards against the manifest: quick (sizes, rows), full (also "
+        "SHA-256), none", "choices": VERIFY_MODES})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint in RUN_DIR"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in RUN_DIR (only a folder shardmf marked as a run)"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "also checkpoint every N steps mid-epoch (0: at epoch ends only)"})
+    timeout_s: int = field(
+        default=600, metadata={"help": "collective timeout: a rank stuck this long fails the job"})
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
@@ -121,15 +166,24 @@ class TrainConfig:
 class ClusterConfig:
     """How item embeddings are clustered and scored; validated on construction."""
 
-    clusters: int | str = "auto"  # k (2 or more), or auto: best silhouette over k-min..k-max
-    k_min: int = 4  # smallest k tried by --clusters auto
-    k_max: int = 30  # largest k tried by --clusters auto (capped at clustered items - 1)
-    algorithm: str = "auto"  # kmeans | minibatch | auto (minibatch above 100,000 items)
-    normalize: bool = False  # L2-normalise embeddings before clustering (cosine geometry)
-    min_item_ratings: int = MIN_ITEM_RATINGS  # items with fewer training ratings are left out
-    top_items: int = 10  # items listed per cluster, most training ratings first
-    seed: int = 0  # random_state for K-Means, PCA, silhouette sampling and the shuffles
-    baseline_shuffles: int = 20  # genre-label shuffles for the chance baseline
+    clusters: int | str = field(default="auto", metadata={
+        "help": "k (2 or more), or auto: best silhouette over k-min..k-max"})
+    k_min: int = field(default=4, metadata={"help": "smallest k tried by --clusters auto"})
+    k_max: int = field(default=30, metadata={
+        "help": "largest k tried by --clusters auto (capped at clustered items - 1)"})
+    algorithm: str = field(default="auto", metadata={
+        "help": "K-Means or MiniBatchKMeans (auto: minibatch above 100,000 items)",
+        "choices": CLUSTER_ALGORITHMS})
+    normalize: bool = field(default=False, metadata={
+        "help": "L2-normalise embeddings before clustering (cosine geometry)"})
+    min_item_ratings: int = field(default=MIN_ITEM_RATINGS, metadata={
+        "help": "items with fewer training ratings are left out"})
+    top_items: int = field(
+        default=10, metadata={"help": "items listed per cluster, most training ratings first"})
+    seed: int = field(default=0, metadata={
+        "help": "random_state for K-Means, PCA, silhouette sampling and the shuffles"})
+    baseline_shuffles: int = field(
+        default=20, metadata={"help": "genre-label shuffles for the chance baseline"})
 
     def __post_init__(self) -> None:
         # Same wording as the other configs: each field is also a CLI flag.
@@ -171,8 +225,25 @@ class ClusterConfig:
             raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankingConfig:
+    """The ranking evaluation of the best epoch on the test split (trainer/ranking.py)."""
+
+    ranking_ks: tuple[int, ...] = field(default=(10, 20), metadata={
+        "help": "list lengths k of precision@k, recall@k, NDCG@k, MAP@k, hit rate, coverage"})
+    ranking_threshold: float | None = field(default=None, metadata={
+        "help": "a test rating at or above this is relevant (default: 75% up the data's "
+        "rating scale: 4 on 1-5, 3.875 on 0.5-5)"})
+
+    def __post_init__(self) -> None:
+        ks = self.ranking_ks
+        _check(isinstance(ks, tuple) and len(ks) > 0 and all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks),
+            "ranking_ks", ks, "one or more whole numbers >= 1, e.g. 10 20")
+
+
 # Every config of a training run, in the order of config.json's sections and of --help.
-TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig)  # what training itself reads
+TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, RankingConfig)  # what training reads
 RUN_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig)
 SKIP_CLUSTERS = 0  # --clusters 0: train without the clustering post-step
 

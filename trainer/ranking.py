@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from trainer.config import RankingConfig
 from trainer.data import read_piece
 from trainer.distributed import DistEnv, all_reduce, all_reduce_tensor, unwrap
 from trainer.errors import InputError
@@ -51,7 +52,7 @@ from trainer.ownership import UserOwnership
 from trainer.shards import Piece, ShardSet
 
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")  # per-user means
-DEFAULT_KS = (10, 20)
+DEFAULT_KS = RankingConfig.ranking_ks  # (10, 20)
 DEFAULT_USER_BLOCK = 256  # users scored at once: memory is this x num_items float32
 RELEVANT_FRACTION = 0.75  # default threshold: this far up the rating scale (4 on 1..5)
 POPULAR_PREFIX = "popular_"
@@ -68,7 +69,7 @@ def relevance_threshold(scale: tuple[float, float], threshold: float | None = No
     if threshold is None:
         return low + RELEVANT_FRACTION * (high - low)
     if not low < threshold <= high:
-        raise InputError(f"--ranking-threshold {threshold:g}: outside the rating scale "
+        raise InputError(f"relevance threshold {threshold:g}: outside the rating scale "
                          f"({low:g}, {high:g}]; choose a rating a liked item gets, e.g. "
                          f"{low + RELEVANT_FRACTION * (high - low):g}")
     return float(threshold)
@@ -233,8 +234,8 @@ def _checked_ks(ks: Sequence[int]) -> tuple[int, ...]:
     values = tuple(ks)
     if not values or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
                          for k in values):
-        raise InputError(f"--k {' '.join(map(str, values)) or '(none)'}: expected one or "
-                         "more whole numbers >= 1, e.g. --k 10 20")
+        raise InputError(f"list lengths k {' '.join(map(str, values)) or '(none)'}: expected "
+                         "one or more whole numbers >= 1, e.g. 10 20")
     return tuple(sorted(set(int(k) for k in values)))
 
 

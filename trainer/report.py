@@ -33,6 +33,7 @@ from trainer.run_files import (
     REPORT_HTML,
     REPORT_MD,
     RunFiles,
+    is_ranking_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ _MD_TITLES, _HTML_TITLES = 3, 5  # most-rated titles shown per cluster
 # two items is noise.
 _DISTINCTIVE_MIN_SHARE = 0.15
 _DISTINCTIVE_MIN_LIFT = 1.2
+# In a cluster this small one item moves a share by 10+ points: its lifts are no finding.
+_MIN_ITEMS_FOR_LIFTS = 10
+_SMALL_CLUSTER_NOTE = f"under {_MIN_ITEMS_FOR_LIFTS} items: lifts are not a finding"
 
 
 @dataclass(frozen=True)
@@ -333,8 +337,15 @@ def legend_label(summary: dict[str, Any]) -> str:
     return f"{summary['cluster']} ({summary['size']:,}): {g['genre']} ×{g['lift']:.1f}"
 
 
+def lifts_are_findings(summary: dict[str, Any]) -> bool:
+    return summary["size"] >= _MIN_ITEMS_FOR_LIFTS
+
+
 def distinctive_genres(summary: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Up to n genres common in the cluster and over-represented there, highest lift first."""
+    """Up to n genres common in the cluster and over-represented there, highest lift first;
+    none in a cluster too small for lifts to mean anything."""
+    if not lifts_are_findings(summary):
+        return []
     common = [
         g
         for g in summary["genres"]
@@ -412,11 +423,55 @@ def _score_rows(result: ClusterResult) -> list[tuple[str, str, str, str]]:
 
 
 def _scalar_metrics(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """metrics.json's scalar figures, ranking ones aside (they have their own table)."""
     return [
         (key, _number(value))
         for key, value in (metrics or {}).items()
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        if isinstance(value, (int, float, str))
+        and not isinstance(value, bool)
+        and not is_ranking_key(key)
     ]
+
+
+_RANKING_NAMES = {
+    "precision": "precision",
+    "recall": "recall",
+    "ndcg": "NDCG",
+    "map": "MAP",
+    "hit_rate": "hit rate",
+    "coverage": "catalogue coverage",
+}
+
+
+def _ranking_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(metric@k, model, most-popular) rows, k ascending, from metrics.json's ranking keys."""
+    metrics = metrics or {}
+    ks = sorted({int(key.split("@")[1]) for key in metrics
+                 if "@" in key and key.split("@")[1].isdigit()})
+    rows = []
+    for k in ks:
+        for name, label in _RANKING_NAMES.items():
+            if f"{name}@{k}" in metrics:
+                model, popular = metrics[f"{name}@{k}"], metrics.get(f"popular_{name}@{k}")
+                rows.append((f"{label}@{k}", _ranking_value(model), _ranking_value(popular)))
+    return rows
+
+
+def _ranking_value(value: Any) -> str:
+    return "n/a" if _finite(value) is None else f"{value:.4f}"
+
+
+def _ranking_text(metrics: dict[str, Any]) -> str:
+    threshold = metrics.get("ranking_threshold")
+    users = metrics.get("ranking_users")
+    rated = (f"; only items with at least {metrics['ranking_min_item_ratings']} training "
+             "ratings are recommended" if metrics.get("ranking_min_item_ratings") else "")
+    return (
+        f"Each of the {_number(users)} test users with a rating of at least "
+        f"{_number(threshold)} gets the top k of the items they did not rate in training; "
+        "those test ratings are the items to find. The most-popular baseline recommends "
+        f"the items rated most often in training to everyone{rated}. Higher is better."
+    )
 
 
 def _flat_config(config: dict[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -505,6 +560,12 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
     note = _run_figures_note(run)
     if note:
         lines += [note, ""]
+    ranking = _ranking_rows(run.metrics)
+    if ranking:
+        lines += ["## Ranking: the model against most-popular", "", _ranking_text(run.metrics),
+                  "", "| metric | model | most-popular |", "| --- | --- | --- |"]
+        lines += [f"| {' | '.join(row)} |" for row in ranking]
+        lines.append("")
 
     lines += ["## Does the clustering match genre?", "", _silhouette_text(result), ""]
     if result.genres_known:
@@ -556,7 +617,8 @@ def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str
         titles = "; ".join(item["title"] for item in summary["top_items"][:_MD_TITLES])
         lines.append(
             f"| {summary['cluster']} | {summary['size']:,} | {_cell(common or '-')} | "
-            f"{_cell(telling or '-')} | {_cell(titles or '-')} |"
+            f"{_cell(telling or ('-' if lifts_are_findings(summary) else _SMALL_CLUSTER_NOTE))}"
+            f" | {_cell(titles or '-')} |"
         )
     lines.append("")
 
@@ -670,6 +732,20 @@ def render_html(
     note = _run_figures_note(run)
     if note:
         parts.append(f'<section><p class="muted">{e(note)}</p></section>')
+    ranking = _ranking_rows(run.metrics)
+    if ranking:
+        parts += [
+            "<section><h2>Ranking: the model against most-popular</h2>",
+            f"<p>{e(_ranking_text(run.metrics))}</p>",
+            '<table class="ranking"><tr><th>metric</th><th class="num">model</th>'
+            '<th class="num">most-popular</th></tr>',
+        ]
+        parts += [
+            f'<tr><td>{e(label)}</td><td class="num"><b>{e(model)}</b></td>'
+            f'<td class="num">{e(popular)}</td></tr>'
+            for label, model, popular in ranking
+        ]
+        parts += ["</table>", "</section>"]
 
     parts += [
         "<section><h2>Does the clustering match genre?</h2>",
@@ -733,6 +809,13 @@ def _html_cards(result: ClusterResult, run: RunFiles) -> str:
         baseline = _finite(metrics.get("baseline_test_rmse"))
         sub = f"bias-only baseline {baseline:.4f}" if baseline is not None else ""
         cards.append(("test RMSE", f"{test:.4f}", sub))
+    ndcg_keys = sorted((key for key in metrics if key.startswith("ndcg@")),
+                       key=lambda key: int(key.split("@")[1]))
+    if ndcg_keys and _finite(metrics[ndcg_keys[0]]) is not None:
+        key = ndcg_keys[0]
+        popular = _finite(metrics.get(f"popular_{key}"))
+        sub = f"most-popular {popular:.4f}" if popular is not None else ""
+        cards.append((f"test {key.replace('ndcg', 'NDCG')}", f"{metrics[key]:.4f}", sub))
     if "epochs" in metrics:
         sub = f"best epoch {metrics['best_epoch']}" if "best_epoch" in metrics else ""
         if "world_size" in metrics:
@@ -788,10 +871,13 @@ def _html_clusters(result: ClusterResult) -> str:
         cluster = summary["cluster"]
         genre_cell = ""
         if result.genres_known:
-            chips = "".join(_genre_chip(g) for g in summary["genres"][:_HTML_GENRES])
+            findings = lifts_are_findings(summary)
+            chips = "".join(_genre_chip(g, findings) for g in summary["genres"][:_HTML_GENRES])
             telling = distinctive_genres(summary, 1)
             if telling and telling[0] not in summary["genres"][:_HTML_GENRES]:
                 chips += _genre_chip(telling[0])
+            if not findings:
+                chips += f' <span class="muted">({e(_SMALL_CLUSTER_NOTE)})</span>'
             genre_cell = f"<td>{chips or '-'}</td>"
         titles = " · ".join(
             f'{e(item["title"])} <span class="muted">({item["train_ratings"]:,})</span>'
@@ -806,8 +892,11 @@ def _html_clusters(result: ClusterResult) -> str:
     return "\n".join(r for r in rows if r)
 
 
-def _genre_chip(genre: dict[str, Any]) -> str:
+def _genre_chip(genre: dict[str, Any], highlight: bool = True) -> str:
+    """A genre with its share and lift; coloured by lift unless ``highlight`` is off (a
+    cluster too small for lifts to be findings)."""
     level = " high" if genre["lift"] >= 1.5 else " low" if genre["lift"] < 0.8 else ""
+    level = level if highlight else ""
     return (
         f'<span class="genre{level}">{html.escape(genre["genre"])} '
         f"{genre['share']:.0%} ×{genre['lift']:.1f}</span>"

@@ -1,5 +1,6 @@
 """A finished run folder as a thing to use: predictions, recommendations, similar items,
-and embeddings keyed by original ids; `export_run` writes those embeddings for other tools.
+and embeddings keyed by original ids; `export_run` writes those embeddings for other tools,
+`evaluate_run` adds ranking figures to its metrics.json.
 
     run = load_run("runs/ml100k")
     run.recommend(user=196, n=10)
@@ -16,11 +17,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
-import torch
 
-from trainer.config import MIN_ITEM_RATINGS
+from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.errors import InputError
-from trainer.run_files import EXPORT_DIR, ITEMS, MODEL, USERS, export_names, write_atomic
+from trainer.run_files import (
+    EXPORT_DIR,
+    EXPORT_SUMMARY,
+    FINAL_METRICS,
+    ITEMS,
+    MODEL,
+    MODEL_ARRAYS,
+    SHARDS_DIR,
+    USERS,
+    export_names,
+    is_ranking_key,
+    read_json,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +44,18 @@ class TrainedRun:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        model_path = self.run_dir / MODEL
-        if not model_path.is_file():
-            raise InputError(f"{model_path}: not found; {self.run_dir} is not a finished run "
+        arrays_path = self.run_dir / MODEL_ARRAYS
+        if not arrays_path.is_file():
+            raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
-        payload = torch.load(model_path, map_location="cpu", weights_only=True)
-        state = payload["state_dict"]
-        self.user_factors = state["user_factors.weight"].numpy()
-        self.item_factors = state["item_factors.weight"].numpy()
-        self.user_bias = state["user_bias.weight"].numpy()[:, 0]
-        self.item_bias = state["item_bias.weight"].numpy()[:, 0]
-        self.global_mean = float(state["global_mean"])
-        self.scale = tuple(payload["scale"])
-        self.shards_dir = Path(payload["shards_dir"])
+        with np.load(arrays_path) as arrays:
+            self.user_factors = arrays["user_factors.weight"]
+            self.item_factors = arrays["item_factors.weight"]
+            self.user_bias = arrays["user_bias.weight"][:, 0]
+            self.item_bias = arrays["item_bias.weight"][:, 0]
+            self.global_mean = float(arrays["global_mean"])
+            self.scale = tuple(float(x) for x in arrays["scale"])
+            self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
         self.users = pd.read_parquet(self.run_dir / USERS)
         self.items = pd.read_parquet(self.run_dir / ITEMS)
         self._user_index = pd.Index(self.users["original_user_id"])
@@ -75,10 +88,24 @@ class TrainedRun:
     # ------------------------------------------------------------ using the model
 
     def predict(self, users, items) -> np.ndarray:
-        """Predicted ratings (clamped to the scale) for pairs of original ids."""
-        u = np.array([self.user_id(x) for x in np.atleast_1d(users)])
-        i = np.array([self.item_id(x) for x in np.atleast_1d(items)])
-        scores = self._scores(u, i)
+        """Predicted ratings, clamped to the scale, for pairs of original ids.
+
+        An id unknown to the run (a user or item never seen in training) adds nothing: an
+        unknown user gets ``global_mean + item_bias``, an unknown item ``global_mean +
+        user_bias``, both unknown ``global_mean`` (no factor term without both factors).
+        """
+        u = _positions(self._user_index, np.atleast_1d(users))
+        i = _positions(self._item_index, np.atleast_1d(items))
+        if len(u) != len(i):
+            raise InputError(f"predict: {len(u)} users but {len(i)} items; give one item "
+                             "per user")
+        known_u, known_i = u >= 0, i >= 0
+        both = known_u & known_i
+        scores = np.full(len(u), self.global_mean)
+        scores[known_u] += self.user_bias[u[known_u]]
+        scores[known_i] += self.item_bias[i[known_i]]
+        scores[both] += np.einsum("bd,bd->b", self.user_factors[u[both]],
+                                  self.item_factors[i[both]])
         return np.clip(scores, *self.scale)
 
     def recommend(self, user, n: int = 10, exclude_seen: bool = True,
@@ -88,6 +115,8 @@ class TrainedRun:
         ``exclude_seen`` drops the items the user rated in training (read from the shards;
         skipped with a warning when the shards are gone). Items with fewer training ratings
         than ``min_item_ratings`` are left out: their factors are mostly the prior.
+        Columns: original_item_id, title, genres, predicted_rating (clipped to the rating
+        scale, so the best items often tie at its top) and score (unclipped: the order).
         """
         uid = self.user_id(user)
         scores = (self.global_mean + self.user_bias[uid] + self.item_bias
@@ -99,6 +128,7 @@ class TrainedRun:
         top = _top(scores, n)
         table = self.items.iloc[top][["original_item_id", "title", "genres"]].copy()
         table["predicted_rating"] = np.clip(scores[top], *self.scale)
+        table["score"] = scores[top]
         return table.reset_index(drop=True)
 
     def similar_items(self, item, n: int = 10,
@@ -124,10 +154,6 @@ class TrainedRun:
     def user_embeddings(self) -> pd.DataFrame:
         return _embedding_frame(self.user_factors, self.user_bias, self._user_index)
 
-    def _scores(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return (self.global_mean + self.user_bias[u] + self.item_bias[i]
-                + np.einsum("bd,bd->b", self.user_factors[u], self.item_factors[i]))
-
     def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
         return self.items["train_ratings"].to_numpy() < min_item_ratings
 
@@ -141,12 +167,16 @@ class TrainedRun:
         return table.column("item_id").to_numpy().astype(np.int64)
 
 
+def shards_of(run_dir: Path, payload: dict) -> Path:
+    """The run's shards: RUN_DIR/shards when there (`shardmf run`, a saved estimator: they
+    move with the folder), else the folder it was trained on."""
+    inside = run_dir / SHARDS_DIR
+    return inside if (inside / "manifest.json").is_file() else Path(payload["shards_dir"])
+
+
 def load_run(run_dir: str | Path) -> TrainedRun:
     """A finished run, ready for predict / recommend / similar_items."""
     return TrainedRun(run_dir)
-
-
-EXPORT_FORMATS = ("parquet", "npy")
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
@@ -155,7 +185,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
     ``parquet``: ``{side}_embeddings.parquet`` (original id, f0.., bias) per side;
     ``npy``: ``{side}_factors.npy`` (float32, one row per id) beside ``{side}_ids.parquet``
-    (original id, bias). ``out`` defaults to RUN_DIR/export; returns the folder.
+    (original id, bias). Either way ``model.json`` holds the global mean and the rating
+    scale, so a rating is ``clip(global_mean + user bias + item bias + <f_u, f_i>, scale)``.
+    ``out`` defaults to RUN_DIR/export; returns the folder.
     """
     if format not in EXPORT_FORMATS:
         raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
@@ -174,8 +206,42 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
             np.save(buffer, factors)
             write_atomic(folder / names["factors"], buffer.getvalue())
             write_atomic(folder / names["ids"], _parquet_bytes(frame[[id_column, "bias"]]))
+    write_json(folder / EXPORT_SUMMARY, {
+        "global_mean": run.global_mean, "rating_scale": list(run.scale),
+        "dim": int(run.item_factors.shape[1]),
+        "rating": "clip(global_mean + user bias + item bias + <user f, item f>, rating_scale)"})
     log.info("wrote %s embeddings to %s", format, folder)
     return folder
+
+
+def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
+                 threshold: float | None = None, min_item_ratings: int = 0) -> dict:
+    """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
+
+    Runs in this one process (every user is scored here; training's own evaluation is
+    spread over its ranks) and needs the run's shards. The figures replace the ranking
+    figures in RUN_DIR/metrics.json (atomically; the other figures are kept) and are
+    returned. See `trainer.ranking.ranking_metrics` for the keys.
+    """
+    # Here, not at the top: recommending from a run must not wait for torch to import.
+    import torch
+
+    from trainer.checkpoint import load_model
+    from trainer.distributed import DistEnv
+    from trainer.ranking import ranking_metrics
+    from trainer.shards import open_shards
+
+    run = Path(run_dir)
+    model, payload = load_model(run / MODEL)
+    shards = open_shards(shards_of(run, payload))
+    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
+                     device=torch.device("cpu"), backend=None)
+    figures = ranking_metrics(model, shards, single, ks=ks, threshold=threshold,
+                              min_item_ratings=min_item_ratings)
+    kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
+            if not is_ranking_key(k)}
+    write_json(run / FINAL_METRICS, {**kept, **figures})
+    return figures
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:
@@ -184,16 +250,32 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _key(index: pd.Index, original) -> object:
+    """An original id in the index's type (text from a command line becomes a number);
+    None when it cannot be one."""
+    if pd.api.types.is_integer_dtype(index.dtype):
+        if isinstance(original, str):
+            try:
+                return int(original)
+            except ValueError:
+                return None
+        return original
+    return str(original)
+
+
+def _positions(index: pd.Index, originals: np.ndarray) -> np.ndarray:
+    """(N,) int64 positions of original ids in ``index``; -1 for ids not in it."""
+    keys = [_key(index, original) for original in originals]
+    known = [k is not None for k in keys]
+    positions = np.full(len(keys), -1, dtype=np.int64)
+    if any(known):
+        positions[np.flatnonzero(known)] = index.get_indexer(
+            [k for k in keys if k is not None])
+    return positions
+
+
 def _lookup(index: pd.Index, original, kind: str, run_dir: Path) -> int:
-    key = original
-    if pd.api.types.is_integer_dtype(index.dtype) and isinstance(original, str):
-        try:
-            key = int(original)
-        except ValueError:
-            key = None
-    elif not pd.api.types.is_integer_dtype(index.dtype):
-        key = str(original)
-    position = index.get_indexer([key])[0] if key is not None else -1
+    position = _positions(index, np.array([original], dtype=object))[0]
     if position < 0:
         raise InputError(f"{kind} {original!r} is not in {run_dir} (ids are the original "
                          f"ones from the ratings, e.g. {index[0]!r})")

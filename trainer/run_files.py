@@ -39,8 +39,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -48,9 +46,10 @@ log = logging.getLogger(__name__)
 # Training.
 CONFIG = "config.json"  # the resolved, nested configuration of the run
 EPOCH_METRICS = "metrics.jsonl"  # one JSON object per epoch
-FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ...)
+FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ndcg@10, ...)
 CHECKPOINT = "checkpoint.pt"  # what --resume continues from
 MODEL = "model.pt"  # the kept (best-epoch) weights, every user included
+MODEL_ARRAYS = "model.npz"  # the same weights as numpy arrays: read without importing torch
 # The id maps, copied from SHARDS_DIR (where they have the same names).
 USERS = "users.parquet"
 ITEMS = "items.parquet"
@@ -68,6 +67,8 @@ REPORTS = (REPORT_MD, REPORT_HTML)
 OPTIONAL_FIGURES = (CURVES_FIGURE, K_SELECTION_FIGURE)
 
 EXPORT_DIR = "export"  # default folder of `export_run`
+EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
+ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 
 # Ownership (the same convention and names as data_shards/outputs.py).
@@ -88,6 +89,12 @@ _WRITE_FAULT_HINTS = {errno.ENOSPC: "free some space or choose another --out",
                       errno.EACCES: "fix the permissions or choose another --out",
                       errno.EPERM: "fix the permissions or choose another --out",
                       errno.EROFS: "choose a writable --out"}
+
+
+def is_ranking_key(key: str) -> bool:
+    """A metrics.json key of the ranking evaluation: ``ndcg@10``, ``popular_map@20``,
+    ``ranking_threshold``, ... (`shardmf evaluate` replaces all of them at once)."""
+    return "@" in key or key.startswith("ranking_")
 
 
 def checkpoint_slice(tag: str, rank: int) -> str:
@@ -182,6 +189,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def save_torch_atomic(payload: Any, path: Path) -> None:
     """``torch.save`` of ``payload`` to ``path``, atomically."""
+    import torch  # here: the command line reads this module's names without torch
     replace_atomically(path, lambda handle: torch.save(payload, handle))
 
 

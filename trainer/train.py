@@ -2,7 +2,8 @@
 
     train(): plan the ranks' rows and steps, build the model, resume or start
              for epoch: TrainEpoch (steps), evaluate, checkpoint, stop?
-             test the best epoch, save model.pt and metrics.json
+             test the best epoch (RMSE, ranking against most-popular), save model.pt
+             and metrics.json
 
 Per step (trainer/steps.py), each rank scores its share of the global batch,
 back-propagates the summed squared error plus the per-example L2 penalty, and the
@@ -43,7 +44,7 @@ from trainer.checkpoint import (
     save_model,
     save_owned_model,
 )
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import ModelConfig, OptimConfig, RankingConfig, TrainConfig
 from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
 from trainer.defaults import ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
@@ -52,6 +53,7 @@ from trainer.fused_step import FusedSGDStep
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, resolve_user_embeddings
+from trainer.ranking import ranking_metrics, relevance_threshold
 from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step, use_sparse_gradients
@@ -64,9 +66,14 @@ LOSS_CHECK_EVERY = 64  # steps between finite-loss checks (each check syncs a GP
 
 def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig,
           optim_config: OptimConfig, train_config: TrainConfig, env: DistEnv,
-          extra_config: dict | None = None) -> dict:
-    """Train on SHARDS_DIR, write RUN_DIR; returns the final metrics (on every rank)."""
+          extra_config: dict | None = None,
+          ranking_config: RankingConfig | None = None) -> dict:
+    """Train on SHARDS_DIR, write RUN_DIR; returns the final metrics (on every rank).
+
+    ``ranking_config`` None: RankingConfig's defaults (k 10 and 20, threshold from the scale).
+    """
     run = Path(run_dir)
+    ranking_config = ranking_config or RankingConfig()
     plan = _plan(shards_dir, train_config, env)
     train_ratings = plan.shards.rows("train")
     auto = resolve_defaults(model_config, optim_config, train_config,
@@ -74,6 +81,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                             backend=env.backend,
                             spare_core=len(os.sched_getaffinity(0)) > env.local_world_size)
     model_config, optim_config, train_config = auto.model, auto.optim, auto.train
+    # A threshold outside the data's scale fails now, not after the last epoch.
+    relevance_threshold(plan.shards.scale, ranking_config.ranking_threshold)
     torch.manual_seed(train_config.seed)
     sparse = plan.owned or use_sparse_gradients(
         train_config.gradients, plan.shards, plan.global_batch, env, train_config.sync_every)
@@ -99,7 +108,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                   "user_embeddings": "owned" if plan.owned else "replicated",
                   "step": step.kind, "chosen_from_data": {**auto.chosen, "reason": auto.reason},
                   "model": asdict(model_config), "optim": asdict(optim_config),
-                  "train": asdict(train_config), **(extra_config or {})}
+                  "train": asdict(train_config), "ranking": asdict(ranking_config),
+                  **(extra_config or {})}
         _start_run_folder(run, config, state)
         if auto.chosen:
             log.info("defaults from the data (%s): %s", auto.reason,
@@ -136,7 +146,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                 log.info("stopping: validation RMSE gained less than %g in %d epochs",
                          max(train_config.min_delta, 1e-6), train_config.patience)
             break
-    return _finish(run, model, state, plan, train_config, env)
+    return _finish(run, model, state, plan, train_config, ranking_config, env)
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> No
 
 
 def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
-            config: TrainConfig, env: DistEnv) -> dict:
+            config: TrainConfig, ranking: RankingConfig, env: DistEnv) -> dict:
     """Test the best epoch's weights, save the model and the final metrics."""
     shards = plan.shards
     model.load_state_dict(state.best_model)
@@ -217,6 +227,8 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
         "user_embeddings": "owned" if plan.owned else "replicated",
         "ranks": _rank_memory(model, env),
     }
+    metrics.update(ranking_metrics(model, shards, env, ownership=plan.ownership,
+                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold))
     if plan.owned:
         save_owned_model(run, model, plan.ownership, shards, env)
     elif env.is_main:
@@ -226,6 +238,10 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
         write_json(run / FINAL_METRICS, metrics)
         log.info("test RMSE %s (bias-only baseline %s), MAE %s", _fmt(test_rmse),
                  _fmt(baseline), _fmt(test_mae))
+        k = ranking.ranking_ks[0]
+        log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)", k,
+                 _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
+                 _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]))
     return metrics
 
 
