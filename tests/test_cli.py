@@ -231,6 +231,28 @@ def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path:
     assert summary["rating_scale"] == [1.0, 5.0]
 
 
+def test_export_folders_are_owned_and_replaced_whole(trained_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "export"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    assert json.loads((out / ".shardmf-output.json").read_text())["kind"] == "export"
+    assert main(["export", str(trained_run), "--format", "npy", "--out", str(out)]) == 0
+    assert (out / "items_factors.npy").is_file()  # replaced whole: no parquet left beside
+    assert not (out / "items_embeddings.parquet").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    capsys.readouterr()
+    for target in (foreign, a_file, a_file / "below"):
+        assert main(["export", str(trained_run), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert (foreign / "notes.txt").read_text() == "keep me" and a_file.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "export", "mine"]
+
+
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),
                                                     ("trainer", "dask")])
 def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> None:

@@ -31,6 +31,7 @@ from trainer.run_files import (
     USERS,
     export_names,
     is_ranking_key,
+    owned_output_folder,
     read_json,
     write_atomic,
     write_json,
@@ -193,23 +194,26 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
         raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    for side, frame in (("items", run.item_embeddings()), ("users", run.user_embeddings())):
-        id_column = f"original_{side[:-1]}_id"
-        frame = frame.rename_axis(id_column).reset_index()
-        names = export_names(side)
-        if format == "parquet":
-            write_atomic(folder / names["embeddings"], _parquet_bytes(frame))
-        else:
-            factors = frame.filter(regex=r"^f\d+$").to_numpy(dtype="float32")
-            buffer = io.BytesIO()
-            np.save(buffer, factors)
-            write_atomic(folder / names["factors"], buffer.getvalue())
-            write_atomic(folder / names["ids"], _parquet_bytes(frame[[id_column, "bias"]]))
-    write_json(folder / EXPORT_SUMMARY, {
-        "global_mean": run.global_mean, "rating_scale": list(run.scale),
-        "dim": int(run.item_factors.shape[1]),
-        "rating": "clip(global_mean + user bias + item bias + <user f, item f>, rating_scale)"})
+    with owned_output_folder(folder, "export") as building:
+        for side, frame in (("items", run.item_embeddings()),
+                            ("users", run.user_embeddings())):
+            id_column = f"original_{side[:-1]}_id"
+            frame = frame.rename_axis(id_column).reset_index()
+            names = export_names(side)
+            if format == "parquet":
+                write_atomic(building / names["embeddings"], _parquet_bytes(frame))
+            else:
+                factors = frame.filter(regex=r"^f\d+$").to_numpy(dtype="float32")
+                buffer = io.BytesIO()
+                np.save(buffer, factors)
+                write_atomic(building / names["factors"], buffer.getvalue())
+                write_atomic(building / names["ids"],
+                             _parquet_bytes(frame[[id_column, "bias"]]))
+        write_json(building / EXPORT_SUMMARY, {
+            "global_mean": run.global_mean, "rating_scale": list(run.scale),
+            "dim": int(run.item_factors.shape[1]),
+            "rating": "clip(global_mean + user bias + item bias + <user f, item f>, "
+                      "rating_scale)"})
     log.info("wrote %s embeddings to %s", format, folder)
     return folder
 

@@ -335,6 +335,41 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def owned_output_folder(folder: Path, kind: str) -> Iterator[Path]:
+    """Build an output folder aside and swap it in whole, as data_shards/outputs.py does.
+
+    Yields a temporary folder beside ``folder`` to write into; on success it is marked as
+    ``kind`` and replaces ``folder``. Only an empty folder or one marked with the same kind
+    is ever replaced; the temporary folder never outlives a failure; an OS error is one
+    InputError line naming the path.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and \
+            (read_marker(folder) or {}).get("kind") != kind:
+        raise InputError(f"{folder}: not empty and not an earlier {kind} shardmf wrote "
+                         "(it has no matching .shardmf-output.json); choose another --out")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with folder_lock(folder):
+            token = f"{os.getpid()}-{secrets.token_hex(4)}"
+            building = folder.with_name(f".{folder.name}.tmp-{token}")
+            building.mkdir()
+            try:
+                yield building
+                write_marker(building, kind)
+                old = folder.with_name(f".{folder.name}.old-{token}")
+                if folder.exists():
+                    os.replace(folder, old)
+                os.replace(building, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
+    except OSError as e:
+        raise write_fault(e, folder) from e
+
+
 def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool = False) -> str:
     """What training into ``run`` would do: "new", "resume" or "overwrite"; or InputError.
 
