@@ -45,7 +45,8 @@ PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Only the command at hand gets its flags ("": none, for --help and --version alone).
-    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=command)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         from launch.train_entry import Terminated
 
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print_error(f"shardmf: {stopped}; nothing half-written was kept (a run keeps its "
-                    "last checkpoint: --resume continues it)")
+        resumable = (" (a run keeps its last checkpoint: --resume continues it)"
+                     if command in ("train", "run") else "")
+        print_error(f"shardmf: {stopped}; nothing half-written was kept{resumable}")
         return 143 if isinstance(e, Terminated) else 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:

@@ -83,7 +83,7 @@ class TrainConfig:
     epochs: int = field(default=150, metadata={"help": "most epochs to run"})
     patience: int | None = field(default=None, metadata={
         "help": "stop after this many epochs gaining less than --min-delta validation RMSE "
-        "(0: never; default: 5 below 1M training ratings, 2 from 1M)"})
+        "(0: never) (default: 5 below 1M training ratings, 2 from 1M)"})
     min_delta: float | None = field(default=None, metadata={
         "help": "smallest validation RMSE gain that resets the patience count; the best "
         "epoch is kept regardless (default: 0 below 1M training ratings, 0.001 from 1M)"})
@@ -105,7 +105,8 @@ class TrainConfig:
         "touched rows per step; auto: packed with sparse gradients)", "choices": SYNCS})
     sync_every: int | None = field(default=None, metadata={
         "help": "exchange changed rows every N steps (N > 1: ranks step alone, then average "
-        "their changes; default: 1 for one rank or nccl, else every 262,144 ratings a rank)"})
+        "their changes) (default: 1 for one rank or nccl, else every 262,144 ratings a "
+        "rank)"})
     user_embeddings: str = field(default="auto", metadata={
         "help": "owned: each user's row lives on the rank that reads the user's shards "
         "(shards partitioned by user); auto: owned when the shards allow it",
@@ -118,8 +119,8 @@ class TrainConfig:
     loader_workers: int = field(
         default=0, metadata={"help": "DataLoader worker processes per rank (0: load in the rank)"})
     prefetch: int | None = field(default=None, metadata={
-        "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself; "
-        "default: 4 when a core is spare for the thread, else 0)"})
+        "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself) "
+        "(default: 4 when a core is spare for the thread, else 0)"})
     verify: str = field(default="quick", metadata={
         "help": "check shards against the manifest: quick (sizes, rows), full (also "
         "SHA-256), none", "choices": VERIFY_MODES})
