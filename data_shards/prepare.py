@@ -17,6 +17,7 @@ temporary folder renamed into place at the end, manifest last.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -70,7 +71,12 @@ _MIX_USER = np.uint64(0x8CB92BA72F3D8DD7)
 
 
 SPLIT_METHODS = ("random", "temporal", "leave-last")
-PARTITION_SCHEMES = ("random", "user")
+PARTITION_SCHEMES = ("auto", "user", "random")
+# auto: by user from this many ratings, so several ranks can own their users (the trainer's
+# large-set threshold, trainer/defaults.py); below it one process is the faster choice and a
+# random partition mixes every user into every row group (ML-100K: test RMSE 0.9067 against
+# 0.9068 by user, from the data order alone).
+USER_PARTITION_RATINGS = 1_000_000
 BAD_ROW_POLICIES = ("error", "skip")
 MAX_REJECT_EXAMPLES = 1000
 # The ``given`` column of pre-split inputs: -1 (main input: the split method decides), 1, 2.
@@ -108,9 +114,9 @@ class PrepareConfig:
         "(per user)", "choices": SPLIT_METHODS})
     leave_last: int = field(default=1, metadata={
         "help": "leave-last: each user's latest N ratings to test, the N before to val"})
-    partition_by: str = field(default="user", metadata={
+    partition_by: str = field(default="auto", metadata={
         "help": "shard of a rating: user (all of a user's in one, so ranks own their users) "
-        "or random (by pair)",
+        "or random (by pair) (default: auto, by user from 1M ratings, else random)",
         "choices": PARTITION_SCHEMES})
     on_bad_rows: str = field(default="error", metadata={
         "help": "error: stop at the first bad row; skip: drop, count and list them in "
@@ -259,6 +265,8 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
         raise InputError(f"--num-shards {config.num_shards}: more shards than "
                          f"{int(stats['rows']):,} ratings can fill; use at most {fillable:,} "
                          "or leave it out for the automatic count")
+    config = dataclasses.replace(
+        config, partition_by=partition_scheme(config.partition_by, int(stats["rows"])))
     given = set(sources) - {"train"}
     plan = _Plan(
         seed=config.seed, split=config.split,
@@ -312,6 +320,13 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
                     ", ".join(f"{k} {v}" for k, v in manifest["bad_rows"].items() if v),
                     "rejects.csv")
     return manifest
+
+
+def partition_scheme(choice: str, ratings: int) -> str:
+    """The partition for ``--partition-by`` (auto: by user from USER_PARTITION_RATINGS)."""
+    if choice != "auto":
+        return choice
+    return "user" if ratings >= USER_PARTITION_RATINGS else "random"
 
 
 def _cutoffs(stats: dict, config: PrepareConfig) -> tuple[float, float] | None:

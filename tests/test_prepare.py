@@ -373,3 +373,17 @@ def test_parquet_without_its_suffix_is_read_as_parquet(tmp_path: Path) -> None:
                                                                       test_fraction=0))
     assert manifest["sources"][0]["layout"] == "parquet"
     assert manifest["counts"]["ratings"]["train"] == 4
+
+
+def test_auto_partition_is_by_user_only_where_ranks_can_own_users(tmp_path: Path) -> None:
+    from data_shards.prepare import USER_PARTITION_RATINGS, partition_scheme
+
+    assert partition_scheme("auto", USER_PARTITION_RATINGS - 1) == "random"
+    assert partition_scheme("auto", USER_PARTITION_RATINGS) == "user"
+    assert partition_scheme("random", 10**9) == "random"
+    assert partition_scheme("user", 10) == "user"
+    source = tmp_path / "r.tsv"
+    source.write_text("".join(f"{u}\t{i}\t{1 + (u + i) % 5}\n"
+                              for u in range(1, 41) for i in range(1, 26)))
+    manifest = run_prepare([source], tmp_path / "shards")
+    assert manifest["partition"]["scheme"] == "random"  # 1,000 ratings: a small set
