@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,34 +256,25 @@ def test_export_folders_are_owned_and_replaced_whole(trained_run: Path, tmp_path
 @pytest.mark.timeout(240)
 def test_permission_denied_in_train_and_export_is_one_line(trained_run: Path,
                                                            tmp_path: Path) -> None:
-    """A real read-only folder; as root, the permission override is dropped by setpriv."""
-    if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("root without setpriv: permissions cannot be enforced")
+    """A real read-only folder (test_output_safety.read_only_folder)."""
+    from test_output_safety import ENV, ROOT, read_only_folder
+
     locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    drop = (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-             "--bounding-set=-dac_override,-dac_read_search", "--"]
-            if os.geteuid() == 0 else [])
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     commands = {
         "train": [sys.executable, "-m", "trainer", str(trained_run / "shards"), "--out",
                   str(locked / "run"), "--epochs", "1", "--dim", "4", "--threads", "1",
                   "--clusters", "0"],
         "export": [sys.executable, "-m", "launch.cli", "export", str(trained_run), "--out",
                    str(locked / "export")]}
-    try:
+    with read_only_folder(locked) as drop:
         for name, command in commands.items():
-            done = subprocess.run([*drop, *command], cwd=root, env=env, capture_output=True,
+            done = subprocess.run([*drop, *command], cwd=ROOT, env=ENV, capture_output=True,
                                   text=True, timeout=200)
             lines = [line for line in done.stderr.splitlines() if "error" in line]
             assert done.returncode == 2, (name, done.stderr)
             assert len(lines) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
             assert "Permission denied" in lines[0] and str(locked) in lines[0], lines
         assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o755)
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -287,17 +288,26 @@ def test_disk_full_is_named_as_such_and_leaves_nothing(tmp_path: Path) -> None:
             assert list(full.iterdir()) == []
 
 
-def test_permission_denied_is_one_line(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[list[str]]:
+    """A real read-only ``folder`` for the block; yields the command prefix that makes
+    root obey it (setpriv drops root's permission override), empty for other users."""
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("root without setpriv: permissions cannot be enforced")
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        yield (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                "--bounding-set=-dac_override,-dac_read_search", "--"]
+               if os.geteuid() == 0 else [])
+    finally:
+        folder.chmod(0o755)
+
+
+def test_permission_denied_is_one_line(tmp_path: Path) -> None:
     source = write_tsv(tmp_path / "r.tsv", 50)
     locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    drop = (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-             "--bounding-set=-dac_override,-dac_read_search", "--"]
-            if os.geteuid() == 0 else [])
-    try:
+    with read_only_folder(locked) as drop:
         for out in (locked / "shards", locked / "deeper" / "shards"):
             done = subprocess.run([*drop, sys.executable, "-m", "launch.cli", "prepare",
                                    str(source), "--out", str(out)], cwd=ROOT, env=ENV,
@@ -306,8 +316,6 @@ def test_permission_denied_is_one_line(tmp_path: Path) -> None:
             line = one_error_line(done.stderr)
             assert "Permission denied" in line and str(locked) in line, line
         assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o755)
 
 
 # --------------------------------------------------------- (12) --out that is a regular file
