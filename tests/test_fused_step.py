@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,7 @@ def test_without_numba_one_warning_and_the_autograd_step(
         return real_import(name, *args, **kwargs)
 
     load_fused_kernel.cache_clear()
+    monkeypatch.delitem(sys.modules, "trainer.fused_kernel", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_numba)
     try:
         with caplog.at_level(logging.WARNING, logger="trainer.fused_step"):
