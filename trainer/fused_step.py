@@ -133,9 +133,8 @@ class FusedSGDStep:
         self.old_biases = np.empty((rows, 2), dtype=np.float32)
         self.errors = np.empty(rows, dtype=np.float32)
 
-    def __call__(self, users: torch.Tensor, items: torch.Tensor,
-                 ratings: torch.Tensor) -> torch.Tensor:
-        """Apply one batch's update; returns its summed loss (0-dim float64 tensor).
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> float:
+        """Apply one batch's update; returns its summed loss.
 
         Args:
             users, items: (B,) int64 row ids; ratings: (B,) float32.
@@ -151,7 +150,7 @@ class FusedSGDStep:
             # ids per sync group, in the order of steps.item_tables / steps.sparse_tables
             self.grad_sync.note_touched((items,) if self.owned else (users, items))
             self.sync_bytes += self.grad_sync.after_step()
-        return torch.tensor(loss, dtype=torch.float64)
+        return loss
 
     def flush(self) -> None:
         """Bring the replicas level; before checkpoints, evaluation and an epoch's end."""
