@@ -48,7 +48,6 @@ from trainer.distributed import (
     teardown,
 )
 from trainer.errors import InputError
-from trainer.post_step import cluster_run
 from trainer.run_files import claim_run_folder
 from trainer.train import train
 
@@ -162,6 +161,10 @@ def _run(values: dict, rank: int) -> int:
         finally:
             teardown()
         if env.is_main and post is not None:
+            # Imported here: scikit-learn and matplotlib take ~2 s to import, which only
+            # rank 0 needs, and only once training is over.
+            from trainer.post_step import cluster_run
+
             cluster_run(values["out"], post)
     return 0
 

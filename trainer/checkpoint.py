@@ -25,6 +25,7 @@ from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
 from trainer.errors import InputError
 from trainer.model import BiasedMF
+from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
 from trainer.run_files import (
     CHECKPOINT,
@@ -90,7 +91,7 @@ STATE_KEYS = tuple(f.name for f in fields(TrainState))
 class Checkpointer:
     """Saves and restores one run's training state; every rank holds one and calls it."""
 
-    def __init__(self, run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+    def __init__(self, run: Path, model: BiasedMF, optimizer: Optimizer,
                  shape: dict, env: DistEnv, owned: bool, identity: dict | None = None) -> None:
         self.run, self.model, self.optimizer = run, model, optimizer
         self.shape, self.env, self.owned = shape, env, owned
@@ -137,7 +138,7 @@ def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
     return found
 
 
-def save_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
                     state: TrainState, shape: dict, env: DistEnv, owned: bool,
                     identity: dict | None = None) -> None:
     """Every rank calls this at the same point; files are written then renamed into place.
@@ -171,7 +172,7 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer
             old.unlink()
 
 
-def load_checkpoint(run: Path, model: BiasedMF, optimizer: torch.optim.Optimizer,
+def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
                     shape: dict, env: DistEnv, owned: bool,
                     identity: dict | None = None) -> TrainState:
     """Every rank reads checkpoint.pt (the run folder is on storage all ranks share)."""

@@ -26,6 +26,7 @@ import torch
 from trainer.config import STEPS
 from trainer.errors import InputError
 from trainer.model import BiasedMF
+from trainer.optim import Optimizer
 from trainer.sync import PeriodicRowSync
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class FusedSGDStep:
 
     kind = "fused"
 
-    def __init__(self, model: BiasedMF, optimizer: torch.optim.Optimizer, kernel: Callable,
+    def __init__(self, model: BiasedMF, optimizer: Optimizer, kernel: Callable,
                  grad_sync: PeriodicRowSync | None = None, owned: bool = False) -> None:
         tables = (model.user_factors.weight, model.item_factors.weight,
                   model.user_bias.weight, model.item_bias.weight)

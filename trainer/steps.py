@@ -19,6 +19,7 @@ from trainer.distributed import DistEnv, wrap_model
 from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
 from trainer.model import BiasedMF
+from trainer.optim import Optimizer
 from trainer.shards import ShardSet
 from trainer.sync import PackedSparseSync, PeriodicRowSync
 
@@ -36,7 +37,7 @@ class AutogradStep:
 
     kind = "autograd"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizer,
                  grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float) -> None:
         self.model, self.optimizer, self.grad_sync, self.scale = model, optimizer, grad_sync, scale
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
@@ -63,7 +64,7 @@ class AutogradStep:
             self.sync_bytes += self.grad_sync.flush()
 
 
-def build_step(choice: str, model: BiasedMF, optimizer: torch.optim.Optimizer,
+def build_step(choice: str, model: BiasedMF, optimizer: Optimizer,
                optimizer_name: str, sync: str, owned: bool, sync_every: int, rank_batch: int,
                env: DistEnv) -> AutogradStep | FusedSGDStep:
     """The run's step for ``--step`` (auto: fused where it applies, trainer/fused_step.py).
