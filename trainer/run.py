@@ -219,7 +219,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
 
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
-                 threshold: float | None = None, min_item_ratings: int = 0) -> dict:
+                 threshold: float | None = None, min_item_ratings: int = 0,
+                 max_users: int = RankingConfig.ranking_users) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
 
     Runs in this one process (every user is scored here; training's own evaluation is
@@ -241,7 +242,7 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
                      device=torch.device("cpu"), backend=None)
     figures = ranking_metrics(model, shards, single, ks=ks, threshold=threshold,
-                              min_item_ratings=min_item_ratings)
+                              min_item_ratings=min_item_ratings, max_users=max_users)
     kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
             if not is_ranking_key(k)}
     write_json(run / FINAL_METRICS, {**kept, **figures})

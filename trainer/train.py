@@ -228,7 +228,8 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
         "ranks": _rank_memory(model, env),
     }
     metrics.update(ranking_metrics(model, shards, env, ownership=plan.ownership,
-                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold))
+                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold,
+                                   max_users=ranking.ranking_users))
     if plan.owned:
         save_owned_model(run, model, plan.ownership, shards, env)
     elif env.is_main:
