@@ -404,6 +404,7 @@ def _synth(values: dict) -> int:
 def _demo(values: dict) -> int:
     from data_shards import PrepareConfig, prepare
     from data_shards.synth import SynthConfig, synthesize
+    from trainer.defaults import LARGE_SET
 
     out = Path(values["out"])
     started = time.perf_counter()
@@ -412,9 +413,10 @@ def _demo(values: dict) -> int:
         synthesize(raw, SynthConfig())
     with dask_client(None, None):
         prepare([str(raw)], shards, PrepareConfig(overwrite=True))
-    # A small model suits the planted 16-dimensional world and keeps the demo near two minutes.
-    settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12}
-    code = launch_training(str(shards), str(run), settings,
+    # The large-set recipe, though the demo's 600k ratings are below its threshold: it
+    # learns the planted world in ~18 epochs (test RMSE 0.517), where the small-set
+    # recipe takes ~130 (0.511) and the demo over a minute.
+    code = launch_training(str(shards), str(run), dict(LARGE_SET),
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
