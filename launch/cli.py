@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_shards.config import PrepareConfig, SourceOptions, SynthConfig
+from data_shards.movielens import RELEASES, fetch_movielens, movielens_path
 from launch.dask_cluster import dask_client
 from launch.options import (
     add_cluster_arguments,
@@ -33,7 +35,14 @@ from launch.options import (
     apply_config_file,
 )
 from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
-from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig, config_from_values
+from trainer.config import (
+    EXPORT_FORMATS,
+    MIN_ITEM_RATINGS,
+    RUN_CONFIGS,
+    RankingConfig,
+    config_from_values,
+    post_step_config,
+)
 from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
 
 log = logging.getLogger("shardmf")
@@ -44,9 +53,8 @@ PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Only the command at hand gets its flags ("": none, for --help and --version alone).
     command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser(only=command)
+    parser = build_parser()
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -87,24 +95,23 @@ def print_error(text: str) -> None:
         tqdm.tqdm.write(text, file=sys.stderr)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command, with the flags of all of them (``only`` None) or of ``only`` alone.
+def build_parser() -> argparse.ArgumentParser:
+    """Every command with its flags; only light modules are imported to build them.
 
-    Commands whose flags come from data_shards' configs import Dask to build them; building
-    only the command at hand keeps ``--help`` and the small commands free of that.
+    The flags come from the configs' field metadata (``trainer.config``,
+    ``data_shards.config``), which import nothing heavy: ``--help`` and the small commands
+    never load Dask, torch, scikit-learn or matplotlib (tests/test_cli.py checks it).
     """
     parser = argparse.ArgumentParser(
         prog="shardmf", description="Matrix factorisation on rating sets too large for one "
         "process: Dask shards, torch.distributed training, item clusters.")
     parser.add_argument("--version", action="version", version=f"shardmf {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build_all = only is None
 
     def command(name: str, handler, text: str) -> argparse.ArgumentParser:
-        """The subparser of ``name``; a detached one when its flags are not needed."""
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler, progress_bars=name in PROGRESS_BAR_COMMANDS)
-        return sub if build_all or name == only else argparse.ArgumentParser(add_help=False)
+        return sub
 
     prepare = command("prepare", _prepare, "Read ratings with Dask, validate them, encode "
                       "ids, split train/val/test and write Parquet shards plus a manifest.")
@@ -113,8 +120,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="SHARDS_DIR",
                          help="folder for the shards and manifest.json (must not exist, or "
                          "be empty, unless --overwrite)")
-    if build_all or only == "prepare":
-        _add_prepare_arguments(prepare)
+    _add_prepare_arguments(prepare)
 
     verify = command("verify", _verify, "Check the manifest against itself and every "
                      "shard file against the manifest: sizes, rows, row groups, id ranges "
@@ -160,22 +166,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                      "command's flags (snake or kebab case; nproc and the other launch flags "
                      "included, but not --config, --out or the inputs); flags given here win")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    if build_all or only == "run":
-        _add_prepare_arguments(run)
-        add_training_config_arguments(run)
-        add_cluster_arguments(run)
-        add_launch_arguments(run)
+    _add_prepare_arguments(run)
+    add_training_config_arguments(run)
+    add_cluster_arguments(run)
+    add_launch_arguments(run)
 
     synth = command("synth", _synth, "Generate a MovieLens-shaped rating set with planted "
                     "genres (Parquet ratings, items.csv), deterministic for a seed.")
     synth.add_argument("--out", required=True, metavar="RAW_DIR",
                        help="folder for the ratings (Parquet), items.csv and synth.json")
     synth.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    if build_all or only == "synth":
-        from data_shards.synth import SynthConfig
-
-        add_config_arguments(synth, SynthConfig, title="synthetic data")
-        _add_dask_arguments(synth)
+    add_config_arguments(synth, SynthConfig, title="synthetic data")
+    _add_dask_arguments(synth)
 
     evaluate = command("evaluate", _evaluate, "Ranking figures of a finished run on its test "
                        "split (precision, recall, NDCG, MAP, hit rate, coverage at k) beside "
@@ -253,9 +255,6 @@ def _positive(text: str) -> int:
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    from data_shards import PrepareConfig, SourceOptions
-    from data_shards.movielens import RELEASES
-
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--val-input", nargs="+", default=[], metavar="FILE",
                         help="already-split validation ratings, used as given (same layout "
@@ -292,21 +291,13 @@ def _add_dask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(values: dict) -> int:
-    from data_shards import PrepareConfig, SourceOptions
-
     values = apply_config_file(values, (PrepareConfig, SourceOptions))
     _prepare_from_values(values["inputs"], Path(values["out"]), values)
     return 0
 
 
 def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
-    from data_shards import (
-        PrepareConfig,
-        SourceOptions,
-        fetch_movielens,
-        movielens_path,
-        prepare,
-    )
+    from data_shards.prepare import prepare
 
     storage = dict(_key_value(kv) for kv in values.get("storage_option", []))
     source = config_from_values(SourceOptions, {**values, "storage_options": storage})
@@ -354,8 +345,6 @@ def _export_split(values: dict) -> int:
 
 
 def _train(values: dict) -> int:
-    from trainer.config import RUN_CONFIGS
-
     values = apply_config_file(values, (*RUN_CONFIGS, TorchrunOptions))
     return launch_training(values["shards_dir"], values["out"], values,
                            TorchrunOptions.from_values(values))
@@ -363,7 +352,6 @@ def _train(values: dict) -> int:
 
 def _cluster(values: dict) -> int:
     from trainer import cluster_run
-    from trainer.config import post_step_config
 
     run_dir = Path(values["run_dir"])
     if "seed" not in values:
@@ -379,9 +367,6 @@ def _cluster(values: dict) -> int:
 
 
 def _run(values: dict) -> int:
-    from data_shards import PrepareConfig, SourceOptions
-    from trainer.config import RUN_CONFIGS
-
     values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS,
                                         TorchrunOptions))
     out = Path(values["out"])
@@ -392,7 +377,7 @@ def _run(values: dict) -> int:
 
 
 def _synth(values: dict) -> int:
-    from data_shards.synth import SynthConfig, synthesize
+    from data_shards.synth import synthesize
 
     with dask_client(values.get("dask_scheduler"), values.get("workers")):
         summary = synthesize(values["out"], config_from_values(SynthConfig, values))
@@ -402,8 +387,8 @@ def _synth(values: dict) -> int:
 
 
 def _demo(values: dict) -> int:
-    from data_shards import PrepareConfig, prepare
-    from data_shards.synth import SynthConfig, synthesize
+    from data_shards.prepare import prepare
+    from data_shards.synth import synthesize
 
     out = Path(values["out"])
     started = time.perf_counter()
@@ -457,17 +442,17 @@ def _recommend(values: dict) -> int:
     from trainer import load_run
 
     run = load_run(values["run_dir"])
-    table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
-                          min_item_ratings=values["min_item_ratings"])
-    high = run.scale[1]
-    clipped = bool((table["score"] > high).any())
+    top, scores = run.top_items(values["user"], values["n"],
+                                exclude_seen=not values["include_seen"],
+                                min_item_ratings=values["min_item_ratings"])
+    low, high = run.scale
+    clipped = bool((scores > high).any())
     note = (f"; ≥{high:.2f}: above the scale's top, with the unclipped score that orders "
             "them" if clipped else "")
-    print(f"top {len(table)} for user {values['user']} (predicted rating{note}):")
-    for row in table.itertuples():
-        rating = (f"≥{high:.2f} ({row.score:.2f})" if row.score > high
-                  else f"{row.predicted_rating:4.2f}")
-        print(f"  {rating:<14} {_label(row)}")
+    print(f"top {len(top)} for user {values['user']} (predicted rating{note}):")
+    for item_id, score in zip(top, scores):
+        rating = f"≥{high:.2f} ({score:.2f})" if score > high else f"{max(score, low):4.2f}"
+        print(f"  {rating:<14} {_label(run.item_fields(item_id))}")
     return 0
 
 
@@ -476,18 +461,18 @@ def _similar(values: dict) -> int:
 
     run = load_run(values["run_dir"])
     item = values["item"] if values["item"] is not None else run.find_item(values["title"])
-    anchor = run.items.iloc[run.item_id(item)]
-    print(f"items most similar to {_label(anchor)} (cosine similarity):")
-    for row in run.similar_items(item, values["n"], values["min_item_ratings"]).itertuples():
-        print(f"  {row.similarity:5.3f}  {_label(row)}")
+    print(f"items most similar to {_label(run.item_fields(run.item_id(item)))} "
+          "(cosine similarity):")
+    top, cosine = run.nearest_items(item, values["n"], values["min_item_ratings"])
+    for item_id, similarity in zip(top, cosine):
+        print(f"  {similarity:5.3f}  {_label(run.item_fields(item_id))}")
     return 0
 
 
-def _label(row) -> str:
-    title = row.title if isinstance(row.title, str) else None
-    genres = f"  [{row.genres.replace('|', ', ')}]" if isinstance(row.genres, str) else ""
-    return f"{title} (id {row.original_item_id}){genres}" if title else (
-        f"item {row.original_item_id}{genres}")
+def _label(item: dict) -> str:
+    title, genres, original = item.get("title"), item.get("genres"), item["original_item_id"]
+    genres = f"  [{genres.replace('|', ', ')}]" if isinstance(genres, str) else ""
+    return f"{title} (id {original}){genres}" if title else f"item {original}{genres}"
 
 
 def _export(values: dict) -> int:

@@ -71,6 +71,31 @@ def test_version_and_top_level_help(capsys: pytest.CaptureFixture) -> None:
     assert "evaluate" in capsys.readouterr().out
 
 
+# What a user waits for: a call that only prints help or looks into a run must not import
+# these (seconds on 2 cores). A behaviour test; the timings are in the report, never here.
+HEAVY_MODULES = ("dask", "distributed", "torch", "sklearn", "matplotlib", "pandas", "numba")
+
+
+def _heavy_modules_after(calls: list[list[str]]) -> list[str]:
+    """The heavy modules a fresh interpreter holds after running ``main`` on each argv."""
+    code = ("import contextlib, io, json, sys\n"
+            "from launch.cli import main\n"
+            f"for argv in {calls!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        assert main(argv) == 0, argv\n"
+            "loaded = {m.split('.')[0] for m in sys.modules}\n"
+            f"print(json.dumps(sorted(loaded & {set(HEAVY_MODULES)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_help_and_version_import_nothing_heavy() -> None:
+    calls = [["--help"], ["--version"], *([command, "--help"] for command in COMMANDS)]
+    assert _heavy_modules_after(calls) == []
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("1\t2\t5\t1\n1\t3\t4\t2\t9\n", "line 2"),
     ("1\t2\t5\t1\n1\t3\tabc\t2\n", "'abc' is not a number"),
@@ -162,6 +187,13 @@ def test_recommend_and_similar_print_titles(trained_run: Path,
     out = capsys.readouterr().out.splitlines()
     assert "Film 45 (id 45)" in out[0]
     assert all("Horror" in line for line in out[1:])
+
+
+def test_recommend_and_similar_import_nothing_heavy(trained_run: Path) -> None:
+    run = str(trained_run)
+    assert _heavy_modules_after([["recommend", run, "--user", "3"],
+                                 ["similar", run, "--title", "Film 1"],
+                                 ["verify", str(trained_run / "shards")]]) == []
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -280,7 +312,11 @@ def test_permission_denied_in_train_and_export_is_one_line(trained_run: Path,
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),
                                                     ("trainer", "dask")])
 def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> None:
-    code = (f"import sys, {package}; "
+    # every module of the package: its __init__ imports its names on first use only
+    folder = Path(__file__).parents[1] / package
+    modules = sorted(f"{package}.{path.stem}" for path in folder.glob("*.py")
+                     if path.stem != "__main__")
+    code = (f"import sys, {', '.join(modules)}; "
             f"sys.exit(1 if any(m == '{forbidden}' or m.startswith('{forbidden}.') "
             "for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
