@@ -30,20 +30,34 @@ from launch.dask_cluster import dask_client
 from launch.options import (
     add_cluster_arguments,
     add_config_arguments,
+    add_evaluate_arguments,
     add_train_arguments,
     add_training_config_arguments,
     apply_config_file,
+    positive_int,
 )
-from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
+from launch.torchrun import (
+    TorchrunOptions,
+    add_launch_arguments,
+    launch_evaluation,
+    launch_training,
+)
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
     RUN_CONFIGS,
-    RankingConfig,
     config_from_values,
     post_step_config,
 )
-from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
+from trainer.run_files import (
+    CLUSTERS,
+    CONFIG,
+    FINAL_METRICS,
+    REPORT_HTML,
+    REPORT_MD,
+    SHARDS_DIR,
+    read_json,
+)
 
 log = logging.getLogger("shardmf")
 EXIT_USAGE = 2
@@ -181,26 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("evaluate", _evaluate, "Ranking figures of a finished run on its test "
                        "split (precision, recall, NDCG, MAP, hit rate, coverage at k) beside "
-                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Runs in "
-                       "one process and needs the run's shards.")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    default_ks = RankingConfig.ranking_ks
-    evaluate.add_argument("--k", type=_positive, nargs="+", default=list(default_ks),
-                          metavar="K", help="list lengths (default: "
-                          f"{' '.join(map(str, default_ks))})")
-    evaluate.add_argument("--threshold", type=float, metavar="RATING",
-                          help="a test rating at or above this is relevant (default: 75 %% "
-                          "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
-    evaluate.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
-                          help="recommend only items with at least N training ratings, as "
-                          "`recommend` does with 20 (default: 0, every item)")
+                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Needs "
+                       "the run's shards.")
+    add_evaluate_arguments(evaluate)
+    evaluate.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                          help="local processes (ranks) that share the users, as in training "
+                          "(default: 1, this process)")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     recommend = command("recommend", _recommend, "The items a user would rate highest, by "
                         "the trained model (original ids; seen items excluded).")
     recommend.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     recommend.add_argument("--user", required=True, help="original user id")
-    recommend.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
+    recommend.add_argument("-n", type=positive_int, default=10, help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
     recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = similar.add_mutually_exclusive_group(required=True)
     which.add_argument("--item", help="original item id")
     which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
-    similar.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
+    similar.add_argument("-n", type=positive_int, default=10, help="how many items (default: 10)")
     similar.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
                          metavar="N", help="leave out items with fewer training ratings "
                          f"(default: {MIN_ITEM_RATINGS})")
@@ -245,13 +252,6 @@ def _version() -> str:
         return version("shardmf")
     except PackageNotFoundError:
         return "(not installed; run from a source tree)"
-
-
-def _positive(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
-    return number
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -417,17 +417,18 @@ def _demo(values: dict) -> int:
 
 
 def _evaluate(values: dict) -> int:
-    from trainer import evaluate_run
     from trainer.ranking import METRICS, POPULAR_PREFIX
 
-    figures = evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
-                           values["min_item_ratings"])
-    print(f"ranking on the test split of {values['run_dir']}: {figures['ranking_users']:,} "
-          f"users with a rating >= {figures['ranking_threshold']:g}")
+    code = launch_evaluation(values, TorchrunOptions(nproc=values["nproc"]))
+    if code:
+        return code
+    metrics = read_json(Path(values["run_dir"]) / FINAL_METRICS)
+    print(f"ranking on the test split of {values['run_dir']}: {metrics['ranking_users']:,} "
+          f"users with a rating >= {metrics['ranking_threshold']:g}")
     print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
     for k in sorted(set(values["k"])):
         for name in (*METRICS, "coverage"):
-            model, popular = figures[f"{name}@{k}"], figures[f"{POPULAR_PREFIX}{name}@{k}"]
+            model, popular = metrics[f"{name}@{k}"], metrics[f"{POPULAR_PREFIX}{name}@{k}"]
             print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
     print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
           f"{values['run_dir']}` redraws the report with them")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tomllib
 
-from trainer.config import TRAIN_CONFIGS, ClusterConfig
+from trainer.config import TRAIN_CONFIGS, ClusterConfig, RankingConfig
 from trainer.errors import InputError
 
 
@@ -199,3 +199,25 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, skippable: bool = Tru
     add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
                          title="item clusters (--clusters 0 skips them)" if skippable
                          else "item clusters")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `shardmf evaluate`, which its ranks parse too (launch/train_entry.py)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    default_ks = RankingConfig.ranking_ks
+    parser.add_argument("--k", type=positive_int, nargs="+", default=list(default_ks),
+                        metavar="K", help="list lengths (default: "
+                        f"{' '.join(map(str, default_ks))})")
+    parser.add_argument("--threshold", type=float, metavar="RATING",
+                        help="a test rating at or above this is relevant (default: 75 %% "
+                        "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
+    parser.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
+                        help="recommend only items with at least N training ratings, as "
+                        "`recommend` does with 20 (default: 0, every item)")
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
+    return number

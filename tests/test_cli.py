@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 
 from launch.cli import main
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+       "OMP_NUM_THREADS": "1"}
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
             "export", "export-split", "verify", "evaluate")
 
@@ -245,6 +249,25 @@ def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
     assert "relevance threshold 9" in capsys.readouterr().err
     assert json.loads(path.read_text()) == merged
     path.write_text(json.dumps(trained))  # as training left it, for the other tests
+
+
+@pytest.mark.distributed
+def test_evaluate_on_two_ranks_gives_the_figures_of_one(trained_run: Path,
+                                                        tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # its shards inside: RUN_DIR/shards
+    figures = {}
+    for nproc in ("1", "2"):
+        done = subprocess.run([sys.executable, "-m", "launch.cli", "evaluate", str(run),
+                               "--k", "5", "10", "--min-item-ratings", "5", "--nproc", nproc],
+                              env=ENV, capture_output=True, text=True, timeout=200)
+        assert done.returncode == 0, done.stderr
+        assert "ndcg@5" in done.stdout
+        metrics = json.loads((run / "metrics.json").read_text())
+        figures[nproc] = {key: value for key, value in metrics.items()
+                          if "@" in key or key.startswith("ranking_")}
+    assert figures["1"]["ranking_users"] > 20 and figures["1"]["ndcg@10"] > 0
+    assert figures["2"] == pytest.approx(figures["1"], rel=1e-9)
 
 
 def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ from trainer.run_files import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from trainer.distributed import DistEnv
+
 log = logging.getLogger(__name__)
 
 
@@ -269,13 +271,16 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
 
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
-                 threshold: float | None = None, min_item_ratings: int = 0) -> dict:
+                 threshold: float | None = None, min_item_ratings: int = 0,
+                 env: DistEnv | None = None) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
 
-    Runs in this one process (every user is scored here; training's own evaluation is
-    spread over its ranks) and needs the run's shards. The figures replace the ranking
-    figures in RUN_DIR/metrics.json (atomically; the other figures are kept) and are
-    returned. See `trainer.ranking.ranking_metrics` for the keys.
+    Needs the run's shards. With ``env`` (ranks already joined, as `shardmf evaluate
+    --nproc N` does) every rank must call this: each scores its share of the users, as at
+    the end of training, and gets the same figures; None: this one process scores them all.
+    The figures replace the ranking figures in RUN_DIR/metrics.json (rank 0 writes it,
+    atomically; the other figures are kept) and are returned. See
+    `trainer.ranking.ranking_metrics` for the keys.
     """
     # Here, not at the top: recommending from a run must not wait for torch to import.
     import torch
@@ -288,13 +293,15 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     run = Path(run_dir)
     model, payload = load_model(run / MODEL)
     shards = open_shards(shards_of(run, payload))
-    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
-                     device=torch.device("cpu"), backend=None)
-    figures = ranking_metrics(model, shards, single, ks=ks, threshold=threshold,
+    if env is None:
+        env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
+                      device=torch.device("cpu"), backend=None)
+    figures = ranking_metrics(model.to(env.device), shards, env, ks=ks, threshold=threshold,
                               min_item_ratings=min_item_ratings)
-    kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
-            if not is_ranking_key(k)}
-    write_json(run / FINAL_METRICS, {**kept, **figures})
+    if env.is_main:
+        kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
+                if not is_ranking_key(k)}
+        write_json(run / FINAL_METRICS, {**kept, **figures})
     return figures
 
 
