@@ -398,7 +398,8 @@ def _demo(values: dict) -> int:
     with dask_client(None, None):
         prepare([str(raw)], shards, PrepareConfig(overwrite=True))
     # A small model suits the planted 16-dimensional world and keeps the demo near two minutes.
-    settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12}
+    settings = {"dim": 64, "init_std": 0.1, "batch_size": 4096, "lr": 0.01, "epochs": 12,
+                "overwrite": True}  # a second `make demo` replaces the run, as it does the shards
     code = launch_training(str(shards), str(run), settings,
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
