@@ -214,6 +214,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
                         help="recommend only items with at least N training ratings, as "
                         "`recommend` does with 20 (default: 0, every item)")
+    default_users = RankingConfig.ranking_users
+    parser.add_argument("--users", type=int, default=default_users, metavar="N",
+                        help="a seeded sample of about N test users, the same as training's "
+                        f"(default: {default_users:,}; 0: every user)")
 
 
 def positive_int(text: str) -> int:

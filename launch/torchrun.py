@@ -89,7 +89,7 @@ def launch_evaluation(values: dict, options: TorchrunOptions) -> int:
     local ranks (each scores its share of the users, as at the end of training) and merged
     into RUN_DIR/metrics.json by rank 0; returns the exit status (2 for a user error)."""
     args = [values["run_dir"], "--k", *map(str, values["k"]),
-            "--min-item-ratings", str(values["min_item_ratings"])]
+            "--min-item-ratings", str(values["min_item_ratings"]), "--users", str(values["users"])]
     if values["threshold"] is not None:
         args += ["--threshold", str(values["threshold"])]
     if options.nproc == 1 and options.nnodes == 1:

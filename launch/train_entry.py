@@ -54,7 +54,6 @@ from trainer.distributed import (
     teardown,
 )
 from trainer.errors import InputError
-from trainer.post_step import cluster_run
 from trainer.run import evaluate_run
 from trainer.run_files import claim_run_folder
 from trainer.train import train
@@ -190,6 +189,10 @@ def _run(values: dict, rank: int) -> int:
         finally:
             teardown()
         if env.is_main and post is not None:
+            # Imported here: scikit-learn and matplotlib take ~2 s to import, which only
+            # rank 0 needs, and only once training is over.
+            from trainer.post_step import cluster_run
+
             cluster_run(values["out"], post)
     return 0
 
@@ -199,7 +202,7 @@ def _evaluate(values: dict, rank: int) -> int:
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
         evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
-                     values["min_item_ratings"], env=env)
+                     values["min_item_ratings"], values["users"], env=env)
     finally:
         teardown()
     return 0

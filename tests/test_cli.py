@@ -222,7 +222,8 @@ def test_a_run_reports_ranking_against_most_popular(trained_run: Path) -> None:
     # Half the users love what the other half hate: one list for all cannot serve both.
     assert metrics["ndcg@10"] > metrics["popular_ndcg@10"]
     config = json.loads((trained_run / "config.json").read_text())
-    assert config["ranking"] == {"ranking_ks": [10, 20], "ranking_threshold": None}
+    assert config["ranking"] == {"ranking_ks": [10, 20], "ranking_threshold": None,
+                                 "ranking_users": 10_000}
     report = (trained_run / "report.md").read_text()
     assert "## Ranking: the model against most-popular" in report
     assert f"| NDCG@10 | {metrics['ndcg@10']:.4f} | {metrics['popular_ndcg@10']:.4f} |" in report

@@ -27,6 +27,7 @@ from trainer.ranking import (
     ranking_metrics,
     recommended_items,
     relevance_threshold,
+    sampled_users,
     top_unseen_items,
     user_metrics,
 )
@@ -197,11 +198,15 @@ def _ratings(shards: ShardSet, split: str) -> pd.DataFrame:
 
 
 def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],
-               min_item_ratings: int = 0) -> dict:
-    """The definitions in trainer/ranking.py, one user at a time, in plain Python."""
+               min_item_ratings: int = 0, keep: float = 1.0) -> dict:
+    """The definitions in trainer/ranking.py, one user at a time, in plain Python, over the
+    users ``sampled_users`` keeps at the fraction ``keep``."""
     train, test = _ratings(shards, "train"), _ratings(shards, "test")
     cutoff = relevance_threshold(shards.scale)
     relevant = test[test["rating"] >= cutoff].groupby("user_id")["item_id"].apply(set)
+    eligible = len(relevant)
+    if keep < 1.0:
+        relevant = relevant[sampled_users(relevant.index.to_numpy(), keep)]
     seen = train.groupby("user_id")["item_id"].apply(set)
     counts = np.bincount(train["item_id"], minlength=shards.num_items)
     popular_order = np.lexsort((np.arange(shards.num_items), -counts))
@@ -236,7 +241,7 @@ def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],
     result = {key: total / len(relevant) for key, total in sums.items()}
     result.update({key: len(items) / shards.num_items for key, items in shown.items()})
     return {**result, "ranking_threshold": cutoff, "ranking_users": len(relevant),
-            "ranking_min_item_ratings": min_item_ratings}
+            "ranking_users_eligible": eligible, "ranking_min_item_ratings": min_item_ratings}
 
 
 def test_one_process_matches_a_per_user_reference(trainer_shards_dir: Path) -> None:
@@ -251,6 +256,33 @@ def test_one_process_matches_a_per_user_reference(trainer_shards_dir: Path) -> N
     # the model follows popularity with noise: it finds something, the baseline more
     assert 0 < result["precision@10"] < result["popular_precision@10"]
     assert result["coverage@10"] > result["popular_coverage@10"]
+
+
+def test_a_sample_of_users_is_the_reference_over_those_users(
+        trainer_shards_dir: Path) -> None:
+    shards = open_shards(trainer_shards_dir)
+    model = _model(shards)
+    everyone = ranking_metrics(model, shards, SINGLE, ks=(5, 10))
+    eligible = everyone["ranking_users_eligible"]
+    assert everyone["ranking_users"] == eligible > 20
+    assert ranking_metrics(model, shards, SINGLE, ks=(5, 10), max_users=eligible) == everyone
+    cap = eligible // 3
+    sampled = ranking_metrics(model, shards, SINGLE, ks=(5, 10), max_users=cap)
+    expected = _reference(shards, model, (5, 10), keep=cap / eligible)
+    assert sampled.keys() == expected.keys()
+    for key, value in expected.items():
+        assert sampled[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert sampled["ranking_users_eligible"] == eligible
+    assert 0.6 * cap <= sampled["ranking_users"] <= 1.4 * cap
+
+
+@given(st.integers(0, 10**9), st.integers(1_000, 50_000), st.floats(0.05, 0.95))
+def test_sampled_users_keep_about_the_fraction_asked(first: int, count: int,
+                                                     fraction: float) -> None:
+    ids = np.arange(first, first + count)
+    kept = sampled_users(ids, fraction)
+    assert abs(kept.mean() - fraction) < 0.02
+    assert np.array_equal(sampled_users(ids[::-1], fraction), kept[::-1])  # id alone decides
 
 
 def test_rarely_rated_items_can_be_left_out(trainer_shards_dir: Path) -> None:
@@ -279,12 +311,16 @@ def test_bad_arguments_are_refused(trainer_shards_dir: Path) -> None:
                                                            ks=(3,))["ranking_users"]
 
 
+SAMPLED_USERS = 25  # of the fixture's ~40 eligible users: the sample spans both ranks
+
+
 def _distributed_job(env: DistEnv, replicated_dir: str, owned_dir: str, out: str) -> None:
     """Both layouts on 2 ranks: replicated users on random shards, owned users (each rank
     holds only its rows of the model) on shards partitioned by user."""
     torch.set_num_threads(1)
     shards = open_shards(replicated_dir)
-    result = ranking_metrics(_model(shards), shards, env, ks=(5, 10), user_block=32)
+    result = ranking_metrics(_model(shards), shards, env, ks=(5, 10), user_block=32,
+                             max_users=SAMPLED_USERS)
     Path(out, f"replicated-{env.rank}.json").write_text(json.dumps(result))
     shards = open_shards(owned_dir)
     ownership = user_ownership(shards, env)
@@ -297,7 +333,7 @@ def _distributed_job(env: DistEnv, replicated_dir: str, owned_dir: str, out: str
     state["user_bias.weight"] = state["user_bias.weight"][rows]
     owned.load_state_dict(state)
     result = ranking_metrics(owned, shards, env, ownership=ownership, ks=(5, 10),
-                             user_block=32)
+                             user_block=32, max_users=SAMPLED_USERS)
     Path(out, f"owned-{env.rank}.json").write_text(json.dumps(result))
 
 
@@ -310,7 +346,9 @@ def test_two_gloo_ranks_give_the_figures_of_one_process(
     for layout, folder in (("replicated", trainer_shards_dir),
                            ("owned", trainer_user_shards_dir)):
         shards = open_shards(folder)
-        alone = ranking_metrics(_model(shards), shards, SINGLE, ks=(5, 10))
+        alone = ranking_metrics(_model(shards), shards, SINGLE, ks=(5, 10),
+                                max_users=SAMPLED_USERS)
+        assert alone["ranking_users"] < alone["ranking_users_eligible"]  # a sample indeed
         ranks = [json.loads((tmp_path / f"{layout}-{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0] == ranks[1], layout  # every rank returns the same dict
         assert ranks[0].keys() == alone.keys()

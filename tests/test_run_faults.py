@@ -350,11 +350,11 @@ def tmpfs(folder: Path, options: str):
 
 def test_a_full_disk_is_one_line_and_nothing_half_written(trainer_shards_dir: Path,
                                                           tmp_path: Path) -> None:
-    """The checkpoint (about 1.8 MB at --dim 512) does not fit a 1 MB tmpfs: one line
+    """The checkpoint (about 1.8 MB at --dim 1024) does not fit a 1 MB tmpfs: one line
     naming it and the cause, exit 2, and the folder as it was (empty)."""
     with tmpfs(tmp_path / "small", "size=1m") as small:
         job = shardmf("train", trainer_shards_dir, "--out", small / "run", *QUICK,
-                      "--dim", "512", "--epochs", "1", expect=2)
+                      "--dim", "1024", "--epochs", "1", expect=2)
         line = one_error(job)
         assert f"{small / 'run' / 'checkpoint.pt'}: No space left on device while writing " \
             "it; free some space or choose another --out" in line, line

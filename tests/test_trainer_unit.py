@@ -25,6 +25,7 @@ from launch.torchrun import TorchrunOptions
 from launch.train_entry import build_parser
 from launch.train_entry import main as trainer_main
 from trainer.baseline import bias_baseline_rmse
+from trainer.checkpoint import load_trusted
 from trainer.config import (
     TRAIN_CONFIGS,
     ClusterConfig,
@@ -619,6 +620,26 @@ def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path:
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
     rmse, _ = evaluate(model, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
     assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)
+
+
+def test_a_resumed_run_ends_on_the_best_weights_saved_once(trainer_shards_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """Checkpointed right after its best epoch, a run holds those weights once (as the
+    model); resumed, it never improves again and must end on exactly them."""
+    configs = (ModelConfig(dim=8, reg=0.02), OptimConfig(optimizer="sgd", lr=0.03,
+                                                         lr_decay=1.0))
+    loop = {**SMALL, "patience": 1}
+    straight = train(trainer_shards_dir, tmp_path / "straight", *configs,
+                     TrainConfig(**loop, epochs=8), SINGLE)
+    best = straight["best_epoch"]
+    assert best < straight["epochs"]
+    run = tmp_path / "resumed"
+    train(trainer_shards_dir, run, *configs, TrainConfig(**loop, epochs=best), SINGLE)
+    saved = load_trusted(run / "checkpoint.pt")
+    assert saved["best_is_model"] and saved["best_model"] is None
+    resumed = train(trainer_shards_dir, run, *configs,
+                    TrainConfig(**loop, epochs=8, resume=True), SINGLE)
+    assert resumed["best_epoch"] == best and resumed["test_rmse"] == straight["test_rmse"]
 
 
 # --- options and configs ---------------------------------------------------------------

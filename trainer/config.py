@@ -235,8 +235,13 @@ class RankingConfig:
     ranking_threshold: float | None = field(default=None, metadata={
         "help": "a test rating at or above this is relevant (default: 75% up the data's "
         "rating scale: 4 on 1-5, 3.875 on 0.5-5)"})
+    ranking_users: int = field(default=10_000, metadata={
+        "help": "evaluate a random sample of about this many test users (0: every one); "
+        "scoring every user against every item costs as much as training on large sets"})
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.ranking_users, int) and self.ranking_users >= 0,
+               "ranking_users", self.ranking_users, "0 (every user) or more")
         ks = self.ranking_ks
         _check(isinstance(ks, tuple) and len(ks) > 0 and all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks),

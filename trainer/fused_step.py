@@ -9,8 +9,9 @@ learning rates and every figure stay those of the reference; it only runs faster
 writes in place into the storage of the ``nn.Embedding`` weights, which stay torch tensors:
 checkpoints, the row sync, export and clustering see no difference.
 
-numba is imported lazily: where it cannot import or compile, ``load_fused_kernel`` returns
-None after one warning and the trainer keeps the autograd step.
+The kernel itself lives in trainer/fused_kernel.py, imported lazily: where numba cannot
+import or compile it, ``load_fused_kernel`` returns None after one warning and the trainer
+keeps the autograd step.
 """
 
 from __future__ import annotations
@@ -25,81 +26,10 @@ import torch
 from trainer.config import STEPS
 from trainer.errors import InputError
 from trainer.model import BiasedMF
+from trainer.optim import Optimizer
 from trainer.sync import PeriodicRowSync
 
 log = logging.getLogger(__name__)
-
-# Reassociation lets LLVM vectorise the dot products and sums of squares (torch's own
-# reductions reorder them too), and contraction fuses multiply-adds: 1.1-1.3x the strict
-# kernel, side by side. No flag that changes results on inf/nan: a diverging loss must
-# still show as non-finite.
-KERNEL_FASTMATH = {"reassoc", "contract"}
-
-
-def _sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
-               item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
-               old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
-               errors: np.ndarray) -> float:
-    """One batch's summed-gradient SGD step, in place; returns the batch's summed loss.
-
-    Pass 1 copies every rating's rows into the (B, d) scratch buffers before anything
-    moves; pass 2 computes errors and the loss from the copies; pass 3 updates the tables
-    from the copies only. A row that several ratings of the batch touch therefore receives
-    the sum of gradients computed from its OLD value, exactly as RowSGD applies autograd's
-    sparse gradient. The arithmetic follows SquaredErrorWithL2 in float32 (loss in float64).
-
-    Pass 1 is nothing but independent loads and stores, so the CPU overlaps the cache
-    misses of several ratings; with the dot product in the same loop, its serial sum
-    held each rating's misses back (1.2-1.5x slower, bench/fused_step.md).
-    Rows are indexed as ``table[row, j]``: a row view would cost reference counting.
-
-    Args:
-        users, items: (B,) int64 row ids; ratings: (B,) float32.
-        user_factors, item_factors: (rows, d) float32 tables; user_bias, item_bias: (rows,).
-        old_users, old_items: (>= B, d) float32 scratch; old_biases: (>= B, 2) float32;
-            errors: (>= B,) float32 scratch.
-    """
-    count = len(ratings)
-    dim = user_factors.shape[1]
-    mean32 = np.float32(mean)
-    step = np.float32(-lr)
-    decay = np.float32(2.0 * reg)
-    bias_decay = np.float32(2.0 * bias_reg)
-    two = np.float32(2.0)
-    for b in range(count):
-        user, item = users[b], items[b]
-        for j in range(dim):
-            old_users[b, j] = user_factors[user, j]
-        for j in range(dim):
-            old_items[b, j] = item_factors[item, j]
-        old_biases[b, 0] = user_bias[user]
-        old_biases[b, 1] = item_bias[item]
-    squared_error = 0.0
-    squared_rows = 0.0
-    squared_biases = 0.0
-    for b in range(count):
-        dot = np.float32(0.0)
-        norms = np.float32(0.0)
-        for j in range(dim):
-            dot += old_users[b, j] * old_items[b, j]
-            norms += old_users[b, j] * old_users[b, j] + old_items[b, j] * old_items[b, j]
-        b_u, b_i = old_biases[b, 0], old_biases[b, 1]
-        error = dot + b_u + b_i + mean32 - ratings[b]
-        errors[b] = error
-        squared_error += error * error
-        squared_rows += norms
-        squared_biases += b_u * b_u + b_i * b_i
-    for b in range(count):
-        user, item = users[b], items[b]
-        gradient = two * errors[b]
-        for j in range(dim):
-            user_factors[user, j] += step * (old_users[b, j] * decay + gradient * old_items[b, j])
-        for j in range(dim):
-            item_factors[item, j] += step * (old_items[b, j] * decay + gradient * old_users[b, j])
-        user_bias[user] += step * (gradient + bias_decay * old_biases[b, 0])
-        item_bias[item] += step * (gradient + bias_decay * old_biases[b, 1])
-    return squared_error + reg * squared_rows + bias_reg * squared_biases
 
 
 @functools.cache
@@ -110,9 +40,8 @@ def load_fused_kernel() -> Callable | None:
     rather than mid-epoch; ``cache=True`` keeps the machine code on disk between runs.
     """
     try:
-        import numba
+        from trainer.fused_kernel import sgd_batch as kernel
 
-        kernel = numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)(_sgd_batch)
         ids = np.zeros(1, dtype=np.int64)
         table = np.zeros((1, 1), dtype=np.float32)
         column = np.zeros(1, dtype=np.float32)
@@ -181,7 +110,7 @@ class FusedSGDStep:
 
     kind = "fused"
 
-    def __init__(self, model: BiasedMF, optimizer: torch.optim.Optimizer, kernel: Callable,
+    def __init__(self, model: BiasedMF, optimizer: Optimizer, kernel: Callable,
                  grad_sync: PeriodicRowSync | None = None, owned: bool = False) -> None:
         tables = (model.user_factors.weight, model.item_factors.weight,
                   model.user_bias.weight, model.item_bias.weight)
@@ -205,9 +134,8 @@ class FusedSGDStep:
         self.old_biases = np.empty((rows, 2), dtype=np.float32)
         self.errors = np.empty(rows, dtype=np.float32)
 
-    def __call__(self, users: torch.Tensor, items: torch.Tensor,
-                 ratings: torch.Tensor) -> torch.Tensor:
-        """Apply one batch's update; returns its summed loss (0-dim float64 tensor).
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> float:
+        """Apply one batch's update; returns its summed loss.
 
         Args:
             users, items: (B,) int64 row ids; ratings: (B,) float32.
@@ -223,7 +151,7 @@ class FusedSGDStep:
             # ids per sync group, in the order of steps.item_tables / steps.sparse_tables
             self.grad_sync.note_touched((items,) if self.owned else (users, items))
             self.sync_bytes += self.grad_sync.after_step()
-        return torch.tensor(loss, dtype=torch.float64)
+        return loss
 
     def flush(self) -> None:
         """Bring the replicas level; before checkpoints, evaluation and an epoch's end."""

@@ -466,11 +466,14 @@ def _ranking_text(metrics: dict[str, Any]) -> str:
     users = metrics.get("ranking_users")
     rated = (f"; only items with at least {metrics['ranking_min_item_ratings']} training "
              "ratings are recommended" if metrics.get("ranking_min_item_ratings") else "")
+    eligible = metrics.get("ranking_users_eligible")
+    who = (f"Each of a random {_number(users)} of the {_number(eligible)} test users"
+           if eligible and users != eligible else f"Each of the {_number(users)} test users")
     return (
-        f"Each of the {_number(users)} test users with a rating of at least "
-        f"{_number(threshold)} gets the top k of the items they did not rate in training; "
-        "those test ratings are the items to find. The most-popular baseline recommends "
-        f"the items rated most often in training to everyone{rated}. Higher is better."
+        f"{who} with a rating of at least {_number(threshold)} gets the top k of the items "
+        "they did not rate in training; those test ratings are the items to find. The "
+        "most-popular baseline recommends the items rated most often in training to "
+        f"everyone{rated}. Higher is better."
     )
 
 

@@ -272,15 +272,17 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
 
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
                  threshold: float | None = None, min_item_ratings: int = 0,
+                 max_users: int = RankingConfig.ranking_users,
                  env: DistEnv | None = None) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
 
-    Needs the run's shards. With ``env`` (ranks already joined, as `shardmf evaluate
-    --nproc N` does) every rank must call this: each scores its share of the users, as at
-    the end of training, and gets the same figures; None: this one process scores them all.
-    The figures replace the ranking figures in RUN_DIR/metrics.json (rank 0 writes it,
-    atomically; the other figures are kept) and are returned. See
-    `trainer.ranking.ranking_metrics` for the keys.
+    ``max_users``: a seeded sample of about this many test users (0: every one), the same
+    users training evaluated. Needs the run's shards. With ``env`` (ranks already joined,
+    as `shardmf evaluate --nproc N` does) every rank must call this: each scores its share
+    of the users, as at the end of training, and gets the same figures; None: this one
+    process scores them all. The figures replace the ranking figures in
+    RUN_DIR/metrics.json (rank 0 writes it, atomically; the other figures are kept) and
+    are returned. See `trainer.ranking.ranking_metrics` for the keys.
     """
     # Here, not at the top: recommending from a run must not wait for torch to import.
     import torch
@@ -297,7 +299,7 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
         env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
                       device=torch.device("cpu"), backend=None)
     figures = ranking_metrics(model.to(env.device), shards, env, ks=ks, threshold=threshold,
-                              min_item_ratings=min_item_ratings)
+                              min_item_ratings=min_item_ratings, max_users=max_users)
     if env.is_main:
         kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
                 if not is_ranking_key(k)}

@@ -6,7 +6,8 @@ optimizer, and either DDP's all-reduce (inside backward) or a row sync (trainer/
 around the optimizer step. `FusedSGDStep` (trainer/fused_step.py) applies the same SGD
 update in one compiled CPU pass. Both offer the same interface: called
 with (B,) int64 user ids, (B,) int64 item ids and (B,) float32 ratings it returns the
-batch's summed loss (a detached 0-dim tensor); ``sync_bytes`` counts the bytes its sync
+batch's summed loss (a detached 0-dim float64 tensor on the rank's device, or a float
+from the fused CPU step); ``sync_bytes`` counts the bytes its sync
 moved and ``flush()`` brings the replicas level before anyone looks at them.
 """
 
@@ -18,6 +19,7 @@ from trainer.distributed import DistEnv, wrap_model
 from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
 from trainer.model import BiasedMF
+from trainer.optim import Optimizer
 from trainer.shards import ShardSet
 from trainer.sync import PackedSparseSync, PeriodicRowSync
 
@@ -35,14 +37,17 @@ class AutogradStep:
 
     kind = "autograd"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizer,
                  grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float) -> None:
         self.model, self.optimizer, self.grad_sync, self.scale = model, optimizer, grad_sync, scale
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
 
     def __call__(self, users: torch.Tensor, items: torch.Tensor,
                  ratings: torch.Tensor) -> torch.Tensor:
-        loss = self.model(users, items, ratings)
+        device = self.optimizer.param_groups[0]["params"][0].device
+        loss = self.model(users.to(device, non_blocking=True),
+                          items.to(device, non_blocking=True),
+                          ratings.to(device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.scale).backward()
         if self.grad_sync is not None:
@@ -50,7 +55,7 @@ class AutogradStep:
         self.optimizer.step()
         if self.grad_sync is not None:
             self.sync_bytes += self.grad_sync.after_step()
-        return loss.detach()
+        return loss.detach().double()  # float64, as the loop sums every step's loss
 
     def flush(self) -> None:
         """Bring the replicas level (the periodic sync's pending changes); before checkpoints,
@@ -59,7 +64,7 @@ class AutogradStep:
             self.sync_bytes += self.grad_sync.flush()
 
 
-def build_step(choice: str, model: BiasedMF, optimizer: torch.optim.Optimizer,
+def build_step(choice: str, model: BiasedMF, optimizer: Optimizer,
                optimizer_name: str, sync: str, owned: bool, sync_every: int, rank_batch: int,
                env: DistEnv) -> AutogradStep | FusedSGDStep:
     """The run's step for ``--step`` (auto: fused where it applies, trainer/fused_step.py).

