@@ -36,24 +36,25 @@ class SourceOptions:
 
     format: str = field(default="auto", metadata={
         "help": "input layout (auto: from the file names and first lines)", "choices": FORMATS})
-    user_col: str | None = field(default=None, metadata={
+    user_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
         "help": "user id column: name, or 0-based position as digits (default: detected from "
         "the header, e.g. userId, or the layout's first field)"})
-    item_col: str | None = field(default=None, metadata={
+    item_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
         "help": "item id column, as --user-col (default: detected, e.g. movieId, or the "
         "second field)"})
-    rating_col: str | None = field(default=None, metadata={
+    rating_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
         "help": "rating column, as --user-col (default: detected, e.g. rating, or the third "
         "field)"})
-    time_col: str | None = field(default=None, metadata={
+    time_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
         "help": "timestamp column, as --user-col (default: detected, e.g. timestamp, or the "
         "fourth field when there is one; needed by --split temporal and leave-last)"})
-    delimiter: str | None = field(default=None, metadata={
+    delimiter: str | None = field(default=None, metadata={"metavar": "SEP",
         "help": "field separator of text files (default: detected from the first lines)"})
     header: bool | None = field(default=None, metadata={
         "help": "whether text files start with a header line (default: detected: a "
         "non-numeric rating field means a header)"})
-    encoding: str = field(default="utf-8", metadata={"help": "text encoding of the inputs"})
+    encoding: str = field(default="utf-8", metadata={
+        "metavar": "CODEC", "help": "text encoding of the inputs"})
     storage_options: dict = field(default_factory=dict, metadata={
         "help": "passed to fsspec (s3 keys, ...)"})
 
@@ -85,10 +86,10 @@ class PrepareConfig:
     rating_range: tuple[float, float] | None = field(default=None, metadata={
         "help": "the rating scale, e.g. 1,5 (default: the layout's, e.g. MovieLens 1-5, "
         "else the lowest and highest rating in the data)"})
-    items: str | None = field(default=None, metadata={
+    items: str | None = field(default=None, metadata={"metavar": "FILE",
         "help": "item metadata file (titles, genres) (default: a MovieLens file beside the "
         "ratings when there is one, else none)"})
-    genre_sep: str | None = field(default=None, metadata={
+    genre_sep: str | None = field(default=None, metadata={"metavar": "SEP",
         "help": "separator of genres in --items (default: detected, e.g. |)"})
     duplicates: str = field(default="error", metadata={
         "help": "repeated (user, item) pairs: stop, keep the last, or average them",

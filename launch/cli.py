@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = command("cluster", _cluster, "Re-run the rank-0 post-step on a finished run: "
                       "K-Means on item embeddings, scores against genres, report.")
     cluster.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    cluster.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+    cluster.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N",
                          help="K-Means and baseline seed (default: the run's)")
     add_cluster_arguments(cluster, skippable=False)
     cluster.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend = command("recommend", _recommend, "The items a user would rate highest, by "
                         "the trained model (original ids; seen items excluded).")
     recommend.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    recommend.add_argument("--user", required=True, help="original user id")
-    recommend.add_argument("-n", type=positive_int, default=10, help="how many items (default: 10)")
+    recommend.add_argument("--user", required=True, metavar="ID", help="original user id")
+    recommend.add_argument("-n", type=positive_int, default=10, metavar="N",
+                           help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
     recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
@@ -219,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "one item's (cosine similarity).")
     similar.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     which = similar.add_mutually_exclusive_group(required=True)
-    which.add_argument("--item", help="original item id")
-    which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
-    similar.add_argument("-n", type=positive_int, default=10, help="how many items (default: 10)")
+    which.add_argument("--item", metavar="ID", help="original item id")
+    which.add_argument("--title", metavar="WORDS",
+                       help="title text (exact, else the most-rated containing it)")
+    similar.add_argument("-n", type=positive_int, default=10, metavar="N",
+                         help="how many items (default: 10)")
     similar.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
                          metavar="N", help="leave out items with fewer training ratings "
                          f"(default: {MIN_ITEM_RATINGS})")
@@ -240,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on 2 processes; prints test RMSE against a bias-only baseline and NMI.")
     demo.add_argument("--out", default="demo-run", metavar="DIR",
                       help="folder for the raw data, shards and run (default: demo-run)")
-    demo.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
+    demo.add_argument("--nproc", type=positive_int, default=2, metavar="N",
+                      help="training processes (default: 2)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 

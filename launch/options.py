@@ -25,9 +25,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                          skip: tuple[str, ...] = (), title: str | None = None) -> None:
     """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS).
 
-    Help and choices come from the field's metadata. A field another config of the same
-    command already added (``seed`` of prepare and training) keeps one flag, whose help
-    then says what else it drives.
+    Help, choices and the value's name in usage (``metavar``) come from the field's
+    metadata. A field another config of the same command already added (``seed`` of
+    prepare and training) keeps one flag, whose help then says what else it drives.
     """
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
@@ -52,7 +52,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                                default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
-                               help=text, metavar=_metavar(kind))
+                               help=text, metavar=item.metadata.get("metavar", _metavar(kind)))
 
 
 def flag_help(item: dataclasses.Field) -> str:

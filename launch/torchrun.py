@@ -31,11 +31,12 @@ class TorchrunOptions:
     nproc: int = field(default=1, metadata={"help": "training processes on this node (ranks)"})
     nnodes: int = field(
         default=1, metadata={"help": "nodes taking part; each runs this same command"})
-    rdzv_endpoint: str | None = field(default=None, metadata={
+    rdzv_endpoint: str | None = field(default=None, metadata={"metavar": "HOST:PORT",
         "help": "HOST:PORT every node can reach (c10d rendezvous) (default: none: a "
         "standalone job on this node; needed with --nnodes above 1)"})
     rdzv_id: str = field(
-        default="shardmf", metadata={"help": "job id shared by the nodes of one run"})
+        default="shardmf", metadata={
+            "metavar": "ID", "help": "job id shared by the nodes of one run"})
     max_restarts: int = field(default=0, metadata={
         "help": "restarts of all ranks after a failure; they resume from the checkpoint"})
 

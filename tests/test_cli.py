@@ -60,6 +60,8 @@ def test_every_flag_of_every_command_explains_itself() -> None:
             assert action.help and action.help.strip(), f"{where}: no help"
             assert "(default: None)" not in action.help, f"{where}: says (default: None)"
             assert "FORMATS" not in action.help, f"{where}: a placeholder in its help"
+            if action.option_strings and action.nargs != 0 and action.choices is None:
+                assert action.metavar, f"{where}: its value shows as {action.dest.upper()}"
         text = sub.format_help()
         assert " TEXT" not in text, f"{name}: a bare TEXT placeholder"
 
