@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask
@@ -40,6 +40,12 @@ import pyarrow.parquet as pq
 from dask.system import CPU_COUNT
 from tqdm.dask import TqdmCallback
 
+from data_shards.config import (
+    MIN_SHARDS,
+    TRAIN_ROWS_PER_SHARD,
+    USER_PARTITION_RATINGS,
+    PrepareConfig,
+)
 from data_shards.errors import InputError
 from data_shards.metadata import read_item_metadata
 from data_shards.outputs import is_write_fault, no_interrupts, output_folder
@@ -59,9 +65,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
-DUPLICATE_POLICIES = ("error", "last", "mean")
-TRAIN_ROWS_PER_SHARD = 2_000_000  # auto shard count: enough shards to keep each this small
-MIN_SHARDS = 8
 # Page checksums let a reader find a damaged page as it reads it
 # (page_checksum_verification=True); bench/verify_cost.md measures their cost.
 SHARD_WRITE_OPTIONS = {"compression": "snappy", "write_page_checksum": True}
@@ -70,81 +73,9 @@ _MIX_ORDER = np.uint64(0xD1B54A32D192ED03)
 _MIX_USER = np.uint64(0x8CB92BA72F3D8DD7)
 
 
-SPLIT_METHODS = ("random", "temporal", "leave-last")
-PARTITION_SCHEMES = ("auto", "user", "random")
-# auto: by user from this many ratings, so several ranks can own their users (the trainer's
-# large-set threshold, trainer/defaults.py); below it one process is the faster choice and a
-# random partition mixes every user into every row group (ML-100K: test RMSE 0.9067 against
-# 0.9068 by user, from the data order alone).
-USER_PARTITION_RATINGS = 1_000_000
-BAD_ROW_POLICIES = ("error", "skip")
 MAX_REJECT_EXAMPLES = 1000
 # The ``given`` column of pre-split inputs: -1 (main input: the split method decides), 1, 2.
 GIVEN_CODES = {"train": -1, "val": 1, "test": 2}
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrepareConfig:
-    """How ratings become shards; every field has a CLI flag of the same name."""
-
-    val_fraction: float = field(default=0.05, metadata={
-        "help": "share of ratings for validation (random and temporal splits)"})
-    test_fraction: float = field(
-        default=0.05, metadata={"help": "share of ratings for test (random and temporal splits)"})
-    seed: int = field(
-        default=0, metadata={"help": "drives the split, the shard assignment and the row order"})
-    num_shards: int | None = field(default=None, metadata={
-        "help": "train shards (val/test get as many) (default: one per "
-        f"{TRAIN_ROWS_PER_SHARD:,} training ratings, at least {MIN_SHARDS})"})
-    row_group_size: int = field(
-        default=65_536, metadata={"help": "rows per Parquet row group: the unit a rank streams"})
-    rating_range: tuple[float, float] | None = field(default=None, metadata={
-        "help": "the rating scale, e.g. 1,5 (default: the layout's, e.g. MovieLens 1-5, "
-        "else the lowest and highest rating in the data)"})
-    items: str | None = field(default=None, metadata={
-        "help": "item metadata file (titles, genres) (default: a MovieLens file beside the "
-        "ratings when there is one, else none)"})
-    genre_sep: str | None = field(default=None, metadata={
-        "help": "separator of genres in --items (default: detected, e.g. |)"})
-    duplicates: str = field(default="error", metadata={
-        "help": "repeated (user, item) pairs: stop, keep the last, or average them",
-        "choices": DUPLICATE_POLICIES})
-    split: str = field(default="random", metadata={
-        "help": "random (by hash), temporal (latest overall to val/test) or leave-last "
-        "(per user)", "choices": SPLIT_METHODS})
-    leave_last: int = field(default=1, metadata={
-        "help": "leave-last: each user's latest N ratings to test, the N before to val"})
-    partition_by: str = field(default="auto", metadata={
-        "help": "shard of a rating: user (all of a user's in one, so ranks own their users) "
-        "or random (by pair) (default: auto, by user from 1M ratings, else random)",
-        "choices": PARTITION_SCHEMES})
-    on_bad_rows: str = field(default="error", metadata={
-        "help": "error: stop at the first bad row; skip: drop, count and list them in "
-        "rejects.csv", "choices": BAD_ROW_POLICIES})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
-
-    def __post_init__(self) -> None:
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise InputError(f"--{name.replace('_', '-')} {value}: expected 0 <= x < 1")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise InputError(f"--val-fraction {self.val_fraction} plus --test-fraction "
-                             f"{self.test_fraction} leave no training ratings")
-        if self.num_shards is not None and self.num_shards < 1:
-            raise InputError(f"--num-shards {self.num_shards}: expected at least 1")
-        if self.row_group_size < 1:
-            raise InputError(f"--row-group-size {self.row_group_size}: expected at least 1")
-        if self.rating_range is not None and not self.rating_range[0] < self.rating_range[1]:
-            raise InputError(f"--rating-range {self.rating_range}: expected MIN < MAX")
-        for flag, value, allowed in (("duplicates", self.duplicates, DUPLICATE_POLICIES),
-                                     ("split", self.split, SPLIT_METHODS),
-                                     ("partition-by", self.partition_by, PARTITION_SCHEMES),
-                                     ("on-bad-rows", self.on_bad_rows, BAD_ROW_POLICIES)):
-            if value not in allowed:
-                raise InputError(f"--{flag} {value!r}: expected one of {', '.join(allowed)}")
-        if self.leave_last < 1:
-            raise InputError(f"--leave-last {self.leave_last}: expected at least 1")
 
 
 @dataclass(frozen=True)

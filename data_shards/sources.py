@@ -16,7 +16,7 @@ import io
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import dask.dataframe as dd
@@ -24,14 +24,11 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from data_shards.config import SourceOptions
 from data_shards.errors import InputError
 from data_shards.metadata import normalise_name
 
 LOGICAL_COLUMNS = ("user", "item", "rating", "timestamp")
-FORMATS = (
-    "auto", "movielens-100k", "movielens-dat", "movielens-csv", "shardmf-synth",
-    "csv", "tsv", "parquet",
-)
 # Published scales; a declared scale turns an out-of-range rating into an error.
 MOVIELENS_SCALES = {"movielens-100k": (1.0, 5.0), "movielens-dat": (0.5, 5.0),
                     "movielens-csv": (0.5, 5.0)}
@@ -48,43 +45,6 @@ DELIMITER_CANDIDATES = ("::", "\t", ",", ";", "|")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 TEXT_BLOCKSIZE = 64 * 2**20
 UNIX_EPOCH = pd.Timestamp(0, tz="UTC")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SourceOptions:
-    """What the user said about the input; everything left None is detected."""
-
-    format: str = field(default="auto", metadata={
-        "help": "input layout (auto: from the file names and first lines)", "choices": FORMATS})
-    user_col: str | None = field(default=None, metadata={
-        "help": "user id column: name, or 0-based position as digits (default: detected from "
-        "the header, e.g. userId, or the layout's first field)"})
-    item_col: str | None = field(default=None, metadata={
-        "help": "item id column, as --user-col (default: detected, e.g. movieId, or the "
-        "second field)"})
-    rating_col: str | None = field(default=None, metadata={
-        "help": "rating column, as --user-col (default: detected, e.g. rating, or the third "
-        "field)"})
-    time_col: str | None = field(default=None, metadata={
-        "help": "timestamp column, as --user-col (default: detected, e.g. timestamp, or the "
-        "fourth field when there is one; needed by --split temporal and leave-last)"})
-    delimiter: str | None = field(default=None, metadata={
-        "help": "field separator of text files (default: detected from the first lines)"})
-    header: bool | None = field(default=None, metadata={
-        "help": "whether text files start with a header line (default: detected: a "
-        "non-numeric rating field means a header)"})
-    encoding: str = field(default="utf-8", metadata={"help": "text encoding of the inputs"})
-    storage_options: dict = field(default_factory=dict, metadata={
-        "help": "passed to fsspec (s3 keys, ...)"})
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise InputError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError as e:
-            raise InputError(f"--encoding {self.encoding!r}: not an encoding Python knows "
-                             "(e.g. utf-8, latin-1)") from e
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from dask.callbacks import Callback
 from tqdm import tqdm
 
+from data_shards.config import SynthConfig
 from data_shards.outputs import output_folder
 from data_shards.prepare import tasks_end_before_cleanup
 
@@ -77,56 +78,6 @@ _TIME_END = 1_672_531_200  # 2023-01-01
 _ACTIVE_DAYS_MEDIAN = 60.0  # median span of one user's rating activity, days
 _ACTIVE_DAYS_SIGMA = 1.5
 _SCORE_CHUNK_ROWS = 1 << 18  # bounds the (rows, latent_dim) temporaries
-
-
-@dataclass(frozen=True, kw_only=True)
-class SynthConfig:
-    """Size and shape of a synthetic rating set; the same config gives the same bytes."""
-
-    num_users: int = field(default=6_000, metadata={"help": "users in the world, ids 1..num_users"})
-    num_items: int = field(default=2_000, metadata={"help": "items in the world, ids 1..num_items"})
-    num_ratings: int = field(default=600_000, metadata={
-        "help": "target number of ratings (repeats removed, may end slightly lower)"})
-    num_genres: int = field(default=8, metadata={"help": "planted genres, one per item"})
-    latent_dim: int = field(
-        default=16, metadata={"help": "dimension of the planted taste/genre space"})
-    noise: float = field(
-        default=0.4, metadata={"help": "std of rating noise before rounding to stars"})
-    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
-    rows_per_file: int = field(default=2_000_000, metadata={
-        "help": "upper bound on rows per Parquet file (one Dask task each)"})
-
-    def __post_init__(self) -> None:
-        for name in ("num_users", "num_items", "num_ratings", "num_genres", "latent_dim"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("rows_per_file", self.rows_per_file, minimum=1)
-        if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)):
-            raise ValueError(f"noise must be a number of stars, got {self.noise!r}")
-        if not (math.isfinite(self.noise) and self.noise >= 0):
-            raise ValueError(f"noise must be finite and >= 0 stars, got {self.noise!r}")
-        if self.num_genres > self.num_items:
-            raise ValueError(
-                f"num_genres={self.num_genres} exceeds num_items={self.num_items}: "
-                "every genre needs at least one item"
-            )
-        capacity = self.num_users * self.max_ratings_per_user
-        if self.num_ratings > capacity:
-            raise ValueError(
-                f"num_ratings={self.num_ratings:,} exceeds num_users * max ratings per user "
-                f"({self.num_users:,} * {self.max_ratings_per_user:,} = {capacity:,}); "
-                "lower num_ratings or raise num_users or num_items"
-            )
-        if self.rows_per_file < 2 * self.max_ratings_per_user:
-            raise ValueError(
-                f"rows_per_file={self.rows_per_file:,} is below twice the max ratings per user "
-                f"(2 * {self.max_ratings_per_user:,}); one user's ratings must fit in one file"
-            )
-
-    @property
-    def max_ratings_per_user(self) -> int:
-        """Half the items: denser users would need most of the catalogue drawn without repeats."""
-        return max(1, self.num_items // 2)
 
 
 @dataclass(frozen=True)
@@ -250,13 +201,6 @@ def _synthesize_into(tmp_dir: Path, out_dir: Path, config: SynthConfig) -> Synth
         num_items=num_items,
         files=[out_dir / "ratings" / name for name in names],
     )
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def _genre_names(num_genres: int) -> list[str]:

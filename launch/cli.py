@@ -24,17 +24,40 @@ import sys
 import time
 from pathlib import Path
 
+from data_shards.config import PrepareConfig, SourceOptions, SynthConfig
+from data_shards.movielens import RELEASES, fetch_movielens, movielens_path
 from launch.dask_cluster import dask_client
 from launch.options import (
     add_cluster_arguments,
     add_config_arguments,
+    add_evaluate_arguments,
     add_train_arguments,
     add_training_config_arguments,
     apply_config_file,
+    positive_int,
 )
-from launch.torchrun import TorchrunOptions, add_launch_arguments, launch_training
-from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig, config_from_values
-from trainer.run_files import CLUSTERS, CONFIG, FINAL_METRICS, REPORT_HTML, REPORT_MD, SHARDS_DIR
+from launch.torchrun import (
+    TorchrunOptions,
+    add_launch_arguments,
+    launch_evaluation,
+    launch_training,
+)
+from trainer.config import (
+    EXPORT_FORMATS,
+    MIN_ITEM_RATINGS,
+    RUN_CONFIGS,
+    config_from_values,
+    post_step_config,
+)
+from trainer.run_files import (
+    CLUSTERS,
+    CONFIG,
+    FINAL_METRICS,
+    REPORT_HTML,
+    REPORT_MD,
+    SHARDS_DIR,
+    read_json,
+)
 
 log = logging.getLogger("shardmf")
 EXIT_USAGE = 2
@@ -44,9 +67,8 @@ PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Only the command at hand gets its flags ("": none, for --help and --version alone).
     command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser(only=command)
+    parser = build_parser()
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -87,24 +109,23 @@ def print_error(text: str) -> None:
         tqdm.tqdm.write(text, file=sys.stderr)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command, with the flags of all of them (``only`` None) or of ``only`` alone.
+def build_parser() -> argparse.ArgumentParser:
+    """Every command with its flags; only light modules are imported to build them.
 
-    Commands whose flags come from data_shards' configs import Dask to build them; building
-    only the command at hand keeps ``--help`` and the small commands free of that.
+    The flags come from the configs' field metadata (``trainer.config``,
+    ``data_shards.config``), which import nothing heavy: ``--help`` and the small commands
+    never load Dask, torch, scikit-learn or matplotlib (tests/test_cli.py checks it).
     """
     parser = argparse.ArgumentParser(
         prog="shardmf", description="Matrix factorisation on rating sets too large for one "
         "process: Dask shards, torch.distributed training, item clusters.")
     parser.add_argument("--version", action="version", version=f"shardmf {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build_all = only is None
 
     def command(name: str, handler, text: str) -> argparse.ArgumentParser:
-        """The subparser of ``name``; a detached one when its flags are not needed."""
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler, progress_bars=name in PROGRESS_BAR_COMMANDS)
-        return sub if build_all or name == only else argparse.ArgumentParser(add_help=False)
+        return sub
 
     prepare = command("prepare", _prepare, "Read ratings with Dask, validate them, encode "
                       "ids, split train/val/test and write Parquet shards plus a manifest.")
@@ -113,8 +134,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="SHARDS_DIR",
                          help="folder for the shards and manifest.json (must not exist, or "
                          "be empty, unless --overwrite)")
-    if build_all or only == "prepare":
-        _add_prepare_arguments(prepare)
+    _add_prepare_arguments(prepare)
 
     verify = command("verify", _verify, "Check the manifest against itself and every "
                      "shard file against the manifest: sizes, rows, row groups, id ranges "
@@ -144,7 +164,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cluster = command("cluster", _cluster, "Re-run the rank-0 post-step on a finished run: "
                       "K-Means on item embeddings, scores against genres, report.")
     cluster.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    cluster.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+    cluster.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N",
                          help="K-Means and baseline seed (default: the run's)")
     add_cluster_arguments(cluster, skippable=False)
     cluster.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -160,45 +180,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                      "command's flags (snake or kebab case; nproc and the other launch flags "
                      "included, but not --config, --out or the inputs); flags given here win")
     run.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    if build_all or only == "run":
-        _add_prepare_arguments(run)
-        add_training_config_arguments(run)
-        add_cluster_arguments(run)
-        add_launch_arguments(run)
+    _add_prepare_arguments(run)
+    add_training_config_arguments(run)
+    add_cluster_arguments(run)
+    add_launch_arguments(run)
 
     synth = command("synth", _synth, "Generate a MovieLens-shaped rating set with planted "
                     "genres (Parquet ratings, items.csv), deterministic for a seed.")
     synth.add_argument("--out", required=True, metavar="RAW_DIR",
                        help="folder for the ratings (Parquet), items.csv and synth.json")
     synth.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    if build_all or only == "synth":
-        from data_shards.synth import SynthConfig
-
-        add_config_arguments(synth, SynthConfig, title="synthetic data")
-        _add_dask_arguments(synth)
+    add_config_arguments(synth, SynthConfig, title="synthetic data")
+    _add_dask_arguments(synth)
 
     evaluate = command("evaluate", _evaluate, "Ranking figures of a finished run on its test "
                        "split (precision, recall, NDCG, MAP, hit rate, coverage at k) beside "
-                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Runs in "
-                       "one process and needs the run's shards.")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    default_ks = RankingConfig.ranking_ks
-    evaluate.add_argument("--k", type=_positive, nargs="+", default=list(default_ks),
-                          metavar="K", help="list lengths (default: "
-                          f"{' '.join(map(str, default_ks))})")
-    evaluate.add_argument("--threshold", type=float, metavar="RATING",
-                          help="a test rating at or above this is relevant (default: 75 %% "
-                          "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
-    evaluate.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
-                          help="recommend only items with at least N training ratings, as "
-                          "`recommend` does with 20 (default: 0, every item)")
+                       f"a most-popular baseline; merged into RUN_DIR/{FINAL_METRICS}. Needs "
+                       "the run's shards.")
+    add_evaluate_arguments(evaluate)
+    evaluate.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                          help="local processes (ranks) that share the users, as in training "
+                          "(default: 1, this process)")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     recommend = command("recommend", _recommend, "The items a user would rate highest, by "
                         "the trained model (original ids; seen items excluded).")
     recommend.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    recommend.add_argument("--user", required=True, help="original user id")
-    recommend.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
+    recommend.add_argument("--user", required=True, metavar="ID", help="original user id")
+    recommend.add_argument("-n", type=positive_int, default=10, metavar="N",
+                           help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
                            help="keep items the user rated in training")
     recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
@@ -210,9 +220,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                       "one item's (cosine similarity).")
     similar.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     which = similar.add_mutually_exclusive_group(required=True)
-    which.add_argument("--item", help="original item id")
-    which.add_argument("--title", help="title text (exact, else the most-rated containing it)")
-    similar.add_argument("-n", type=_positive, default=10, help="how many items (default: 10)")
+    which.add_argument("--item", metavar="ID", help="original item id")
+    which.add_argument("--title", metavar="WORDS",
+                       help="title text (exact, else the most-rated containing it)")
+    similar.add_argument("-n", type=positive_int, default=10, metavar="N",
+                         help="how many items (default: 10)")
     similar.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
                          metavar="N", help="leave out items with fewer training ratings "
                          f"(default: {MIN_ITEM_RATINGS})")
@@ -231,7 +243,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    "on 2 processes; prints test RMSE against a bias-only baseline and NMI.")
     demo.add_argument("--out", default="demo-run", metavar="DIR",
                       help="folder for the raw data, shards and run (default: demo-run)")
-    demo.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
+    demo.add_argument("--nproc", type=positive_int, default=2, metavar="N",
+                      help="training processes (default: 2)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -245,17 +258,7 @@ def _version() -> str:
         return "(not installed; run from a source tree)"
 
 
-def _positive(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
-    return number
-
-
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    from data_shards import PrepareConfig, SourceOptions
-    from data_shards.movielens import RELEASES
-
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--val-input", nargs="+", default=[], metavar="FILE",
                         help="already-split validation ratings, used as given (same layout "
@@ -292,21 +295,13 @@ def _add_dask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(values: dict) -> int:
-    from data_shards import PrepareConfig, SourceOptions
-
     values = apply_config_file(values, (PrepareConfig, SourceOptions))
     _prepare_from_values(values["inputs"], Path(values["out"]), values)
     return 0
 
 
 def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
-    from data_shards import (
-        PrepareConfig,
-        SourceOptions,
-        fetch_movielens,
-        movielens_path,
-        prepare,
-    )
+    from data_shards.prepare import prepare
 
     storage = dict(_key_value(kv) for kv in values.get("storage_option", []))
     source = config_from_values(SourceOptions, {**values, "storage_options": storage})
@@ -354,8 +349,6 @@ def _export_split(values: dict) -> int:
 
 
 def _train(values: dict) -> int:
-    from trainer.config import RUN_CONFIGS
-
     values = apply_config_file(values, (*RUN_CONFIGS, TorchrunOptions))
     return launch_training(values["shards_dir"], values["out"], values,
                            TorchrunOptions.from_values(values))
@@ -363,7 +356,6 @@ def _train(values: dict) -> int:
 
 def _cluster(values: dict) -> int:
     from trainer import cluster_run
-    from trainer.config import post_step_config
 
     run_dir = Path(values["run_dir"])
     if "seed" not in values:
@@ -379,9 +371,6 @@ def _cluster(values: dict) -> int:
 
 
 def _run(values: dict) -> int:
-    from data_shards import PrepareConfig, SourceOptions
-    from trainer.config import RUN_CONFIGS
-
     values = apply_config_file(values, (PrepareConfig, SourceOptions, *RUN_CONFIGS,
                                         TorchrunOptions))
     out = Path(values["out"])
@@ -392,7 +381,7 @@ def _run(values: dict) -> int:
 
 
 def _synth(values: dict) -> int:
-    from data_shards.synth import SynthConfig, synthesize
+    from data_shards.synth import synthesize
 
     with dask_client(values.get("dask_scheduler"), values.get("workers")):
         summary = synthesize(values["out"], config_from_values(SynthConfig, values))
@@ -402,8 +391,8 @@ def _synth(values: dict) -> int:
 
 
 def _demo(values: dict) -> int:
-    from data_shards import PrepareConfig, prepare
-    from data_shards.synth import SynthConfig, synthesize
+    from data_shards.prepare import prepare
+    from data_shards.synth import synthesize
     from trainer.defaults import LARGE_SET
 
     out = Path(values["out"])
@@ -415,8 +404,9 @@ def _demo(values: dict) -> int:
         prepare([str(raw)], shards, PrepareConfig(overwrite=True))
     # The large-set recipe, though the demo's 600k ratings are below its threshold: it
     # learns the planted world in ~18 epochs (test RMSE 0.517), where the small-set
-    # recipe takes ~130 (0.511) and the demo over a minute.
-    code = launch_training(str(shards), str(run), dict(LARGE_SET),
+    # recipe takes ~130 (0.511) and the demo over a minute. A second `make demo` replaces
+    # the run, as it does the shards.
+    code = launch_training(str(shards), str(run), {**LARGE_SET, "overwrite": True},
                            TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
@@ -434,17 +424,18 @@ def _demo(values: dict) -> int:
 
 
 def _evaluate(values: dict) -> int:
-    from trainer import evaluate_run
     from trainer.ranking import METRICS, POPULAR_PREFIX
 
-    figures = evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
-                           values["min_item_ratings"])
-    print(f"ranking on the test split of {values['run_dir']}: {figures['ranking_users']:,} "
-          f"users with a rating >= {figures['ranking_threshold']:g}")
+    code = launch_evaluation(values, TorchrunOptions(nproc=values["nproc"]))
+    if code:
+        return code
+    metrics = read_json(Path(values["run_dir"]) / FINAL_METRICS)
+    print(f"ranking on the test split of {values['run_dir']}: {metrics['ranking_users']:,} "
+          f"users with a rating >= {metrics['ranking_threshold']:g}")
     print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
     for k in sorted(set(values["k"])):
         for name in (*METRICS, "coverage"):
-            model, popular = figures[f"{name}@{k}"], figures[f"{POPULAR_PREFIX}{name}@{k}"]
+            model, popular = metrics[f"{name}@{k}"], metrics[f"{POPULAR_PREFIX}{name}@{k}"]
             print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
     print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
           f"{values['run_dir']}` redraws the report with them")
@@ -459,17 +450,17 @@ def _recommend(values: dict) -> int:
     from trainer import load_run
 
     run = load_run(values["run_dir"])
-    table = run.recommend(values["user"], values["n"], exclude_seen=not values["include_seen"],
-                          min_item_ratings=values["min_item_ratings"])
-    high = run.scale[1]
-    clipped = bool((table["score"] > high).any())
+    top, scores = run.top_items(values["user"], values["n"],
+                                exclude_seen=not values["include_seen"],
+                                min_item_ratings=values["min_item_ratings"])
+    low, high = run.scale
+    clipped = bool((scores > high).any())
     note = (f"; ≥{high:.2f}: above the scale's top, with the unclipped score that orders "
             "them" if clipped else "")
-    print(f"top {len(table)} for user {values['user']} (predicted rating{note}):")
-    for row in table.itertuples():
-        rating = (f"≥{high:.2f} ({row.score:.2f})" if row.score > high
-                  else f"{row.predicted_rating:4.2f}")
-        print(f"  {rating:<14} {_label(row)}")
+    print(f"top {len(top)} for user {values['user']} (predicted rating{note}):")
+    for item_id, score in zip(top, scores):
+        rating = f"≥{high:.2f} ({score:.2f})" if score > high else f"{max(score, low):4.2f}"
+        print(f"  {rating:<14} {_label(run.item_fields(item_id))}")
     return 0
 
 
@@ -478,18 +469,18 @@ def _similar(values: dict) -> int:
 
     run = load_run(values["run_dir"])
     item = values["item"] if values["item"] is not None else run.find_item(values["title"])
-    anchor = run.items.iloc[run.item_id(item)]
-    print(f"items most similar to {_label(anchor)} (cosine similarity):")
-    for row in run.similar_items(item, values["n"], values["min_item_ratings"]).itertuples():
-        print(f"  {row.similarity:5.3f}  {_label(row)}")
+    print(f"items most similar to {_label(run.item_fields(run.item_id(item)))} "
+          "(cosine similarity):")
+    top, cosine = run.nearest_items(item, values["n"], values["min_item_ratings"])
+    for item_id, similarity in zip(top, cosine):
+        print(f"  {similarity:5.3f}  {_label(run.item_fields(item_id))}")
     return 0
 
 
-def _label(row) -> str:
-    title = row.title if isinstance(row.title, str) else None
-    genres = f"  [{row.genres.replace('|', ', ')}]" if isinstance(row.genres, str) else ""
-    return f"{title} (id {row.original_item_id}){genres}" if title else (
-        f"item {row.original_item_id}{genres}")
+def _label(item: dict) -> str:
+    title, genres, original = item.get("title"), item.get("genres"), item["original_item_id"]
+    genres = f"  [{genres.replace('|', ', ')}]" if isinstance(genres, str) else ""
+    return f"{title} (id {original}){genres}" if title else f"item {original}{genres}"
 
 
 def _export(values: dict) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tomllib
 
-from trainer.config import TRAIN_CONFIGS, ClusterConfig
+from trainer.config import TRAIN_CONFIGS, ClusterConfig, RankingConfig
 from trainer.errors import InputError
 
 
@@ -25,9 +25,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                          skip: tuple[str, ...] = (), title: str | None = None) -> None:
     """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS).
 
-    Help and choices come from the field's metadata. A field another config of the same
-    command already added (``seed`` of prepare and training) keeps one flag, whose help
-    then says what else it drives.
+    Help, choices and the value's name in usage (``metavar``) come from the field's
+    metadata. A field another config of the same command already added (``seed`` of
+    prepare and training) keeps one flag, whose help then says what else it drives.
     """
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
@@ -52,7 +52,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                                default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(flag, type=_parser_for(kind), default=argparse.SUPPRESS,
-                               help=text, metavar=_metavar(kind))
+                               help=text, metavar=item.metadata.get("metavar", _metavar(kind)))
 
 
 def flag_help(item: dataclasses.Field) -> str:
@@ -199,3 +199,29 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, skippable: bool = Tru
     add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
                          title="item clusters (--clusters 0 skips them)" if skippable
                          else "item clusters")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `shardmf evaluate`, which its ranks parse too (launch/train_entry.py)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    default_ks = RankingConfig.ranking_ks
+    parser.add_argument("--k", type=positive_int, nargs="+", default=list(default_ks),
+                        metavar="K", help="list lengths (default: "
+                        f"{' '.join(map(str, default_ks))})")
+    parser.add_argument("--threshold", type=float, metavar="RATING",
+                        help="a test rating at or above this is relevant (default: 75 %% "
+                        "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
+    parser.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
+                        help="recommend only items with at least N training ratings, as "
+                        "`recommend` does with 20 (default: 0, every item)")
+    default_users = RankingConfig.ranking_users
+    parser.add_argument("--users", type=int, default=default_users, metavar="N",
+                        help="a seeded sample of about N test users, the same as training's "
+                        f"(default: {default_users:,}; 0: every user)")
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
+    return number

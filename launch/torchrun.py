@@ -1,8 +1,9 @@
-"""Start training: in this process for one rank, or through torchrun for several.
+"""Start training or evaluation: in this process for one rank, or with torchrun for several.
 
-``torchrun --nproc-per-node=N -m trainer`` is what runs underneath, so anything this
-module does can be done by hand; it adds checks before the start (so a bad flag or a
-missing shard is one message, not one per rank) and a short report when a rank fails.
+``torchrun --nproc-per-node=N -m trainer`` (``-m launch.evaluate_entry`` for `shardmf
+evaluate`) is what runs underneath, so anything this module does can be done by hand; it
+adds checks before training starts (so a bad flag or a missing shard is one message, not
+one per rank) and a short report when a rank fails.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ class TorchrunOptions:
     nproc: int = field(default=1, metadata={"help": "training processes on this node (ranks)"})
     nnodes: int = field(
         default=1, metadata={"help": "nodes taking part; each runs this same command"})
-    rdzv_endpoint: str | None = field(default=None, metadata={
+    rdzv_endpoint: str | None = field(default=None, metadata={"metavar": "HOST:PORT",
         "help": "HOST:PORT every node can reach (c10d rendezvous) (default: none: a "
         "standalone job on this node; needed with --nnodes above 1)"})
     rdzv_id: str = field(
-        default="shardmf", metadata={"help": "job id shared by the nodes of one run"})
+        default="shardmf", metadata={
+            "metavar": "ID", "help": "job id shared by the nodes of one run"})
     max_restarts: int = field(default=0, metadata={
         "help": "restarts of all ranks after a failure; they resume from the checkpoint"})
 
@@ -80,10 +82,27 @@ def launch_training(shards_dir: str, run_dir: str, values: dict,
         from launch.train_entry import main as train_main
 
         return train_main(trainer_args)
-    return _torchrun(trainer_args, options)
+    return _torchrun("trainer", trainer_args, options, "training")
 
 
-def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
+def launch_evaluation(values: dict, options: TorchrunOptions) -> int:
+    """`shardmf evaluate`: ranking figures of a finished run, computed by ``options.nproc``
+    local ranks (each scores its share of the users, as at the end of training) and merged
+    into RUN_DIR/metrics.json by rank 0; returns the exit status (2 for a user error)."""
+    args = [values["run_dir"], "--k", *map(str, values["k"]),
+            "--min-item-ratings", str(values["min_item_ratings"]), "--users", str(values["users"])]
+    if values["threshold"] is not None:
+        args += ["--threshold", str(values["threshold"])]
+    if options.nproc == 1 and options.nnodes == 1:
+        from launch.train_entry import evaluate_main
+
+        return evaluate_main(args)
+    return _torchrun("launch.evaluate_entry", args, options, "evaluation")
+
+
+def _torchrun(module: str, module_args: list[str], options: TorchrunOptions,
+              what: str) -> int:
+    """Run ``python -m module module_args`` on every rank; ``what`` names it in errors."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -96,7 +115,7 @@ def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
         where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={options.rdzv_endpoint}",
                  f"--rdzv-id={options.rdzv_id}"]
     args = [f"--nnodes={options.nnodes}", f"--nproc-per-node={options.nproc}", *where,
-            f"--max-restarts={options.max_restarts}", "--module", "trainer", *trainer_args]
+            f"--max-restarts={options.max_restarts}", "--module", module, *module_args]
     # Threads are set per rank by the trainer; this only silences torchrun's warning.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # A failure is reported below in one line (its rank printed the details): torchrun's own
@@ -123,9 +142,9 @@ def _torchrun(trainer_args: list[str], options: TorchrunOptions) -> int:
         ranks = ", ".join(str(rank) for rank, _ in failed)
         codes = ", ".join(str(code) for _, code in failed)
         if len(failed) == 1:
-            raise RuntimeError(f"training failed on rank {ranks} (exit code {codes}); its "
+            raise RuntimeError(f"{what} failed on rank {ranks} (exit code {codes}); its "
                                "error is printed above") from None
-        raise RuntimeError(f"training failed on ranks {ranks} (exit codes {codes}); their errors "
+        raise RuntimeError(f"{what} failed on ranks {ranks} (exit codes {codes}); their errors "
                            "are printed above, and the first is the cause (a rank that loses "
                            "its peer fails too)") from None
     return 0

@@ -1,7 +1,8 @@
-"""The training entry point, unchanged under one process or torchrun.
+"""The ranks' entry points (training, and evaluation), unchanged under one process or torchrun.
 
     python -m trainer SHARDS_DIR --out RUN_DIR                        # one process
     torchrun --nproc-per-node=2 -m trainer SHARDS_DIR --out RUN_DIR   # two ranks
+    torchrun --nproc-per-node=2 -m launch.evaluate_entry RUN_DIR      # `evaluate --nproc 2`
 
 Rank 0 logs and writes; the others stay quiet unless they fail. After training every
 rank leaves the process group and rank 0 alone clusters the item embeddings. Rank 0 holds
@@ -22,7 +23,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,7 +31,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from launch.options import add_cluster_arguments, add_train_arguments, apply_config_file
+from launch.options import (
+    add_cluster_arguments,
+    add_evaluate_arguments,
+    add_train_arguments,
+    apply_config_file,
+)
 from trainer.config import (
     RUN_CONFIGS,
     ModelConfig,
@@ -48,6 +54,7 @@ from trainer.distributed import (
     teardown,
 )
 from trainer.errors import InputError
+from trainer.run import evaluate_run
 from trainer.run_files import claim_run_folder
 from trainer.train import train
 
@@ -75,15 +82,36 @@ def build_parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
 
 @record
 def main(argv: list[str] | None = None) -> int:
+    return _as_rank(lambda: apply_config_file(vars(build_parser().parse_args(argv)),
+                                              RUN_CONFIGS), _run)
+
+
+def build_evaluate_parser(prog: str = "python -m launch.evaluate_entry"
+                          ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="One rank of `shardmf evaluate --nproc N`: ranking figures of "
+        "a finished run, each rank scoring its share of the users (run under torchrun).")
+    add_evaluate_arguments(parser)
+    return parser
+
+
+@record
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """One rank of `shardmf evaluate` (in the launcher's process when there is one rank)."""
+    return _as_rank(lambda: vars(build_evaluate_parser().parse_args(argv)), _evaluate)
+
+
+def _as_rank(parse: Callable[[], dict], work: Callable[[dict, int], int]) -> int:
+    """Parse, then ``work(values, rank)``, with what every rank needs around it: ending with
+    the launcher, SIGTERM as Ctrl-C, one line per error, quiet deaths by signal."""
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     if under_torchrun:
         _end_with_parent()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)
-    parser = build_parser()
     rank = int(os.environ.get("RANK", 0))
     try:
-        values = apply_config_file(vars(parser.parse_args(argv)), RUN_CONFIGS)
+        values = parse()
     except InputError as e:
         return _fail(e, rank)
     debug = values.pop("debug", False)
@@ -91,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             with logging_redirect_tqdm():  # log lines above rank 0's progress bar, never on it
-                return _run(values, rank)
+                return work(values, rank)
         except RuntimeError as e:
             if not (under_torchrun and _lost_peer(e)):
                 raise
@@ -166,6 +194,17 @@ def _run(values: dict, rank: int) -> int:
             from trainer.post_step import cluster_run
 
             cluster_run(values["out"], post)
+    return 0
+
+
+def _evaluate(values: dict, rank: int) -> int:
+    env = init_distributed(timeout_s=TrainConfig.timeout_s)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        evaluate_run(values["run_dir"], tuple(values["k"]), values["threshold"],
+                     values["min_item_ratings"], values["users"], env=env)
+    finally:
+        teardown()
     return 0
 
 

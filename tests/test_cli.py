@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 
 from launch.cli import main
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+       "OMP_NUM_THREADS": "1"}
 COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", "recommend", "similar",
             "export", "export-split", "verify", "evaluate")
 
@@ -56,6 +60,8 @@ def test_every_flag_of_every_command_explains_itself() -> None:
             assert action.help and action.help.strip(), f"{where}: no help"
             assert "(default: None)" not in action.help, f"{where}: says (default: None)"
             assert "FORMATS" not in action.help, f"{where}: a placeholder in its help"
+            if action.option_strings and action.nargs != 0 and action.choices is None:
+                assert action.metavar, f"{where}: its value shows as {action.dest.upper()}"
         text = sub.format_help()
         assert " TEXT" not in text, f"{name}: a bare TEXT placeholder"
 
@@ -69,6 +75,31 @@ def test_version_and_top_level_help(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     assert "evaluate" in capsys.readouterr().out
+
+
+# What a user waits for: a call that only prints help or looks into a run must not import
+# these (seconds on 2 cores). A behaviour test; the timings are in the report, never here.
+HEAVY_MODULES = ("dask", "distributed", "torch", "sklearn", "matplotlib", "pandas", "numba")
+
+
+def _heavy_modules_after(calls: list[list[str]]) -> list[str]:
+    """The heavy modules a fresh interpreter holds after running ``main`` on each argv."""
+    code = ("import contextlib, io, json, sys\n"
+            "from launch.cli import main\n"
+            f"for argv in {calls!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        assert main(argv) == 0, argv\n"
+            "loaded = {m.split('.')[0] for m in sys.modules}\n"
+            f"print(json.dumps(sorted(loaded & {set(HEAVY_MODULES)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_help_and_version_import_nothing_heavy() -> None:
+    calls = [["--help"], ["--version"], *([command, "--help"] for command in COMMANDS)]
+    assert _heavy_modules_after(calls) == []
 
 
 @pytest.mark.parametrize(("content", "expected"), [
@@ -164,6 +195,13 @@ def test_recommend_and_similar_print_titles(trained_run: Path,
     assert all("Horror" in line for line in out[1:])
 
 
+def test_recommend_and_similar_import_nothing_heavy(trained_run: Path) -> None:
+    run = str(trained_run)
+    assert _heavy_modules_after([["recommend", run, "--user", "3"],
+                                 ["similar", run, "--title", "Film 1"],
+                                 ["verify", str(trained_run / "shards")]]) == []
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["recommend", "--user", "999"], "user '999' is not in"),
     (["similar", "--item", "12345"], "item '12345' is not in"),
@@ -214,6 +252,25 @@ def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
     assert "relevance threshold 9" in capsys.readouterr().err
     assert json.loads(path.read_text()) == merged
     path.write_text(json.dumps(trained))  # as training left it, for the other tests
+
+
+@pytest.mark.distributed
+def test_evaluate_on_two_ranks_gives_the_figures_of_one(trained_run: Path,
+                                                        tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # its shards inside: RUN_DIR/shards
+    figures = {}
+    for nproc in ("1", "2"):
+        done = subprocess.run([sys.executable, "-m", "launch.cli", "evaluate", str(run),
+                               "--k", "5", "10", "--min-item-ratings", "5", "--nproc", nproc],
+                              env=ENV, capture_output=True, text=True, timeout=200)
+        assert done.returncode == 0, done.stderr
+        assert "ndcg@5" in done.stdout
+        metrics = json.loads((run / "metrics.json").read_text())
+        figures[nproc] = {key: value for key, value in metrics.items()
+                          if "@" in key or key.startswith("ranking_")}
+    assert figures["1"]["ranking_users"] > 20 and figures["1"]["ndcg@10"] > 0
+    assert figures["2"] == pytest.approx(figures["1"], rel=1e-9)
 
 
 def test_export_writes_embeddings_with_original_ids(trained_run: Path, tmp_path: Path) -> None:
@@ -281,7 +338,11 @@ def test_permission_denied_in_train_and_export_is_one_line(trained_run: Path,
 @pytest.mark.parametrize(("package", "forbidden"), [("data_shards", "torch"),
                                                     ("trainer", "dask")])
 def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> None:
-    code = (f"import sys, {package}; "
+    # every module of the package: its __init__ imports its names on first use only
+    folder = Path(__file__).parents[1] / package
+    modules = sorted(f"{package}.{path.stem}" for path in folder.glob("*.py")
+                     if path.stem != "__main__")
+    code = (f"import sys, {', '.join(modules)}; "
             f"sys.exit(1 if any(m == '{forbidden}' or m.startswith('{forbidden}.') "
             "for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
