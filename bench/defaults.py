@@ -12,7 +12,12 @@ other, so every round sees the same machine. Spark ALS and Surprise SVD run once
 The synthetic sets are `shardmf synth` worlds (100k users, 20k items, Zipf-like item
 popularity, lognormal user activity); synth-5m has rating noise 0.8, synth-10m the
 default 0.4. ML-100K is read from ../shared/data/ml-100k when present (never copied into
-the repository), else skipped with a note.
+the repository), else skipped with a note. `--filmtrust FILE` adds FilmTrust's ratings
+(35,497 half-star ratings on 0.5-4, 1,508 users x 2,071 items, the sparse trust-network
+kind of set where a bias-only model is hard to beat; e.g. the four ratings_*.txt of
+LibRec's data/filmtrust/rating, concatenated; three pairs are rated twice, so it is
+prepared with `--duplicates mean`). `--reuse-slow-peers` keeps ALS and Surprise results
+already in the work folder (they take minutes and do not change with shardmf).
 
 LIBMF (k 32, 20 iterations, 2 threads) is built outside the repository from its public
 sources with its own Makefile (SSE and OpenMP on): `--libmf` names that folder. Training
@@ -54,7 +59,8 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def prepare(name: str, work: Path, log: Path) -> tuple[Path, Path] | None:
+def prepare(name: str, work: Path, log: Path,
+            filmtrust: Path | None = None) -> tuple[Path, Path] | None:
     """Shards (prepare's defaults) and the exported split, made once per work folder."""
     shards, split = work / name / "shards", work / name / "split"
     if (split / "test.tsv").is_file():
@@ -63,6 +69,10 @@ def prepare(name: str, work: Path, log: Path) -> tuple[Path, Path] | None:
         if not (ML100K / "u.data").is_file():
             return None
         source = [str(ML100K / "u.data"), "--items", str(ML100K / "items.tsv")]
+    elif name == "filmtrust":
+        if filmtrust is None or not filmtrust.is_file():
+            return None
+        source = [str(filmtrust), "--duplicates", "mean"]
     else:
         ratings, noise, seed = SYNTH[name]
         raw = work / name / "raw"
@@ -83,6 +93,7 @@ def shardmf_row(shards: Path, run_dir: Path, nproc: int, log: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     return {"test_rmse": metrics["test_rmse"], "train_seconds": metrics["train_seconds"],
+            "baseline_test_rmse": metrics["baseline_test_rmse"],
             "ratings_per_s": metrics["train_ratings_per_s"], "epochs": metrics["epochs"],
             "best_epoch": metrics["best_epoch"], "process_seconds": round(process_s, 2),
             "chosen": config.get("chosen_from_data"), "step": config.get("step"),
@@ -90,9 +101,10 @@ def shardmf_row(shards: Path, run_dir: Path, nproc: int, log: Path) -> dict:
 
 
 def peer_row(python: str, script: str, split: Path, out: Path, log: Path,
-             *extra: str) -> dict:
-    run([python, str(BENCH / "peers" / script), "--split", str(split), "--out", str(out),
-         *extra], log)
+             *extra: str, reuse: bool = False) -> dict:
+    if not (reuse and out.is_file()):
+        run([python, str(BENCH / "peers" / script), "--split", str(split), "--out", str(out),
+             *extra], log)
     result = json.loads(out.read_text())
     return {"test_rmse": result["test_rmse"], "train_seconds": result["train_seconds"]}
 
@@ -129,6 +141,9 @@ def render(results: dict) -> str:
             lines.append(f"| {LABELS.get(key, key)} | {row['test_rmse']:.4f} | "
                          f"{row['train_seconds']:.1f} | {each} |")
         one, two = rows.get("shardmf-1"), rows.get("shardmf-2")
+        if one:
+            lines += ["", "Bias-only baseline (global mean + regularised user and item "
+                      f"biases, shardmf's): test RMSE {one['runs'][0]['baseline_test_rmse']:.4f}."]
         if one and two:
             speed = [b["ratings_per_s"] / a["ratings_per_s"]
                      for a, b in zip(one["runs"], two["runs"])]
@@ -150,6 +165,10 @@ def main() -> None:
                         help="sets on which ALS and Surprise run (once each)")
     parser.add_argument("--work", type=Path, default=BENCH / "_work" / "defaults")
     parser.add_argument("--out", type=Path, default=BENCH / "defaults.json")
+    parser.add_argument("--filmtrust", type=Path, help="FilmTrust's ratings file (adds the "
+                        "filmtrust set; name it in --datasets)")
+    parser.add_argument("--reuse-slow-peers", action="store_true",
+                        help="keep ALS and Surprise results already in the work folder")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite bench/defaults.md from --out and stop")
     args = parser.parse_args()
@@ -161,9 +180,10 @@ def main() -> None:
     results = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                "datasets": {}}
     for name in args.datasets.split(","):
-        made = prepare(name, args.work, log)
+        made = prepare(name, args.work, log, args.filmtrust)
         if made is None:
-            results["datasets"][name] = {"skipped": f"{ML100K} not found"}
+            missing = args.filmtrust if name == "filmtrust" else ML100K
+            results["datasets"][name] = {"skipped": f"{missing} not found"}
             continue
         shards, split = made
         rows: dict[str, list[dict]] = {"shardmf-1": [], "shardmf-2": [], "libmf": []}
@@ -181,11 +201,13 @@ def main() -> None:
         if args.peers_python and name in args.slow_peers.split(","):
             summary["spark-als"] = peer_row(args.peers_python, "peer_spark_als.py", split,
                                             args.work / name / "als.json", log,
-                                            "--params", json.dumps(ALS_PARAMS))
+                                            "--params", json.dumps(ALS_PARAMS),
+                                            reuse=args.reuse_slow_peers)
             summary["surprise-svd"] = peer_row(args.peers_python, "peer_surprise.py", split,
                                                args.work / name / "surprise.json", log,
                                                "--algo", "svd", "--params",
-                                               json.dumps(SURPRISE_PARAMS))
+                                               json.dumps(SURPRISE_PARAMS),
+                                               reuse=args.reuse_slow_peers)
         results["datasets"][name] = summary
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
