@@ -131,7 +131,7 @@ def run_mf_ref(binary: str, prefetch: int, ratings: int) -> float:
 def speed(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = BiasedMF(*ML25M_TABLES, 3.5, ModelConfig(dim=64))
+    model = BiasedMF(*ML25M_TABLES, 3.5, ModelConfig(reg=0.05, dim=64))
     optimizer = RowSGD(model.parameters(), lr=SMALL_SET["lr"])
     fused = FusedSGDStep(model, optimizer, load_fused_kernel())
     per_rating = FusedSGDStep(model, optimizer, per_rating_sgd)

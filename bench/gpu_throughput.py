@@ -116,7 +116,7 @@ def synchronize(device: torch.device) -> None:
 def build_step(mode: str, num_users: int, num_items: int, dim: int, batch: int,
                env: DistEnv) -> AutogradStep:
     """The trainer's model, optimizer and step, as `trainer.train` builds them per mode."""
-    model = BiasedMF(num_users, num_items, 3.5, ModelConfig(dim=dim),
+    model = BiasedMF(num_users, num_items, 3.5, ModelConfig(reg=0.05, dim=dim),
                      sparse=mode == "sparse")
     model.to(env.device)
     optimizer = build_optimizer(model, OptimConfig(lr=LR_TIMES_BATCH / batch))

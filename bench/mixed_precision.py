@@ -88,7 +88,7 @@ def main() -> None:
     keep_freed_memory()
     torch.manual_seed(0)
     num_users, num_items = args.tables
-    model = BiasedMF(num_users, num_items, 3.5, ModelConfig(dim=args.dim, init_std=0.1))
+    model = BiasedMF(num_users, num_items, 3.5, ModelConfig(reg=0.05, dim=args.dim, init_std=0.1))
     optimizer = RowSGD(model.parameters(), lr=0.003)
     gen = torch.Generator().manual_seed(0)
 

@@ -78,7 +78,7 @@ def main() -> None:
         if args.command == "scale":
             torch.manual_seed(0)
             model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
-                             ModelConfig(dim=args.dim, init_std=0.1))
+                             ModelConfig(reg=0.05, dim=args.dim, init_std=0.1))
         before, _ = resident_mib()
         started = time.perf_counter()
         result = ranking_metrics(model, shards, env, ks=args.k,

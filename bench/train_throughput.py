@@ -146,7 +146,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         else:
             (num_users, num_items), mean = tables, 3.5
         torch.manual_seed(0)
-        model_config = ModelConfig(dim=dim)
+        model_config = ModelConfig(reg=0.05, dim=dim)
         train_config = TrainConfig(batch_size=rank_batch * env.world_size, seed=0,
                                    gradients=gradients, threads=1, prefetch=prefetch)
         model = BiasedMF(num_users, num_items, mean, model_config,

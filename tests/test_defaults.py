@@ -53,7 +53,7 @@ def test_values_given_by_the_user_are_never_replaced() -> None:
                         backend="gloo")
     assert (resolved.model.dim, resolved.optim.lr, resolved.train.patience) == (16, 0.5, 0)
     assert resolved.train.sync_every == 4
-    assert set(resolved.chosen) == {"lr_decay", "min_delta", "prefetch"}
+    assert set(resolved.chosen) == {"reg", "lr_decay", "min_delta", "prefetch"}
 
 
 def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:

@@ -32,11 +32,11 @@ NUM_USERS, NUM_ITEMS = 30, 20
 def _twins(seed: int = 0, dim: int = 8) -> tuple[BiasedMF, BiasedMF]:
     """Two identical models with non-zero biases (so every term of the update counts)."""
     torch.manual_seed(seed)
-    reference = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(dim=dim, init_std=0.3))
+    reference = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(reg=0.05, dim=dim, init_std=0.3))
     with torch.no_grad():
         reference.user_bias.weight.normal_(std=0.5)
         reference.item_bias.weight.normal_(std=0.5)
-    fused = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(dim=dim, init_std=0.3))
+    fused = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(reg=0.05, dim=dim, init_std=0.3))
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 
@@ -131,7 +131,7 @@ def test_without_numba_one_warning_and_the_autograd_step(
         with caplog.at_level(logging.WARNING, logger="trainer.fused_step"):
             single = DistEnv(0, 0, 1, 1, CPU, None)
             settings = {"epochs": 2, "patience": 0, "batch_size": 256, "threads": 1}
-            metrics = train(trainer_shards_dir, tmp_path / "run", ModelConfig(dim=8),
+            metrics = train(trainer_shards_dir, tmp_path / "run", ModelConfig(reg=0.05, dim=8),
                             OptimConfig(lr=0.01), TrainConfig(**settings), single)
             assert resolve_step("auto", optimizer="sgd", device=CPU,
                                 per_step_sync=False) == "autograd"

@@ -185,7 +185,7 @@ def _model(shards: ShardSet) -> BiasedMF:
     training popularity, so the seen-item exclusion and the ranking both matter."""
     torch.manual_seed(7)
     model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
-                     ModelConfig(dim=8, init_std=0.3))
+                     ModelConfig(reg=0.05, dim=8, init_std=0.3))
     counts = np.bincount(_ratings(shards, "train")["item_id"], minlength=shards.num_items)
     with torch.no_grad():
         model.item_bias.weight[:, 0] = torch.from_numpy(np.log1p(counts) * 0.5)
@@ -326,7 +326,7 @@ def _distributed_job(env: DistEnv, replicated_dir: str, owned_dir: str, out: str
     ownership = user_ownership(shards, env)
     full = _model(shards)
     owned = BiasedMF(len(ownership.users), shards.num_items, shards.train_mean,
-                     ModelConfig(dim=8))
+                     ModelConfig(reg=0.05, dim=8))
     state = full.state_dict()
     rows = torch.from_numpy(ownership.users)
     state["user_factors.weight"] = state["user_factors.weight"][rows]

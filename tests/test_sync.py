@@ -84,7 +84,7 @@ def _grad_job(env: DistEnv, out: str) -> None:
     for optimizer_name in ("sgd", "adagrad"):
         for mode in ("ddp", "packed", *PERIODIC):
             torch.manual_seed(0)
-            model = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(dim=8), sparse=True)
+            model = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(reg=0.05, dim=8), sparse=True)
             optimizer = build_optimizer(model, OptimConfig(optimizer=optimizer_name, lr=0.01))
             if mode == "ddp":
                 step_model, scale, sync = wrap_model(model, env), 2.0, None
@@ -193,7 +193,7 @@ def test_resolve_sync() -> None:
 
 def test_single_process_packed_sync_is_a_no_op() -> None:
     env = DistEnv(0, 0, 1, 1, torch.device("cpu"), None)
-    model = BiasedMF(5, 4, 3.0, ModelConfig(dim=2), sparse=True)
+    model = BiasedMF(5, 4, 3.0, ModelConfig(reg=0.05, dim=2), sparse=True)
     model(torch.tensor([0, 0, 3]), torch.tensor([1, 2, 1]), torch.tensor([4.0, 2.0, 1.0])
           ).backward()
     tables = [p for group in sparse_tables(model) for p in group]

@@ -414,7 +414,7 @@ def test_eval_batches_cover_rows_in_order(tmp_path: Path) -> None:
 
 def small_model(sparse: bool = True, **config) -> BiasedMF:
     torch.manual_seed(0)
-    return BiasedMF(6, 4, 3.5, ModelConfig(dim=3, **config), sparse=sparse)
+    return BiasedMF(6, 4, 3.5, ModelConfig(**{"reg": 0.05, "dim": 3, **config}), sparse=sparse)
 
 
 @pytest.mark.parametrize("size", [1, 5])
@@ -541,7 +541,7 @@ def test_evaluate_known_rmse_and_mae(tmp_path: Path) -> None:
                              "item_id": pa.array([0, 1, 0, 1], pa.int64()),
                              "rating": pa.array([1.0, 2.0, 4.0, 5.0], pa.float32())}), path)
     pieces = [Piece(path, 0, 4)]
-    model = BiasedMF(4, 2, 3.0, ModelConfig(dim=2))
+    model = BiasedMF(4, 2, 3.0, ModelConfig(reg=0.05, dim=2))
     with torch.no_grad():
         model.user_factors.weight.zero_()  # predictions are exactly the global mean
     config = TrainConfig(eval_batch_size=3)  # two evaluation batches
@@ -579,7 +579,7 @@ def run_train(shards: Path, run: Path, **options) -> dict:
 def test_a_diverging_loss_is_one_clear_error(trainer_shards_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower --lr "
                                          r"\(now 1e\+06\)"):
-        train(trainer_shards_dir, tmp_path / "run", ModelConfig(dim=8, init_std=1.0),
+        train(trainer_shards_dir, tmp_path / "run", ModelConfig(reg=0.05, dim=8, init_std=1.0),
               OptimConfig(lr=1e6), TrainConfig(**SMALL, epochs=1), SINGLE)
 
 
@@ -616,7 +616,8 @@ def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path:
     assert metrics["epochs"] == best["epoch"] + 1
     assert metrics["val_rmse"] == best["val_rmse"]
     shards = open_shards(trainer_shards_dir)
-    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, ModelConfig(dim=8))
+    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
+                     ModelConfig(reg=0.05, dim=8))
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
     rmse, _ = evaluate(model, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
     assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)
@@ -729,7 +730,7 @@ def test_entry_point_error_lines_per_rank(capsys) -> None:
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: ModelConfig(dim=0), "--dim 0: expected at least 1"),
+    (lambda: ModelConfig(reg=0.05, dim=0), "--dim 0: expected at least 1"),
     (lambda: ModelConfig(reg=-1.0), "--reg -1.0: expected >= 0"),
     (lambda: OptimConfig(optimizer="rmsprop"), "--optimizer 'rmsprop': expected sgd"),
     (lambda: OptimConfig(lr=0.0), "--lr 0.0: expected a finite number > 0"),
@@ -827,7 +828,7 @@ def test_fresh_run_removes_a_stale_checkpoint(trainer_shards_dir: Path, tmp_path
     (run / "checkpoint.pt").write_bytes(b"an older run's")
     crashing = DistEnv(**{**SINGLE.__dict__, "test_fault": TestFault("raise", 0, 1)})
     with pytest.raises(RuntimeError, match="injected"):
-        train(trainer_shards_dir, run, ModelConfig(dim=8), OptimConfig(),
+        train(trainer_shards_dir, run, ModelConfig(reg=0.05, dim=8), OptimConfig(),
               TrainConfig(**SMALL, epochs=1), crashing)
     assert not (run / "checkpoint.pt").exists()
 

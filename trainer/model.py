@@ -27,6 +27,9 @@ class BiasedMF(nn.Module):
     def __init__(self, num_users: int, num_items: int, global_mean: float,
                  config: ModelConfig, sparse: bool = True) -> None:
         super().__init__()
+        if config.dim is None or config.reg is None:
+            raise ValueError("ModelConfig.dim and .reg must be set: resolve the automatic "
+                             "ones first (trainer.defaults.resolve_defaults)")
         self.config = config
         # Items and users draw from generators of their own, seeded from the global RNG
         # before any table exists: ranks that own different numbers of users still start
