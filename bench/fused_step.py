@@ -50,8 +50,10 @@ ML25M_TABLES = (162_541, 59_047)
 
 @numba.njit(cache=True, fastmath=False, nogil=True)
 def per_rating_sgd(users, items, ratings, user_factors, item_factors, user_bias, item_bias,
-                   mean, lr, reg, bias_reg, old_users, old_items, old_biases, errors):
-    """LIBMF/Surprise semantics: each rating updates its rows at once (scratch unused).
+                   mean, lr, reg, bias_reg, old_users, old_items, old_biases, errors,
+                   touched_users, touched_items):
+    """LIBMF/Surprise semantics: each rating updates its rows at once (scratch and row
+    flags unused: one process only).
 
     Same signature as trainer.fused_step's kernel, so FusedSGDStep can run it.
     """

@@ -60,7 +60,8 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
               item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
               old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
-              errors: np.ndarray) -> float:
+              errors: np.ndarray, touched_users: np.ndarray,
+              touched_items: np.ndarray) -> float:
     """One batch's summed-gradient SGD step, in place; returns the batch's summed loss.
 
     Pass 1 copies every rating's rows into the (B, d) scratch buffers before anything
@@ -74,12 +75,16 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     misses of several ratings; with the dot product in the same loop, its serial sum
     held each rating's misses back (1.2-1.5x slower, bench/fused_step.md).
     Rows are indexed as ``table[row, j]``: a row view would cost reference counting.
+    Pass 3 also flags the rows it changes for the periodic row sync (trainer/sync.py), which
+    costs nothing there against a per-step indexed store from Python.
 
     Args:
         users, items: (B,) int64 row ids; ratings: (B,) float32.
         user_factors, item_factors: (rows, d) float32 tables; user_bias, item_bias: (rows,).
         old_users, old_items: (>= B, d) float32 scratch; old_biases: (>= B, 2) float32;
             errors: (>= B,) float32 scratch.
+        touched_users, touched_items: (rows,) bool flags set for every row changed, or
+            empty arrays where nothing is tracked.
     """
     count = len(ratings)
     dim = user_factors.shape[1]
@@ -88,6 +93,7 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     decay = np.float32(2.0 * reg)
     bias_decay = np.float32(2.0 * bias_reg)
     two = np.float32(2.0)
+    flag_users, flag_items = len(touched_users) > 0, len(touched_items) > 0
     for b in range(count):
         if b + PREFETCH_AHEAD < count:
             prefetch_row(user_factors, users[b + PREFETCH_AHEAD])
@@ -123,4 +129,8 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
             item_factors[item, j] += step * (old_items[b, j] * decay + gradient * old_users[b, j])
         user_bias[user] += step * (gradient + bias_decay * old_biases[b, 0])
         item_bias[item] += step * (gradient + bias_decay * old_biases[b, 1])
+        if flag_users:
+            touched_users[user] = True
+        if flag_items:
+            touched_items[item] = True
     return squared_error + reg * squared_rows + bias_reg * squared_biases

@@ -45,9 +45,10 @@ def load_fused_kernel() -> Callable | None:
         ids = np.zeros(1, dtype=np.int64)
         table = np.zeros((1, 1), dtype=np.float32)
         column = np.zeros(1, dtype=np.float32)
+        untracked = np.zeros(0, dtype=np.bool_)
         kernel(ids, ids, column, table, table.copy(), column.copy(), column.copy(), 0.0,
                0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
-               column.copy())
+               column.copy(), untracked, untracked)
     except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
         log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
                     "autograd step (install numba>=0.59 for the fused one)",
@@ -121,6 +122,12 @@ class FusedSGDStep:
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
         self.user_factors, self.item_factors = (t.detach().numpy() for t in tables[:2])
         self.user_bias, self.item_bias = (t.detach().numpy().reshape(-1) for t in tables[2:])
+        # The sync's per-row "changed" flags, as numpy views the kernel sets (empty: none
+        # kept); the sync clears them in place after each exchange.
+        flags = [t.numpy() for t in grad_sync.touched] if grad_sync is not None else []
+        untracked = np.zeros(0, dtype=np.bool_)
+        self.touched_users = flags[0] if flags and not owned else untracked
+        self.touched_items = flags[-1] if flags else untracked
         self.mean = float(model.global_mean)
         self.reg, self.bias_reg = model.config.reg, model.config.bias_reg
         self.kernel = kernel
@@ -146,10 +153,9 @@ class FusedSGDStep:
             users.numpy(), items.numpy(), ratings.numpy(), self.user_factors,
             self.item_factors, self.user_bias, self.item_bias, self.mean,
             self.optimizer.param_groups[0]["lr"], self.reg, self.bias_reg, self.old_users,
-            self.old_items, self.old_biases, self.errors)
+            self.old_items, self.old_biases, self.errors, self.touched_users,
+            self.touched_items)
         if self.grad_sync is not None:
-            # ids per sync group, in the order of steps.item_tables / steps.sparse_tables
-            self.grad_sync.note_touched((items,) if self.owned else (users, items))
             self.sync_bytes += self.grad_sync.after_step()
         return loss
 

@@ -240,6 +240,9 @@ class PeriodicRowSync:
                          for g, dense in zip(self.groups, self.dense) if not dense]
         self.exchange = RowExchange(sparse_widths, env)
         self.snapshots = [[p.detach().clone() for p in group] for group in self.groups]
+        # Per group, the rows changed since the last exchange: set by after_backward, or by
+        # the fused kernel itself (trainer/fused_kernel.py) through numpy views, so they are
+        # cleared in place, never replaced.
         self.touched = [torch.zeros(g[0].shape[0], dtype=torch.bool, device=g[0].device)
                         for g in self.groups]
         self.env, self.every, self.pending = env, every, 0
@@ -251,17 +254,6 @@ class PeriodicRowSync:
             if grad is not None:
                 touched[grad._indices()[0]] = True
         return 0
-
-    def note_touched(self, ids: Sequence[torch.Tensor]) -> None:
-        """Mark rows changed since the last exchange: (n,) int64 ids per group, in order.
-
-        The fused step (trainer/fused_step.py) changes rows in place without gradients,
-        so it passes its batch's ids here instead of calling ``after_backward``; it runs on
-        the CPU only.
-        """
-        for group_ids, touched in zip(ids, self.touched):
-            # numpy's indexed store is ~5x cheaper than torch's index_put_ per step
-            touched.numpy()[group_ids.numpy()] = True
 
     def after_step(self) -> int:
         self.pending += 1
