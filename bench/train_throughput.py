@@ -115,7 +115,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
 
     from trainer.checkpoint import TrainState
     from trainer.config import ModelConfig, OptimConfig, TrainConfig
-    from trainer.data import TrainBatches, steps_per_epoch, train_loader
+    from trainer.data import RowGroupReader, TrainBatches, steps_per_epoch, train_loader
     from trainer.distributed import all_reduce, init_distributed, keep_freed_memory, teardown
     from trainer.model import BiasedMF
     from trainer.optim import build_optimizer
@@ -129,14 +129,15 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
     env = init_distributed("cpu", "gloo", 300)
     try:
         warm = 3
-        local_rows = None
+        reader = RowGroupReader()
         if tables is None:
             shards = open_shards(shards_dir, "none")
             num_users, num_items, mean = shards.num_users, shards.num_items, shards.train_mean
             pieces = pieces_for_rank(shards.pieces("train"), env.rank, env.world_size)
             if users == "owned":
                 ownership = user_ownership(shards, env)
-                pieces, local_rows = ownership.pieces(shards, "train"), ownership.local_rows
+                pieces = ownership.pieces(shards, "train")
+                reader = RowGroupReader(ownership.local_rows)
                 num_users = len(ownership.users)
             # The loop and the two timed passes each cut one epoch's plan (epochs 0, 1, 2):
             # each needs its steps without wrapping around the rank's ratings.
@@ -160,7 +161,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         loop_s = None
         if tables is None:  # 1. The real loop, over the first `steps` batches of epoch 0.
             started = time.perf_counter()
-            TrainEpoch(step, pieces, rank_batch, steps, train_config, env, local_rows)(
+            TrainEpoch(step, pieces, rank_batch, steps, train_config, env, reader)(
                 0, TrainState())
             loop_s = all_reduce([time.perf_counter() - started], env, "max")[0]
 
@@ -169,7 +170,7 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
         def timed(sync_now: bool, epoch: int) -> dict:
             if tables is None:
                 data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank,
-                                    local_rows=local_rows)
+                                    reader=reader)
                 loader = train_loader(data, 0, False, prefetch)
             else:
                 loader = random_batches(num_users, num_items, rank_batch,

@@ -13,6 +13,7 @@ from test_sync import spawn_ranks
 from trainer.checkpoint import TrainState
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.defaults import (
+    CACHE_SHARE_OF_MEMORY,
     EXCHANGE_EVERY_RATINGS,
     LARGE_SET,
     LARGE_SET_RATINGS,
@@ -44,7 +45,7 @@ def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe:
     assert resolved.train.patience == recipe["patience"]
     assert resolved.train.min_delta == recipe["min_delta"]
     assert resolved.train.sync_every == 1  # one process exchanges nothing
-    assert resolved.chosen == {**recipe, "sync_every": 1, "prefetch": 4}
+    assert resolved.chosen == {**recipe, "sync_every": 1, "prefetch": 4, "cache_mb": 0}
     assert f"{ratings:,} training ratings" in resolved.reason
 
 
@@ -53,7 +54,7 @@ def test_values_given_by_the_user_are_never_replaced() -> None:
                         backend="gloo")
     assert (resolved.model.dim, resolved.optim.lr, resolved.train.patience) == (16, 0.5, 0)
     assert resolved.train.sync_every == 4
-    assert set(resolved.chosen) == {"reg", "lr_decay", "min_delta", "prefetch"}
+    assert set(resolved.chosen) == {"reg", "lr_decay", "min_delta", "prefetch", "cache_mb"}
 
 
 def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:
@@ -78,6 +79,16 @@ def test_batches_are_cut_ahead_only_with_a_spare_core() -> None:
                             backend="gloo", spare_core=False)
     assert busy.train.prefetch == 0 and _resolve(10).train.prefetch == 4
     assert _resolve(10, prefetch=2).train.prefetch == 2
+
+
+def test_decoded_ratings_are_kept_within_a_share_of_the_machine_memory() -> None:
+    model, optim, train = ModelConfig(), OptimConfig(), TrainConfig()
+    resolved = resolve_defaults(model, optim, train, train_ratings=10, world_size=2,
+                                backend="gloo", memory_per_rank=12 * 2**30)
+    assert resolved.train.cache_mb == 12 * 1024 // CACHE_SHARE_OF_MEMORY
+    given = resolve_defaults(model, optim, TrainConfig(cache_mb=0), train_ratings=10,
+                             world_size=1, backend=None, memory_per_rank=12 * 2**30)
+    assert given.train.cache_mb == 0 and "cache_mb" not in given.chosen
 
 
 def test_a_second_rank_pays_only_with_enough_ratings_per_rank() -> None:

@@ -35,6 +35,7 @@ from trainer.config import (
     config_from_values,
 )
 from trainer.data import (
+    RowGroupReader,
     TrainBatches,
     eval_batches,
     localise_users,
@@ -315,6 +316,27 @@ def test_batches_deterministic_per_seed_and_epoch(tmp_path: Path) -> None:
         changed = row_ids(batches(TrainBatches(pieces, 50, 6, **other)))
         assert changed != one, other
         assert sorted(changed) == list(range(300)), other
+
+
+def test_row_groups_within_the_budget_are_decoded_once(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    pieces = write_pieces(path, [100, 60, 140])
+    row_bytes = 8 + 8 + 4  # int64 user and item, float32 rating
+    reader = RowGroupReader(budget_bytes=160 * row_bytes)
+    for piece in pieces:  # kept first come, first served: the first two row groups
+        reader(piece)
+    assert reader.kept_bytes == 160 * row_bytes
+    plain = [batches(TrainBatches(pieces, 50, 6, seed=3, epoch=e, rank=0)) for e in (0, 1)]
+    kept = [batches(TrainBatches(pieces, 50, 6, seed=3, epoch=e, rank=0, reader=reader))
+            for e in (0, 1)]
+    for epoch_plain, epoch_kept in zip(plain, kept):  # the same batches, epoch after epoch
+        assert all(torch.equal(a, b) for x, y in zip(epoch_plain, epoch_kept)
+                   for a, b in zip(x, y))
+    # Kept row groups are no longer read; the one beyond the budget is, every time.
+    path.unlink()
+    assert np.array_equal(reader(pieces[1])[0], np.arange(100, 160))
+    with pytest.raises(ValueError, match="row group 2"):
+        reader(pieces[2])
 
 
 def test_every_rating_once_when_steps_fill_the_epoch(tmp_path: Path) -> None:

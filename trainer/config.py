@@ -122,6 +122,10 @@ class TrainConfig:
     prefetch: int | None = field(default=None, metadata={
         "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself) "
         "(default: 4 when a core is spare for the thread, else 0)"})
+    cache_mb: int | None = field(default=None, metadata={
+        "help": "MiB of decoded ratings a rank keeps in memory between epochs; row groups "
+        "beyond it are read again each epoch (0: read every epoch) (default: 1/8 of the "
+        "machine's memory, shared by its ranks)"})
     verify: str = field(default="quick", metadata={
         "help": "check shards against the manifest: quick (sizes, rows), full (also "
         "SHA-256), none", "choices": VERIFY_MODES})
@@ -155,6 +159,8 @@ class TrainConfig:
         _check(self.threads >= 0, "threads", self.threads, ">= 0")
         _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
         _check(self.prefetch is None or self.prefetch >= 0, "prefetch", self.prefetch,
+               ">= 0")
+        _check(self.cache_mb is None or self.cache_mb >= 0, "cache_mb", self.cache_mb,
                ">= 0")
         _check(self.verify in VERIFY_MODES, "verify", self.verify, " | ".join(VERIFY_MODES))
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")

@@ -45,7 +45,13 @@ from trainer.checkpoint import (
     save_owned_model,
 )
 from trainer.config import ModelConfig, OptimConfig, RankingConfig, TrainConfig
-from trainer.data import TrainBatches, eval_batches, steps_per_epoch, train_loader
+from trainer.data import (
+    RowGroupReader,
+    TrainBatches,
+    eval_batches,
+    steps_per_epoch,
+    train_loader,
+)
 from trainer.defaults import ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
 from trainer.errors import InputError
@@ -57,13 +63,14 @@ from trainer.ranking import ranking_metrics, relevance_threshold
 from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step, use_sparse_gradients
-from trainer.sync import resolve_sync
+from trainer.sync import PeriodicRowSync, resolve_sync
 
 log = logging.getLogger(__name__)
 
-# Ratings a rank trains between finite-loss checks. Each check is a collective all ranks
-# wait at (and syncs a GPU): at 64 steps of 512 ratings, two CPU ranks spent more time
-# waiting for each other there than in the row exchanges.
+# Ratings a rank trains between finite-loss checks, at least. Each check is a collective
+# all ranks wait at (and syncs a GPU), so under the periodic row sync checks fall on the
+# steps that exchange rows, where ranks have just met: between them, two CPU ranks spent
+# 7 % of an epoch waiting for each other at the checks.
 LOSS_CHECK_RATINGS = 131_072
 
 
@@ -82,8 +89,10 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
     auto = resolve_defaults(model_config, optim_config, train_config,
                             train_ratings=train_ratings, world_size=env.world_size,
                             backend=env.backend,
-                            spare_core=len(os.sched_getaffinity(0)) > env.local_world_size)
+                            spare_core=len(os.sched_getaffinity(0)) > env.local_world_size,
+                            memory_per_rank=_machine_memory() // env.local_world_size)
     model_config, optim_config, train_config = auto.model, auto.optim, auto.train
+    reader = RowGroupReader(plan.local_rows, train_config.cache_mb * 2**20)
     # A threshold outside the data's scale fails now, not after the last epoch.
     relevance_threshold(plan.shards.scale, ranking_config.ranking_threshold)
     torch.manual_seed(train_config.seed)
@@ -127,14 +136,14 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                  env.world_size, plan.steps, plan.global_batch)
 
     train_epoch = TrainEpoch(step, plan.pieces["train"], plan.rank_batch, plan.steps,
-                             train_config, env, plan.local_rows, checkpointer)
+                             train_config, env, reader, checkpointer)
     for epoch in range(state.epoch, train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_mean, seconds, sync_bytes = train_epoch(epoch, state)
         val_rmse, val_mae = evaluate(model, plan.pieces["val"], plan.shards.scale,
-                                     train_config, env, plan.local_rows)
+                                     train_config, env, reader)
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(plan.steps * plan.global_batch / seconds, 1), "lr": lr}
@@ -149,7 +158,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                 log.info("stopping: validation RMSE gained less than %g in %d epochs",
                          max(train_config.min_delta, 1e-6), train_config.patience)
             break
-    return _finish(run, model, state, plan, train_config, ranking_config, env)
+    return _finish(run, model, state, plan, train_config, ranking_config, env, reader)
 
 
 @dataclass(frozen=True)
@@ -209,12 +218,13 @@ def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> No
 
 
 def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
-            config: TrainConfig, ranking: RankingConfig, env: DistEnv) -> dict:
+            config: TrainConfig, ranking: RankingConfig, env: DistEnv,
+            reader: RowGroupReader) -> dict:
     """Test the best epoch's weights, save the model and the final metrics."""
     shards = plan.shards
     model.load_state_dict(state.best_model)
     test_rmse, test_mae = evaluate(model, plan.pieces["test"], shards.scale, config, env,
-                                   plan.local_rows)
+                                   reader)
     baseline = bias_baseline_rmse(shards, env)
     train_seconds = sum(h["seconds"] for h in state.history)
     trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
@@ -253,17 +263,18 @@ class TrainEpoch:
     """One epoch of steps over this rank's row groups, or its rest after a mid-epoch resume.
 
     Calls ``step`` once per batch, checks the loss is finite every LOSS_CHECK_RATINGS ratings
-    (agreed by all ranks), and with ``--checkpoint-every N`` saves a checkpoint every N
-    steps; the step is flushed before each checkpoint and at the end, so replicas are
-    equal whenever anything looks at them. Without a checkpointer it saves nothing.
+    or more, on a row exchange's step (agreed by all ranks), and with ``--checkpoint-every
+    N`` saves a checkpoint every N steps; the step is flushed before each checkpoint and at
+    the end, so replicas are equal whenever anything looks at them. Without a checkpointer
+    it saves nothing.
     """
 
     def __init__(self, step: AutogradStep | FusedSGDStep, pieces: list[Piece],
                  rank_batch: int, steps: int, config: TrainConfig, env: DistEnv,
-                 local_rows: np.ndarray | None = None,
+                 reader: RowGroupReader | None = None,
                  checkpointer: Checkpointer | None = None) -> None:
         self.step, self.pieces, self.rank_batch, self.steps = step, pieces, rank_batch, steps
-        self.config, self.env, self.local_rows = config, env, local_rows
+        self.config, self.env, self.reader = config, env, reader or RowGroupReader()
         self.checkpointer = checkpointer
 
     def __call__(self, epoch: int, state: TrainState) -> tuple[float, float, int]:
@@ -275,7 +286,7 @@ class TrainEpoch:
         self.step.sync_bytes = state.sync_bytes  # > 0 only when resuming mid-epoch
         first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
         dataset = TrainBatches(self.pieces, rank_batch, steps, config.seed, epoch, env.rank,
-                               start_step=first, local_rows=self.local_rows)
+                               start_step=first, reader=self.reader)
         loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda",
                               config.prefetch)
         # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
@@ -288,7 +299,9 @@ class TrainEpoch:
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
                         leave=False, dynamic_ncols=True, initial=first * global_batch)
         every = config.checkpoint_every
-        check_every = max(1, LOSS_CHECK_RATINGS // rank_batch)
+        exchange_every = (self.step.grad_sync.every
+                          if isinstance(self.step.grad_sync, PeriodicRowSync) else 1)
+        check_every = exchange_every * max(1, LOSS_CHECK_RATINGS // (rank_batch * exchange_every))
         fault = env.test_fault
         step = first
         for step, (users, items, ratings) in enumerate(loader, first + 1):
@@ -330,13 +343,13 @@ class TrainEpoch:
 @torch.no_grad()
 def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
              config: TrainConfig, env: DistEnv,
-             local_rows: np.ndarray | None = None) -> tuple[float | None, float | None]:
+             reader: RowGroupReader | None = None) -> tuple[float | None, float | None]:
     """RMSE and MAE over every rank's share, from all-reduced sums and counts."""
     module = unwrap(model)
     module.eval()
     sse = sae = 0.0
     count = 0
-    for users, items, ratings in eval_batches(pieces, config.eval_batch_size, local_rows):
+    for users, items, ratings in eval_batches(pieces, config.eval_batch_size, reader):
         predicted = module.predict(users.to(env.device), items.to(env.device), scale)
         error = predicted.double() - ratings.to(env.device).double()
         sse += float(error.square().sum())
@@ -346,6 +359,14 @@ def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
     if count == 0:
         return None, None
     return math.sqrt(sse / count), sae / count
+
+
+def _machine_memory() -> int:
+    """Bytes of physical memory (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _rank_memory(model: BiasedMF, env: DistEnv) -> list[dict]:
