@@ -60,7 +60,7 @@ def test_values_given_by_the_user_are_never_replaced() -> None:
 def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:
     # 1,024 ratings a step over 2 ranks: 512 a rank, so 512 steps between exchanges
     assert _resolve(5_000_000, 2, "gloo").train.sync_every == EXCHANGE_EVERY_RATINGS // 512
-    assert _resolve(5_000_000, 2, "gloo", batch_size=8192).train.sync_every == 64
+    assert _resolve(5_000_000, 2, "gloo", batch_size=8192).train.sync_every == 128
     assert _resolve(5_000_000, 2, "nccl").train.sync_every == 1  # DDP on GPUs
     assert _resolve(5_000_000, 2, "gloo", sync="ddp").train.sync_every == 1
     assert _resolve(5_000_000, 2, "gloo", gradients="dense").train.sync_every == 1

@@ -106,7 +106,7 @@ class TrainConfig:
         "touched rows per step; auto: packed with sparse gradients)", "choices": SYNCS})
     sync_every: int | None = field(default=None, metadata={
         "help": "exchange changed rows every N steps (N > 1: ranks step alone, then average "
-        "their changes) (default: 1 for one rank or nccl, else every 262,144 ratings a "
+        "their changes) (default: 1 for one rank or nccl, else every 524,288 ratings a "
         "rank)"})
     user_embeddings: str = field(default="auto", metadata={
         "help": "owned: each user's row lives on the rank that reads the user's shards "

@@ -20,8 +20,11 @@ With several CPU ranks the fused step needs the periodic row sync, so ranks exch
 rows they changed after every EXCHANGE_EVERY_RATINGS ratings a rank trains instead of
 every step: an exchange of a whole item table costs about as much as training 20k
 ratings, so exchanging every 32 steps of 512 ratings made two ranks 3x slower than one;
-at 262k ratings the exchange costs a few per cent (the staleness cost, +0.003 RMSE, is in
-bench/scaling.md). With nccl every step syncs (DDP).
+at 262k ratings the exchange (a 5 MB all-reduce of a 20k-item table: 9 ms here) and the
+wait for the slower rank still took 16 % of an epoch, at 524k half that, for +0.0003 test
+RMSE on synth-5m and none on synth-10m (synth-5m 11.2-11.5 -> 8.0-10.0 s of training,
+synth-10m 22.2 -> 20.0 s; the staleness cost of sparser exchanges is in bench/scaling.md).
+With nccl every step syncs (DDP).
 The exchange sets a row to the mean of the ranks' changes, which divides the per-rating
 step by the number of ranks on rows every rank touches; on a small set, where an epoch
 holds a single exchange, that halved progress per epoch (ML-100K, 2 ranks: 150 epochs to
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 
 LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
-EXCHANGE_EVERY_RATINGS = 262_144  # ratings a rank trains between row exchanges
+EXCHANGE_EVERY_RATINGS = 524_288  # ratings a rank trains between row exchanges
 # Below this many training ratings per rank, a second rank costs more in start-up and
 # communication than it saves (ML-100K: bench/RESULTS.md).
 RATINGS_PER_RANK_TO_PAY = 500_000
