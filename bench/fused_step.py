@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from trainer.data import BATCHES_PER_ITEM  # noqa: E402
 from trainer.defaults import SMALL_SET  # noqa: E402
 from trainer.fused_step import FusedSGDStep, load_fused_kernel  # noqa: E402
 from trainer.model import BiasedMF  # noqa: E402
@@ -49,11 +50,11 @@ ML25M_TABLES = (162_541, 59_047)
 
 
 @numba.njit(cache=True, fastmath=False, nogil=True)
-def per_rating_sgd(users, items, ratings, user_factors, item_factors, user_bias, item_bias,
-                   mean, lr, reg, bias_reg, old_users, old_items, old_biases, errors,
-                   touched_users, touched_items):
-    """LIBMF/Surprise semantics: each rating updates its rows at once (scratch and row
-    flags unused: one process only).
+def per_rating_sgd(users, items, ratings, batch_size, user_factors, item_factors, user_bias,
+                   item_bias, mean, lr, reg, bias_reg, old_users, old_items, old_biases, errors,
+                   touched_users, touched_items, total):
+    """LIBMF/Surprise semantics: each rating updates its rows at once (batch size, scratch
+    and row flags unused: one process only).
 
     Same signature as trainer.fused_step's kernel, so FusedSGDStep can run it.
     """
@@ -62,7 +63,7 @@ def per_rating_sgd(users, items, ratings, user_factors, item_factors, user_bias,
     decay = np.float32(2.0 * reg)
     bias_decay = np.float32(2.0 * bias_reg)
     mean32 = np.float32(mean)
-    loss = 0.0
+    loss = total
     for b in range(len(ratings)):
         user, item = users[b], items[b]
         dot = np.float32(0.0)
@@ -107,15 +108,15 @@ def batches(data: tuple, batch: int) -> list[tuple]:
 
 
 def time_steps(step, cut: list[tuple]) -> float:
-    """Ratings/s of ``step`` over the pre-cut batches."""
+    """Ratings/s of ``step`` over the pre-cut runs of batches."""
     started = time.perf_counter()
     for users, items, ratings in cut:
-        step(users, items, ratings)
+        step(users, items, ratings, 0.0)
     return sum(len(r) for _, _, r in cut) / (time.perf_counter() - started)
 
 
 def autograd_step(model: BiasedMF, optimizer: RowSGD):
-    def step(users, items, ratings):
+    def step(users, items, ratings, total):
         loss = model(users, items, ratings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,8 +136,12 @@ def speed(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = BiasedMF(*ML25M_TABLES, 3.5, ModelConfig(reg=0.05, dim=64))
     optimizer = RowSGD(model.parameters(), lr=SMALL_SET["lr"])
-    fused = FusedSGDStep(model, optimizer, load_fused_kernel())
-    per_rating = FusedSGDStep(model, optimizer, per_rating_sgd)
+    # The fused steps take a loader item at a time, BATCHES_PER_ITEM batches, as in training.
+    def fused(batch: int) -> FusedSGDStep:
+        return FusedSGDStep(model, optimizer, load_fused_kernel(), batch)
+
+    per_rating = FusedSGDStep(model, optimizer, per_rating_sgd, 1024)
+    run = 1024 * BATCHES_PER_ITEM
     zipf = ratings_for(args.ratings, *ML25M_TABLES, zipf=True, seed=1)
     uniform = ratings_for(args.ratings, *ML25M_TABLES, zipf=False, seed=2)
     small = tuple(t[:args.ratings // 4] for t in zipf)  # the slow step needs fewer ratings
@@ -145,17 +150,18 @@ def speed(args: argparse.Namespace) -> dict:
                                                   batches(small, 1024)),
         "autograd_b8192_zipf": lambda: time_steps(autograd_step(model, optimizer),
                                                   batches(small, 8192)),
-        **{f"fused_b{b}_zipf": (lambda b=b: time_steps(fused, batches(zipf, b)))
+        **{f"fused_b{b}_zipf": (lambda b=b: time_steps(fused(b),
+                                                        batches(zipf, b * BATCHES_PER_ITEM)))
            for b in args.batches},
-        "fused_b1024_uniform": lambda: time_steps(fused, batches(uniform, 1024)),
-        "per_rating_b1024_zipf": lambda: time_steps(per_rating, batches(zipf, 1024)),
-        "per_rating_b1024_uniform": lambda: time_steps(per_rating, batches(uniform, 1024)),
+        "fused_b1024_uniform": lambda: time_steps(fused(1024), batches(uniform, run)),
+        "per_rating_b1024_zipf": lambda: time_steps(per_rating, batches(zipf, run)),
+        "per_rating_b1024_uniform": lambda: time_steps(per_rating, batches(uniform, run)),
     }
     if args.mf_ref:
         runs["mf_ref_c_prefetch16_uniform"] = lambda: run_mf_ref(args.mf_ref, 16, args.c_ratings)
         runs["mf_ref_c_prefetch0_uniform"] = lambda: run_mf_ref(args.mf_ref, 0, args.c_ratings)
-    time_steps(fused, batches(tuple(t[:4096] for t in zipf), 1024))  # compile/load outside
-    time_steps(per_rating, batches(tuple(t[:4096] for t in zipf), 1024))
+    time_steps(fused(1024), batches(tuple(t[:4096] for t in zipf), run))  # compile outside
+    time_steps(per_rating, batches(tuple(t[:4096] for t in zipf), run))
     raw: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
         for name, run in runs.items():
@@ -186,13 +192,14 @@ def accuracy(args: argparse.Namespace) -> dict:
 
     # (``import trainer.train`` would give the function the package exports under that name)
     train_module = importlib.import_module("trainer.train")
+    steps_module = importlib.import_module("trainer.steps")
     torch.set_num_threads(1)
     results = []
     for index, shards in enumerate(args.shards):
         kinds = ["batch_summed", "per_rating"] + (["autograd"] if index == 0 else [])
         for kind in kinds:
             run_dir = Path(args.work) / f"{Path(shards).name}-{kind}"
-            train_module.load_fused_kernel = (
+            steps_module.load_fused_kernel = (
                 (lambda: per_rating_sgd) if kind == "per_rating" else load_fused_kernel)
             env = init_distributed("cpu", "auto", 600)
             try:
@@ -206,7 +213,7 @@ def accuracy(args: argparse.Namespace) -> dict:
                 "train_ratings_per_s")}}
             print(json.dumps(row), flush=True)
             results.append(row)
-    train_module.load_fused_kernel = load_fused_kernel
+    steps_module.load_fused_kernel = load_fused_kernel
     return {"defaults": "ModelConfig(), OptimConfig(), TrainConfig() with --step fused "
             "(per_rating: its kernel swapped in) or autograd; one process, one thread",
             "runs": results}

@@ -121,7 +121,7 @@ def build_step(mode: str, num_users: int, num_items: int, dim: int, batch: int,
     model.to(env.device)
     optimizer = build_optimizer(model, OptimConfig(lr=LR_TIMES_BATCH / batch))
     if mode == "sparse":
-        return AutogradStep(model, optimizer, None, 1.0)
+        return AutogradStep(model, optimizer, None, 1.0, batch)
     return build_trainer_step("autograd", model, optimizer, "sgd", "ddp", False, 1, batch,
                               env)
 
@@ -133,7 +133,7 @@ def time_steps(step: AutogradStep, batches: list, steps: int, device: torch.devi
     started = time.perf_counter()
     loss = torch.zeros(())
     for index in range(steps):
-        loss = step(*batches[index % len(batches)])
+        loss = step(*batches[index % len(batches)], 0.0)
     synchronize(device)
     return time.perf_counter() - started, loss
 

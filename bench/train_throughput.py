@@ -171,7 +171,8 @@ def trainer_worker(shards_dir: str, dim: int, rank_batch: int, steps: int,
             if tables is None:
                 data = TrainBatches(pieces, rank_batch, steps + warm, 0, epoch, env.rank,
                                     reader=reader)
-                loader = train_loader(data, 0, False, prefetch)
+                loader = (batch for run in train_loader(data, 0, False, prefetch)
+                          for batch in zip(*(c.split(rank_batch) for c in run)))
             else:
                 loader = random_batches(num_users, num_items, rank_batch,
                                         1000 * epoch + env.rank)

@@ -67,8 +67,8 @@ def test_one_step_is_the_reference_update(batch) -> None:
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     expected = _reference_step(reference, RowSGD(reference.parameters(), lr=0.05),
                                users, items, ratings)
-    loss = FusedSGDStep(fused, RowSGD(fused.parameters(), lr=0.05), kernel)(
-        users, items, ratings)
+    loss = FusedSGDStep(fused, RowSGD(fused.parameters(), lr=0.05), kernel, len(ratings))(
+        users, items, ratings, 0.0)
     assert isinstance(loss, float) and loss == pytest.approx(expected, rel=1e-6)
     _assert_same_weights(reference, fused)
     moved = fused.user_factors.weight[users[0]] - before["user_factors.weight"][users[0]]
@@ -79,23 +79,48 @@ def test_loss_curve_matches_the_reference_over_many_steps() -> None:
     reference, fused = _twins(seed=1, dim=16)
     reference_sgd = RowSGD(reference.parameters(), lr=0.01)
     fused_sgd = RowSGD(fused.parameters(), lr=0.01)
-    step = FusedSGDStep(fused, fused_sgd, load_fused_kernel())
+    step = FusedSGDStep(fused, fused_sgd, load_fused_kernel(), 64)
     generator = torch.Generator().manual_seed(2)
     truth = torch.randn(NUM_USERS, 4, generator=generator) @ torch.randn(4, NUM_ITEMS,
                                                                           generator=generator)
     curves: tuple[list[float], list[float]] = ([], [])
     for number in range(60):
-        size = 16 if number % 2 else 64  # batches of changing size: scratch must grow
+        size = 16 if number % 2 else 64  # a call's batch may be shorter than batch_size
         users = torch.randint(NUM_USERS, (size,), generator=generator)
         items = torch.randint(NUM_ITEMS, (size,), generator=generator)
         ratings = (3.5 + truth[users, items]).float()
         for group in (*reference_sgd.param_groups, *fused_sgd.param_groups):
             group["lr"] = 0.01 * 0.98 ** number  # the loop's schedule reaches the fused step
         curves[0].append(_reference_step(reference, reference_sgd, users, items, ratings))
-        curves[1].append(float(step(users, items, ratings)))
+        curves[1].append(float(step(users, items, ratings, 0.0)))
     assert curves[0][-1] < 0.5 * curves[0][0]  # it learned: the curve is not flat
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
     _assert_same_weights(reference, fused, atol=1e-5)
+
+
+def test_a_run_of_batches_in_one_call_is_each_batch_in_turn() -> None:
+    generator = torch.Generator().manual_seed(3)
+    batch, batches = 16, 7
+    users = torch.randint(NUM_USERS, (batch * batches - 5,), generator=generator)  # short last
+    items = torch.randint(NUM_ITEMS, (len(users),), generator=generator)
+    ratings = torch.rand(len(users), generator=generator) * 4 + 1
+    one_by_one, at_once = _twins(seed=4)
+    step = FusedSGDStep(one_by_one, RowSGD(one_by_one.parameters(), lr=0.05),
+                        load_fused_kernel(), batch)
+    total = 0.25
+    for start in range(0, len(users), batch):
+        cut = slice(start, start + batch)
+        total = step(users[cut], items[cut], ratings[cut], total)
+    run = FusedSGDStep(at_once, RowSGD(at_once.parameters(), lr=0.05), load_fused_kernel(),
+                       batch)(users, items, ratings, 0.25)
+    assert run == total  # the same sums in the same order: equal to the last bit
+    for x, y in zip(one_by_one.parameters(), at_once.parameters()):
+        assert torch.equal(x, y)
+    # and not one summed batch: rows repeat across batches, so that would differ
+    whole, _ = _twins(seed=4)
+    FusedSGDStep(whole, RowSGD(whole.parameters(), lr=0.05), load_fused_kernel(),
+                 len(users))(users, items, ratings, 0.0)
+    assert not torch.equal(whole.user_factors.weight, at_once.user_factors.weight)
 
 
 def test_resolve_step() -> None:
@@ -164,9 +189,10 @@ def _replica_job(env: DistEnv, out: str) -> None:
     reference_sgd = RowSGD(reference.parameters(), lr=0.02)
     fused_sgd = RowSGD(fused.parameters(), lr=0.02)
     reference_sync = PeriodicRowSync(sparse_tables(reference), env, PERIODIC_EVERY, 32)
-    step = FusedSGDStep(fused, fused_sgd, load_fused_kernel(),
+    step = FusedSGDStep(fused, fused_sgd, load_fused_kernel(), 32,
                         PeriodicRowSync(sparse_tables(fused), env, PERIODIC_EVERY, 32))
     generator = torch.Generator().manual_seed(10 + env.rank)  # different data per rank
+    pairs = []
     for number in range(4 * PERIODIC_EVERY):
         users = torch.randint(NUM_USERS, (32,), generator=generator)
         items = torch.randint(NUM_ITEMS, (32,), generator=generator)
@@ -177,8 +203,13 @@ def _replica_job(env: DistEnv, out: str) -> None:
         reference_sync.after_backward()
         reference_sgd.step()
         reference_sync.after_step()
-        step(users, items, ratings)  # marks its rows and exchanges every PERIODIC_EVERY
-        if (number + 1) % PERIODIC_EVERY == 0:
+        # The fused step takes two batches a call, as a loader run: it must cut the run
+        # where an exchange falls (after every PERIODIC_EVERY = 3 batches).
+        pairs.append((users, items, ratings))
+        if len(pairs) == 2:
+            step(*(torch.cat(column) for column in zip(*pairs)), 0.0)
+            pairs = []
+        if (number + 1) % (2 * PERIODIC_EVERY) == 0:
             _assert_same_weights(reference, fused, atol=1e-5)
     for param in fused.parameters():
         mine = param.detach().double()

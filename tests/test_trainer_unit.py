@@ -93,7 +93,9 @@ def write_pieces(path: Path, sizes: list[int]) -> list[Piece]:
 
 def batches(dataset: TrainBatches, workers: int = 0,
             prefetch: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    return list(train_loader(dataset, workers, pin_memory=False, prefetch=prefetch))
+    """The loader's batches, its runs of consecutive batches cut apart."""
+    return [batch for run in train_loader(dataset, workers, pin_memory=False, prefetch=prefetch)
+            for batch in zip(*(column.split(dataset.batch_size) for column in run))]
 
 
 def row_ids(batch_list) -> list[int]:

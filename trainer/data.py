@@ -198,24 +198,24 @@ class TrainBatches(IterableDataset):
 
 def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
                  prefetch: int) -> Iterator[Batch]:
-    """Batches are already whole tensors: the DataLoader only moves them (batch_size=None).
+    """The epoch's batches as runs of consecutive batches laid end to end, which a step
+    takes at once (trainer/steps.py); batches are whole tensors already, so the DataLoader
+    only moves them (batch_size=None).
 
-    Without worker processes the dataset hands over BATCHES_PER_ITEM batches at a time, cut
-    apart here: the DataLoader's per-item cost (tens of microseconds) was a third of a
-    fused step of 512 ratings. ``prefetch`` > 0 then cuts that many items ahead in a
-    thread: reading and shuffling a row group runs beside the steps (the fused kernel and
-    torch's ops release the GIL) on a core the rank would leave idle, instead of between
-    them.
+    Without worker processes a run is BATCHES_PER_ITEM batches: the DataLoader's per-item
+    cost (tens of microseconds), and a step call's, were a third of a fused step of 512
+    ratings. ``prefetch`` > 0 then cuts that many runs ahead in a thread: reading and
+    shuffling a row group runs beside the steps (the fused kernel and torch's ops release
+    the GIL) on a core the rank would leave idle, instead of between them. Worker processes
+    hand over one batch at a time, round robin.
     """
     if not workers:
         dataset = dataset.grouped(BATCHES_PER_ITEM)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=False)
-    if workers:
+    if workers or not prefetch:
         return iter(loader)
-    items = prefetched(iter(loader), prefetch) if prefetch else iter(loader)
-    return (batch for item in items
-            for batch in zip(*(column.split(dataset.batch_size) for column in item)))
+    return prefetched(iter(loader), prefetch)
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:

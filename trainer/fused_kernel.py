@@ -56,6 +56,29 @@ def prefetch_row(typingctx, table, row):
 
 
 @numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)
+def sgd_batches(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, batch_size: int,
+                user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
+                item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
+                old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+                errors: np.ndarray, touched_users: np.ndarray, touched_items: np.ndarray,
+                total: float) -> float:
+    """``sgd_batch`` on each run of ``batch_size`` ratings in turn (the last may be shorter);
+    returns ``total`` plus each batch's summed loss, added in order.
+
+    One call per loader item instead of one per batch: the call's own cost (argument
+    checks, views) was paid per 512 ratings.
+    """
+    loss = total
+    for start in range(0, len(ratings), batch_size):
+        stop = min(start + batch_size, len(ratings))
+        loss += sgd_batch(users[start:stop], items[start:stop], ratings[start:stop],
+                          user_factors, item_factors, user_bias, item_bias, mean, lr, reg,
+                          bias_reg, old_users, old_items, old_biases, errors, touched_users,
+                          touched_items)
+    return loss
+
+
+@numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)
 def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
               item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,

@@ -40,15 +40,15 @@ def load_fused_kernel() -> Callable | None:
     rather than mid-epoch; ``cache=True`` keeps the machine code on disk between runs.
     """
     try:
-        from trainer.fused_kernel import sgd_batch as kernel
+        from trainer.fused_kernel import sgd_batches as kernel
 
         ids = np.zeros(1, dtype=np.int64)
         table = np.zeros((1, 1), dtype=np.float32)
         column = np.zeros(1, dtype=np.float32)
         untracked = np.zeros(0, dtype=np.bool_)
-        kernel(ids, ids, column, table, table.copy(), column.copy(), column.copy(), 0.0,
+        kernel(ids, ids, column, 1, table, table.copy(), column.copy(), column.copy(), 0.0,
                0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
-               column.copy(), untracked, untracked)
+               column.copy(), untracked, untracked, 0.0)
     except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
         log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
                     "autograd step (install numba>=0.59 for the fused one)",
@@ -94,9 +94,11 @@ def resolve_step(choice: str, *, optimizer: str, device: torch.device,
 class FusedSGDStep:
     """A BiasedMF's SGD step in one compiled pass: the fused twin of ``AutogradStep``.
 
-    Replaces ``loss = model(...); loss.backward(); optimizer.step()`` with the same update.
-    The learning rate is read from the optimizer's first group at every call, so the loop's
-    per-epoch schedule (and a checkpoint of the optimizer) works unchanged. The numpy views
+    Replaces ``loss = model(...); loss.backward(); optimizer.step()`` with the same update,
+    batch after batch: one call takes a loader item of several batches end to end and
+    hands the kernel everything up to the next row exchange at once. The learning rate is
+    read from the optimizer's first group at every call, so the loop's per-epoch schedule
+    (and a checkpoint of the optimizer) works unchanged. The numpy views
     share the weights' storage, which the trainer only ever changes in place (``copy_``,
     ``load_state_dict``, the row sync). With several ranks it runs under the periodic row
     sync (``--sync-every N`` > 1), which it tells which rows each batch changed.
@@ -105,6 +107,7 @@ class FusedSGDStep:
         model: a CPU float32 BiasedMF (unwrapped).
         optimizer: the run's RowSGD (its ``lr`` is used, never its ``step``).
         kernel: ``load_fused_kernel()``'s result.
+        batch_size: ratings per step (a call's last batch may be shorter).
         grad_sync: the periodic row sync, or None for one process.
         owned: each rank owns its users' rows (only item rows are exchanged).
     """
@@ -112,7 +115,8 @@ class FusedSGDStep:
     kind = "fused"
 
     def __init__(self, model: BiasedMF, optimizer: Optimizer, kernel: Callable,
-                 grad_sync: PeriodicRowSync | None = None, owned: bool = False) -> None:
+                 batch_size: int, grad_sync: PeriodicRowSync | None = None,
+                 owned: bool = False) -> None:
         tables = (model.user_factors.weight, model.item_factors.weight,
                   model.user_bias.weight, model.item_bias.weight)
         if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
@@ -130,34 +134,38 @@ class FusedSGDStep:
         self.touched_items = flags[-1] if flags else untracked
         self.mean = float(model.global_mean)
         self.reg, self.bias_reg = model.config.reg, model.config.bias_reg
-        self.kernel = kernel
-        self._scratch_rows(0)
-
-    def _scratch_rows(self, rows: int) -> None:
-        """(Re)allocate scratch for ``rows`` ratings: only when a larger batch arrives."""
+        self.kernel, self.batch_size = kernel, batch_size
         dim = self.user_factors.shape[1]
-        self.old_users = np.empty((rows, dim), dtype=np.float32)
-        self.old_items = np.empty((rows, dim), dtype=np.float32)
-        self.old_biases = np.empty((rows, 2), dtype=np.float32)
-        self.errors = np.empty(rows, dtype=np.float32)
+        self.old_users = np.empty((batch_size, dim), dtype=np.float32)
+        self.old_items = np.empty((batch_size, dim), dtype=np.float32)
+        self.old_biases = np.empty((batch_size, 2), dtype=np.float32)
+        self.errors = np.empty(batch_size, dtype=np.float32)
 
-    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> float:
-        """Apply one batch's update; returns its summed loss.
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                 total: float) -> float:
+        """Apply the update of each batch of ``batch_size`` ratings in turn, exchanging rows
+        where the sync is due; returns ``total`` plus each batch's summed loss, in order.
 
         Args:
-            users, items: (B,) int64 row ids; ratings: (B,) float32.
+            users, items: (n,) int64 row ids; ratings: (n,) float32.
         """
-        if len(ratings) > len(self.errors):
-            self._scratch_rows(len(ratings))
-        loss = self.kernel(
-            users.numpy(), items.numpy(), ratings.numpy(), self.user_factors,
-            self.item_factors, self.user_bias, self.item_bias, self.mean,
-            self.optimizer.param_groups[0]["lr"], self.reg, self.bias_reg, self.old_users,
-            self.old_items, self.old_biases, self.errors, self.touched_users,
-            self.touched_items)
-        if self.grad_sync is not None:
-            self.sync_bytes += self.grad_sync.after_step()
-        return loss
+        users_, items_, ratings_ = users.numpy(), items.numpy(), ratings.numpy()
+        lr = self.optimizer.param_groups[0]["lr"]
+        start = 0
+        while start < len(ratings_):
+            batches = -(-(len(ratings_) - start) // self.batch_size)
+            if self.grad_sync is not None:
+                batches = min(batches, self.grad_sync.steps_to_exchange())
+            stop = min(start + batches * self.batch_size, len(ratings_))
+            total = self.kernel(
+                users_[start:stop], items_[start:stop], ratings_[start:stop], self.batch_size,
+                self.user_factors, self.item_factors, self.user_bias, self.item_bias,
+                self.mean, lr, self.reg, self.bias_reg, self.old_users, self.old_items,
+                self.old_biases, self.errors, self.touched_users, self.touched_items, total)
+            if self.grad_sync is not None:
+                self.sync_bytes += self.grad_sync.after_step(batches)
+            start = stop
+        return total
 
     def flush(self) -> None:
         """Bring the replicas level; before checkpoints, evaluation and an epoch's end."""

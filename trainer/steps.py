@@ -1,14 +1,18 @@
-"""The per-step model update, behind one interface: ``loss = step(users, items, ratings)``.
+"""The per-step model update, behind one interface:
+``total = step(users, items, ratings, total)``.
 
 A step scores one rank's share of the global batch, moves the parameters and keeps the
 replicas equal. `AutogradStep` is the reference (and the GPU path): autograd backward, the
 optimizer, and either DDP's all-reduce (inside backward) or a row sync (trainer/sync.py)
 around the optimizer step. `FusedSGDStep` (trainer/fused_step.py) applies the same SGD
-update in one compiled CPU pass. Both offer the same interface: called
-with (B,) int64 user ids, (B,) int64 item ids and (B,) float32 ratings it returns the
-batch's summed loss (a detached 0-dim float64 tensor on the rank's device, or a float
-from the fused CPU step); ``sync_bytes`` counts the bytes its sync
-moved and ``flush()`` brings the replicas level before anyone looks at them.
+update in one compiled CPU pass. Both offer the same interface: called with one or more
+batches of the step's ``batch_size`` ratings laid end to end ((n,) int64 user ids, (n,)
+int64 item ids, (n,) float32 ratings), they step on each batch in turn and return
+``total`` plus each batch's summed loss, added in that order, so a resumed epoch adds the
+same numbers in the same order as an uninterrupted one however its batches were grouped
+(a detached 0-dim float64 tensor on the rank's device, or a float from the fused CPU
+step); ``sync_bytes`` counts the bytes its sync moved and ``flush()`` brings the replicas
+level before anyone looks at them.
 """
 
 from __future__ import annotations
@@ -33,29 +37,33 @@ class AutogradStep:
     without it ``model`` is DDP-wrapped (or alone). DDP averages gradients over ranks, so
     ``scale`` (the world size there) makes the update the gradient of the sum over the
     global batch and the learning rate per rating; the packed sync sums already (1.0).
+    A call takes one or more batches of ``batch_size`` ratings end to end and steps on each.
     """
 
     kind = "autograd"
 
     def __init__(self, model: torch.nn.Module, optimizer: Optimizer,
-                 grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float) -> None:
+                 grad_sync: PackedSparseSync | PeriodicRowSync | None, scale: float,
+                 batch_size: int) -> None:
         self.model, self.optimizer, self.grad_sync, self.scale = model, optimizer, grad_sync, scale
+        self.batch_size = batch_size
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
 
-    def __call__(self, users: torch.Tensor, items: torch.Tensor,
-                 ratings: torch.Tensor) -> torch.Tensor:
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                 total: torch.Tensor | float) -> torch.Tensor:
         device = self.optimizer.param_groups[0]["params"][0].device
-        loss = self.model(users.to(device, non_blocking=True),
-                          items.to(device, non_blocking=True),
-                          ratings.to(device, non_blocking=True))
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.scale).backward()
-        if self.grad_sync is not None:
-            self.sync_bytes += self.grad_sync.after_backward()
-        self.optimizer.step()
-        if self.grad_sync is not None:
-            self.sync_bytes += self.grad_sync.after_step()
-        return loss.detach().double()  # float64, as the loop sums every step's loss
+        columns = [c.to(device, non_blocking=True) for c in (users, items, ratings)]
+        for batch in zip(*(c.split(self.batch_size) for c in columns)):
+            loss = self.model(*batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * self.scale).backward()
+            if self.grad_sync is not None:
+                self.sync_bytes += self.grad_sync.after_backward()
+            self.optimizer.step()
+            if self.grad_sync is not None:
+                self.sync_bytes += self.grad_sync.after_step()
+            total = total + loss.detach().double()
+        return total
 
     def flush(self) -> None:
         """Bring the replicas level (the periodic sync's pending changes); before checkpoints,
@@ -78,9 +86,9 @@ def build_step(choice: str, model: BiasedMF, optimizer: Optimizer,
     kind = resolve_step(choice, optimizer=optimizer_name, device=env.device,
                         per_step_sync=per_step_sync)
     if kind == "fused":
-        return FusedSGDStep(model, optimizer, load_fused_kernel(), grad_sync, owned)
+        return FusedSGDStep(model, optimizer, load_fused_kernel(), rank_batch, grad_sync, owned)
     return AutogradStep(step_model, optimizer, grad_sync,
-                        1.0 if grad_sync is not None else float(env.world_size))
+                        1.0 if grad_sync is not None else float(env.world_size), rank_batch)
 
 
 def replica_sync(sync: str, model: BiasedMF, owned: bool, every: int, rank_batch: int,

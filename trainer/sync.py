@@ -227,7 +227,8 @@ class PeriodicRowSync:
     Either way communication per exchange is bounded by the ratings in between or by the
     table, and falls N-fold per step at most.
 
-    The caller exchanges after every N-th step (``after_step``) and before anything that
+    The caller exchanges after every N-th step (``after_step``; a caller that runs several
+    steps at once asks ``steps_to_exchange`` first) and before anything that
     must see equal replicas: evaluation, checkpoints (``flush``). Both are collectives.
     """
 
@@ -255,8 +256,13 @@ class PeriodicRowSync:
                 touched[grad._indices()[0]] = True
         return 0
 
-    def after_step(self) -> int:
-        self.pending += 1
+    def steps_to_exchange(self) -> int:
+        """Steps a caller may take before the next exchange is due."""
+        return self.every - self.pending
+
+    def after_step(self, steps: int = 1) -> int:
+        """Count ``steps`` more steps (at most ``steps_to_exchange()``); exchange when due."""
+        self.pending += steps
         return self.flush() if self.pending >= self.every else 0
 
     @torch.no_grad()

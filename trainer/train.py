@@ -262,7 +262,8 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
 class TrainEpoch:
     """One epoch of steps over this rank's row groups, or its rest after a mid-epoch resume.
 
-    Calls ``step`` once per batch, checks the loss is finite every LOSS_CHECK_RATINGS ratings
+    Calls ``step`` on runs of consecutive batches (a loader item, cut where anything below
+    is due), checks the loss is finite every LOSS_CHECK_RATINGS ratings
     or more, on a row exchange's step (agreed by all ranks), and with ``--checkpoint-every
     N`` saves a checkpoint every N steps; the step is flushed before each checkpoint and at
     the end, so replicas are equal whenever anything looks at them. Without a checkpointer
@@ -304,22 +305,32 @@ class TrainEpoch:
         check_every = exchange_every * max(1, LOSS_CHECK_RATINGS // (rank_batch * exchange_every))
         fault = env.test_fault
         step = first
-        for step, (users, items, ratings) in enumerate(loader, first + 1):
-            if fault is not None:
-                fault.maybe_fire(env.rank, epoch * steps + step)
-            total += self.step(users, items, ratings)
-            if step % check_every == 0 or step == steps:
-                self._check_finite(total, step, epoch)
-                progress.update(min(step, steps) * global_batch - progress.n)
-            if (self.checkpointer is not None and every and (epoch * steps + step) % every == 0
-                    and step < steps):
-                # (the end of an epoch is checkpointed after validation, by the caller)
-                self.step.flush()
-                state.step, state.sync_bytes = step, self.step.sync_bytes
-                state.loss_sums = gather_floats(float(total), env)
-                state.epoch_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                self.checkpointer.save(state)
+        for users, items, ratings in loader:  # runs of consecutive batches (train_loader)
+            done, batches = 0, -(-len(ratings) // rank_batch)
+            while done < batches:
+                # As many batches as reach the next check, checkpoint or epoch end at once.
+                stops = [check_every - step % check_every, steps - step]
+                if every:
+                    stops.append(every - (epoch * steps + step) % every)
+                if fault is not None:
+                    stops.append(1)
+                    fault.maybe_fire(env.rank, epoch * steps + step + 1)
+                take = max(1, min(batches - done, *stops))
+                cut = slice(done * rank_batch, (done + take) * rank_batch)
+                total = self.step(users[cut], items[cut], ratings[cut], total)
+                step, done = step + take, done + take
+                if step % check_every == 0 or step == steps:
+                    self._check_finite(total, step, epoch)
+                    progress.update(min(step, steps) * global_batch - progress.n)
+                if (self.checkpointer is not None and every
+                        and (epoch * steps + step) % every == 0 and step < steps):
+                    # (the end of an epoch is checkpointed after validation, by the caller)
+                    self.step.flush()
+                    state.step, state.sync_bytes = step, self.step.sync_bytes
+                    state.loss_sums = gather_floats(float(total), env)
+                    state.epoch_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.checkpointer.save(state)
         progress.close()
         self.step.flush()
         if step != steps:  # the other ranks would wait in a collective for the missing steps
