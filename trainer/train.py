@@ -275,7 +275,7 @@ class TrainEpoch:
                  reader: RowGroupReader | None = None,
                  checkpointer: Checkpointer | None = None) -> None:
         self.step, self.pieces, self.rank_batch, self.steps = step, pieces, rank_batch, steps
-        self.config, self.env, self.reader = config, env, reader or RowGroupReader()
+        self.config, self.env, self.reader = config, env, reader
         self.checkpointer = checkpointer
 
     def __call__(self, epoch: int, state: TrainState) -> tuple[float, float, int]:
