@@ -336,3 +336,33 @@ def test_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture,
         assert expected in one_error_line(capsys.readouterr().err)
     assert taken.read_text() == "a file\n"
     assert hidden(tmp_path) == []
+
+
+class InterruptedAfter:
+    """A file handle that takes a Ctrl-C (KeyboardInterrupt) once ``limit`` bytes went
+    through it, as a signal arriving mid-write does."""
+
+    def __init__(self, handle, limit: int) -> None:
+        self.handle, self.limit, self.written = handle, limit, 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise KeyboardInterrupt
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def test_ctrl_c_during_a_checkpoint_write_stays_an_interruption(tmp_path: Path) -> None:
+    """torch.save's zip writer turns an interrupted write into a RuntimeError ("unexpected
+    pos") on its way out; the run must still see a Ctrl-C, and keep no temporary file."""
+    import torch
+
+    from trainer.run_files import replace_atomically
+    payload = {"table": torch.zeros(1000, 8)}
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(tmp_path / "checkpoint.pt",
+                           lambda handle: torch.save(payload, InterruptedAfter(handle, 4096)))
+    assert list(tmp_path.iterdir()) == []

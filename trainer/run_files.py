@@ -147,11 +147,25 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
+        interrupt = _interrupt_behind(error)
+        if interrupt is not None and interrupt is not error:
+            # torch.save's zip writer turns a Ctrl-C mid-write into "unexpected pos" on its
+            # way out: the run must still stop as interrupted, in one line.
+            raise interrupt from None
         # torch.save reports a failed write as "unexpected pos": the recorder kept the cause.
         cause = recorder.error if recorder is not None and recorder.error else error
         if isinstance(cause, OSError) and cause.errno in _WRITE_FAULT_HINTS:
             raise write_fault(cause, path) from error
         raise
+
+
+def _interrupt_behind(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C that ``error`` was raised while handling, if any (or ``error`` itself)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__context__
+    return None
 
 
 class _WriteRecorder:
