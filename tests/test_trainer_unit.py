@@ -35,6 +35,7 @@ from trainer.config import (
     config_from_values,
 )
 from trainer.data import (
+    BLOCK_ROWS,
     RowGroupReader,
     TrainBatches,
     eval_batches,
@@ -325,20 +326,32 @@ def test_row_groups_within_the_budget_are_decoded_once(tmp_path: Path) -> None:
     pieces = write_pieces(path, [100, 60, 140])
     row_bytes = 8 + 8 + 4  # int64 user and item, float32 rating
     reader = RowGroupReader(budget_bytes=160 * row_bytes)
-    for piece in pieces:  # kept first come, first served: the first two row groups
-        reader(piece)
-    assert reader.kept_bytes == 160 * row_bytes
     plain = [batches(TrainBatches(pieces, 50, 6, seed=3, epoch=e, rank=0)) for e in (0, 1)]
     kept = [batches(TrainBatches(pieces, 50, 6, seed=3, epoch=e, rank=0, reader=reader))
             for e in (0, 1)]
     for epoch_plain, epoch_kept in zip(plain, kept):  # the same batches, epoch after epoch
         assert all(torch.equal(a, b) for x, y in zip(epoch_plain, epoch_kept)
                    for a, b in zip(x, y))
-    # Kept row groups are no longer read; the one beyond the budget is, every time.
+    # Kept first come, first served, within the budget, each with its one shuffle.
+    kept_groups = {row_group for _, row_group, _ in reader.kept}
+    assert kept_groups and len(kept_groups) < len(pieces)
+    assert reader.kept_bytes == sum(pieces[g].rows for g in kept_groups) * row_bytes
+    assert reader.kept_bytes <= 160 * row_bytes
+    # Kept row groups are no longer read; one beyond the budget is, every time.
     path.unlink()
-    assert np.array_equal(reader(pieces[1])[0], np.arange(100, 160))
-    with pytest.raises(ValueError, match="row group 2"):
-        reader(pieces[2])
+    for index, piece in enumerate(pieces):
+        if piece.row_group in kept_groups:
+            users = reader(piece, shuffle=(3, 0, index))[0]
+            assert sorted(users) == list(range(piece_start(pieces, index),
+                                               piece_start(pieces, index) + piece.rows))
+        else:
+            with pytest.raises(ValueError, match=f"row group {piece.row_group}"):
+                reader(piece, shuffle=(3, 0, index))
+
+
+def piece_start(pieces: list[Piece], index: int) -> int:
+    """The first row id of ``pieces[index]`` as write_pieces numbers them."""
+    return sum(p.rows for p in pieces[:index])
 
 
 def test_every_rating_once_when_steps_fill_the_epoch(tmp_path: Path) -> None:
@@ -354,15 +367,18 @@ def test_every_rating_once_when_steps_fill_the_epoch(tmp_path: Path) -> None:
 
 
 def test_wrap_around_on_a_short_rank(tmp_path: Path) -> None:
-    """A rank with 150 rows asked for 10 batches of 40 (the other rank's step count)."""
-    pieces = write_pieces(tmp_path / "p.parquet", [100, 50])
-    got = batches(TrainBatches(pieces, 40, 10, seed=0, epoch=0, rank=1))
+    """A rank asked for the step count of a rank with about twice its rows."""
+    sizes = [2 * BLOCK_ROWS + 100, BLOCK_ROWS + 50]
+    rows, batch = sum(sizes), 400
+    steps = -(-2 * rows // batch)
+    pieces = write_pieces(tmp_path / "p.parquet", sizes)
+    got = batches(TrainBatches(pieces, batch, steps, seed=0, epoch=0, rank=1))
     ids = row_ids(got)
-    assert len(got) == 10 and all(len(b[0]) == 40 for b in got)
-    assert sorted(ids[:150]) == list(range(150))  # the first pass sees each rating once
+    assert len(got) == steps and all(len(b[0]) == batch for b in got)
+    assert sorted(ids[:rows]) == list(range(rows))  # the first pass sees each rating once
     counts = Counter(ids)
-    assert set(counts) == set(range(150)) and set(counts.values()) <= {2, 3}
-    assert ids[150:300] != ids[:150]  # rows are reshuffled on the second pass
+    assert set(counts) == set(range(rows)) and set(counts.values()) <= {2, 3}
+    assert ids[rows:2 * rows] != ids[:rows]  # a second pass takes the blocks in a new order
 
 
 @pytest.mark.parametrize("sizes,batch,steps", [

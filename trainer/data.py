@@ -2,7 +2,7 @@
 
 A batch is cut from Arrow arrays converted once per row group, never built row by row.
 Every epoch yields exactly ``steps`` batches on every rank: a rank with fewer ratings wraps
-around its row groups (rows reshuffled), so uneven shards cannot make one rank wait forever.
+around its row groups (blocks reordered), so uneven shards cannot make one rank wait forever.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from trainer.shards import Piece
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B,) users, (B,) items, (B,) ratings
 COLUMNS = ["user_id", "item_id", "rating"]
 BATCHES_PER_ITEM = 64  # batches a DataLoader item carries when the loader has no workers
+BLOCK_ROWS = 1024  # rows per block of a row group whose order an epoch shuffles
+ROW_SHUFFLE_STREAM = 1  # spawn key of the seeded streams that shuffle a row group once
 
 
 def read_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,8 +70,9 @@ class RowGroupReader:
 
     Reading a row group again every epoch (Parquet decoding, page checksums, id
     localisation) cost two ranks on 2 cores as much as a third of their training steps;
-    kept decoded, an epoch only permutes and gathers them. Row groups beyond the budget are
-    read every time, so a rank's memory stays bounded whatever the number of ratings.
+    kept decoded (and, for training, shuffled once), an epoch only reorders blocks of
+    them. Row groups beyond the budget are read every time, so a rank's memory stays
+    bounded whatever the number of ratings.
     Thread-safe for one loader thread beside the loop (dict updates hold the GIL).
 
     Args:
@@ -79,14 +82,21 @@ class RowGroupReader:
 
     def __init__(self, local_rows: np.ndarray | None = None, budget_bytes: int = 0) -> None:
         self.local_rows, self.budget_bytes = local_rows, budget_bytes
-        self.kept: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
+        self.kept: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.kept_bytes = 0
 
-    def __call__(self, piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        key = (str(piece.path), piece.row_group)
+    def __call__(self, piece: Piece, shuffle: tuple[int, ...] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The row group's columns, in file order or with ``shuffle`` rows permuted by the
+        seeded stream of that key (the same permutation whether kept or read again)."""
+        key = (str(piece.path), piece.row_group, shuffle)
         columns = self.kept.get(key)
         if columns is None:
             columns = localise_users(read_piece(piece), piece, self.local_rows)
+            if shuffle is not None:
+                rows = np.random.default_rng(np.random.SeedSequence(
+                    list(shuffle), spawn_key=(ROW_SHUFFLE_STREAM,))).permutation(piece.rows)
+                columns = tuple(c[rows] for c in columns)
             size = sum(c.nbytes for c in columns)
             if self.kept_bytes + size <= self.budget_bytes:
                 self.kept[key] = columns
@@ -104,11 +114,16 @@ class TrainBatches(IterableDataset):
     """One epoch of one rank's training batches, shuffled by (seed, epoch, rank).
 
     Row groups are visited in a seeded random order, wrapping around until ``steps``
-    batches are cut, and each visit permutes its rows with its own seeded stream. That plan
-    is a function of (seed, epoch, rank) alone: with ``num_workers`` > 0 every DataLoader
-    worker cuts its own contiguous run of the same batches, reading only the row groups that
-    run covers, so workers yield exactly the batches of a single-process loader (each rating
-    once per pass), in the DataLoader's deterministic round-robin order.
+    batches are cut. A row group's rows are permuted once per run, by (seed, rank, row
+    group), and each visit takes its blocks of BLOCK_ROWS rows in its own seeded order:
+    the stream is shuffled anew every epoch, yet a kept row group is only sliced, never
+    permuted and gathered row by row again (that was 15 % of two ranks' epoch on 2 cores;
+    LIBMF too shuffles once and reorders blocks). Against a full shuffle every visit, test
+    RMSE on ML-100K was the same to 0.0002 over 3 seeds. That plan is a function of
+    (seed, epoch, rank) alone: with ``num_workers`` > 0 every DataLoader worker cuts its
+    own contiguous run of the same batches, reading only the row groups that run covers, so
+    workers yield exactly the batches of a single-process loader (each rating once per
+    pass), in the DataLoader's deterministic round-robin order.
 
     An item is one batch, or with ``batches_per_item`` k > 1 up to k consecutive batches
     laid end to end (``train_loader`` cuts them apart again): the DataLoader's own cost per
@@ -175,14 +190,22 @@ class TrainBatches(IterableDataset):
         offset = 0  # stream position of the current visit's first row
         visit = 0
         while offset < stop:
-            piece = self.pieces[order[visit % len(order)]]
+            index = order[visit % len(order)]
+            piece = self.pieces[index]
             end = offset + piece.rows
             if end > start:  # rows before this worker's run are skipped without reading
-                columns = self.reader(piece)
-                rng = np.random.default_rng([self.seed, self.epoch, self.rank, visit])
-                keep = rng.permutation(piece.rows)[max(start - offset, 0):min(stop, end) - offset]
-                pending.append(tuple(c[keep] for c in columns))
-                buffered += len(keep)
+                columns = self.reader(piece, shuffle=(self.seed, self.rank, int(index)))
+                blocks = np.random.default_rng([self.seed, self.epoch, self.rank, visit]
+                                               ).permutation(-(-piece.rows // BLOCK_ROWS))
+                position = offset  # stream position of the next block's first row
+                for first in blocks * BLOCK_ROWS:
+                    size = min(BLOCK_ROWS, piece.rows - first)
+                    lo = first + max(start - position, 0)
+                    hi = first + min(stop - position, size)
+                    if lo < hi:
+                        pending.append(tuple(c[lo:hi] for c in columns))
+                        buffered += hi - lo
+                    position += size
                 if buffered >= self.batch_size:
                     merged = [np.concatenate(parts) for parts in zip(*pending)]
                     used = (buffered // self.batch_size) * self.batch_size
