@@ -82,7 +82,8 @@ class RowGroupReader:
 
     def __init__(self, local_rows: np.ndarray | None = None, budget_bytes: int = 0) -> None:
         self.local_rows, self.budget_bytes = local_rows, budget_bytes
-        self.kept: dict[tuple, tuple[np.ndarray, ...]] = {}
+        # (file, row group, shuffle key or None) -> columns
+        self.kept: dict[tuple[str, int, tuple[int, ...] | None], tuple[np.ndarray, ...]] = {}
         self.kept_bytes = 0
 
     def __call__(self, piece: Piece, shuffle: tuple[int, ...] | None = None
@@ -126,9 +127,9 @@ class TrainBatches(IterableDataset):
     pass), in the DataLoader's deterministic round-robin order.
 
     An item is one batch, or with ``batches_per_item`` k > 1 up to k consecutive batches
-    laid end to end (``train_loader`` cuts them apart again): the DataLoader's own cost per
-    item is then paid once per k steps. Only a loader without workers may use k > 1, whose
-    items are not taken round robin.
+    laid end to end, which a step takes at once (trainer/steps.py): the DataLoader's own
+    cost per item is then paid once per k steps. Only a loader without workers may use
+    k > 1, whose items are not taken round robin.
 
     ``start_step`` resumes an epoch mid-way: batches ``start_step..steps-1`` of the same plan
     are cut from row ``start_step * batch_size`` of the epoch's stream, so a run resumed from
@@ -227,10 +228,10 @@ def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
 
     Without worker processes a run is BATCHES_PER_ITEM batches: the DataLoader's per-item
     cost (tens of microseconds), and a step call's, were a third of a fused step of 512
-    ratings. ``prefetch`` > 0 then cuts that many runs ahead in a thread: reading and
-    shuffling a row group runs beside the steps (the fused kernel and torch's ops release
-    the GIL) on a core the rank would leave idle, instead of between them. Worker processes
-    hand over one batch at a time, round robin.
+    ratings. ``prefetch`` > 0 then cuts that many runs ahead in a thread: reading a row
+    group (and its one shuffle) and cutting runs go on beside the steps (the fused kernel
+    and torch's ops release the GIL), on a core the rank would leave idle, instead of
+    between them. Worker processes hand over one batch at a time, round robin.
     """
     if not workers:
         dataset = dataset.grouped(BATCHES_PER_ITEM)
