@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,27 +28,27 @@ from pathlib import Path
 from data_shards.config import PrepareConfig, SourceOptions, SynthConfig
 from data_shards.movielens import RELEASES, fetch_movielens, movielens_path
 from launch.dask_cluster import dask_client
-from launch.options import (
-    add_cluster_arguments,
-    add_config_arguments,
-    add_evaluate_arguments,
-    add_train_arguments,
-    add_training_config_arguments,
-    apply_config_file,
-    positive_int,
-)
 from launch.torchrun import (
     TorchrunOptions,
     add_launch_arguments,
     launch_evaluation,
     launch_training,
 )
+from shardmf.errors import Terminated, raise_terminated
+from shardmf.flags import add_config_arguments, apply_config_file, positive_int
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
     RUN_CONFIGS,
+    RunConfig,
     config_from_values,
     post_step_config,
+)
+from trainer.flags import (
+    add_cluster_arguments,
+    add_evaluate_arguments,
+    add_train_arguments,
+    add_training_config_arguments,
 )
 from trainer.run_files import (
     CLUSTERS,
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser()
     debug = "--debug" in argv
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)  # unwind and clean up, as Ctrl-C
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         values = vars(parser.parse_args(argv))
@@ -81,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():  # log lines above the progress bar, never on it
             return handler(values)
     except KeyboardInterrupt as e:
-        from launch.train_entry import Terminated
-
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
         resumable = (" (a run keeps its last checkpoint: --resume continues it)"
                      if command in ("train", "run") else "")
@@ -350,8 +351,9 @@ def _export_split(values: dict) -> int:
 
 def _train(values: dict) -> int:
     values = apply_config_file(values, (*RUN_CONFIGS, TorchrunOptions))
-    return launch_training(values["shards_dir"], values["out"], values,
-                           TorchrunOptions.from_values(values))
+    options = TorchrunOptions.from_values(values)
+    return launch_training(RunConfig.from_values(values["shards_dir"], values["out"], values),
+                           options)
 
 
 def _cluster(values: dict) -> int:
@@ -375,9 +377,11 @@ def _run(values: dict) -> int:
                                         TorchrunOptions))
     out = Path(values["out"])
     shards = out / SHARDS_DIR
+    config = RunConfig.from_values(str(shards), str(out), values)  # bad flags fail here
+    options = TorchrunOptions.from_values(values)
     if not values.get("resume"):
         _prepare_from_values(values["inputs"], shards, values)
-    return launch_training(str(shards), str(out), values, TorchrunOptions.from_values(values))
+    return launch_training(config, options)
 
 
 def _synth(values: dict) -> int:
@@ -406,8 +410,8 @@ def _demo(values: dict) -> int:
     # learns the planted world in ~18 epochs (test RMSE 0.517), where the small-set
     # recipe takes ~130 (0.511) and the demo over a minute. A second `make demo` replaces
     # the run, as it does the shards.
-    code = launch_training(str(shards), str(run), {**LARGE_SET, "overwrite": True},
-                           TorchrunOptions(nproc=values["nproc"]))
+    config = RunConfig.from_values(str(shards), str(run), {**LARGE_SET, "overwrite": True})
+    code = launch_training(config, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
     metrics = json.loads((run / FINAL_METRICS).read_text())
@@ -424,9 +428,12 @@ def _demo(values: dict) -> int:
 
 
 def _evaluate(values: dict) -> int:
+    from trainer.entry import EvaluateJob
     from trainer.ranking import METRICS, POPULAR_PREFIX
 
-    code = launch_evaluation(values, TorchrunOptions(nproc=values["nproc"]))
+    job = EvaluateJob(values["run_dir"], tuple(values["k"]), values["threshold"],
+                      values["min_item_ratings"], values["users"])
+    code = launch_evaluation(job, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
     metrics = read_json(Path(values["run_dir"]) / FINAL_METRICS)

@@ -31,7 +31,13 @@ import numpy as np
 import pandas as pd
 
 from data_shards import PrepareConfig, SourceOptions
-from trainer.config import MIN_ITEM_RATINGS, SKIP_CLUSTERS, TRAIN_CONFIGS, config_from_values
+from trainer.config import (
+    MIN_ITEM_RATINGS,
+    SKIP_CLUSTERS,
+    TRAIN_CONFIGS,
+    RunConfig,
+    config_from_values,
+)
 from trainer.run_files import (
     CHECKPOINT,
     ESTIMATOR_PARAMS,
@@ -131,15 +137,13 @@ class MatrixFactorization:
         run_dir = self._new_run_dir()
         with _progress_logging(self.verbose):
             shards_dir = self._shards(ratings, run_dir, values)
-            if self.n_jobs == 1:
-                _train_here(str(shards_dir), str(run_dir), values)
-            else:
-                code = launch_training(str(shards_dir), str(run_dir),
-                                       {**values, "clusters": SKIP_CLUSTERS},
-                                       TorchrunOptions(nproc=self.n_jobs))
-                if code:
-                    raise RuntimeError(f"training on {self.n_jobs} processes failed (exit "
-                                       f"status {code}); the error is printed above")
+            # A refit replaces the estimator's own earlier run, never a folder it did not mark.
+            config = RunConfig.from_values(str(shards_dir), str(run_dir), {
+                **values, "overwrite": True, "clusters": SKIP_CLUSTERS})
+            code = launch_training(config, TorchrunOptions(nproc=self.n_jobs))
+            if code:
+                raise RuntimeError(f"training on {self.n_jobs} processes failed (exit "
+                                   f"status {code}); the error is printed above")
         self._load_fitted(run_dir)
         return self
 
@@ -262,27 +266,6 @@ MatrixFactorization.__init__.__signature__ = inspect.Signature(  # type: ignore[
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
        for name, default in PARAMETERS.items()])
-
-
-def _train_here(shards_dir: str, run_dir: str, values: dict[str, Any]) -> None:
-    """Train in this process (world size 1), leaving torch's thread count as it was."""
-    import torch
-
-    from trainer import ModelConfig, OptimConfig, RankingConfig, TrainConfig, train
-    from trainer.distributed import init_distributed, teardown
-
-    configs = {cls: config_from_values(cls, values)
-               for cls in (ModelConfig, OptimConfig, TrainConfig, RankingConfig)}
-    train_config = configs[TrainConfig]
-    threads = torch.get_num_threads()
-    env = init_distributed(train_config.device, train_config.backend, train_config.timeout_s)
-    try:
-        torch.set_num_threads(train_config.threads or threads)
-        train(shards_dir, run_dir, configs[ModelConfig], configs[OptimConfig], train_config,
-              env, ranking_config=configs[RankingConfig])
-    finally:
-        teardown()
-        torch.set_num_threads(threads)
 
 
 _PACKAGE_LOGGERS = ("shardmf", "trainer", "data_shards")

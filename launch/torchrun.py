@@ -1,25 +1,32 @@
 """Start training or evaluation: in this process for one rank, or with torchrun for several.
 
-``torchrun --nproc-per-node=N -m trainer`` (``-m launch.evaluate_entry`` for `shardmf
-evaluate`) is what runs underneath, so anything this module does can be done by hand; it
-adds checks before training starts (so a bad flag or a missing shard is one message, not
-one per rank) and a short report when a rank fails.
+Every rank runs `trainer.entry.run_job` on one job whose config was built and checked
+here, once: this process calls it for one rank, and torchrun's ranks read it from a job
+file (``torchrun --nproc-per-node=N -m trainer --job FILE``; ``-m trainer SHARDS_DIR
+--out RUN_DIR`` with flags does the same by hand). The shards are checked here, once,
+before any rank starts, so a bad shard is one message, not one per rank; a failed rank
+gets a short report.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launch.options import add_config_arguments
-from trainer.config import TRAIN_CONFIGS, TrainConfig, config_from_values
+from shardmf.errors import Terminated
+from shardmf.flags import add_config_arguments
+from trainer.config import RunConfig, config_from_values
 from trainer.errors import InputError
 from trainer.run_files import precheck_run_target
+
+if TYPE_CHECKING:
+    from trainer.entry import EvaluateJob, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -60,54 +67,45 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TorchrunOptions, title="launch (torchrun)")
 
 
-def launch_training(shards_dir: str, run_dir: str, values: dict,
-                    options: TorchrunOptions) -> int:
+def launch_training(config: RunConfig, options: TorchrunOptions) -> int:
     """Check, then train on all ranks; returns the exit status (2 for a user error)."""
-    from trainer.config import RUN_CONFIGS, post_step_config
+    from trainer.entry import TrainJob
     from trainer.shards import open_shards
 
-    for cls in TRAIN_CONFIGS:  # a bad flag fails here, once, not on every rank
-        config_from_values(cls, values)
-    post_step_config(values)  # a bad clustering flag fails here, not after training
-    train_config = config_from_values(TrainConfig, values)
-    shards = open_shards(shards_dir, train_config.verify)
+    shards = open_shards(config.shards_dir, config.train.verify)
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
-        raise InputError(f"{shards_dir}: {len(shards.pieces('train'))} training row groups "
-                         f"for --nproc {options.nproc}; prepare with more --num-shards or "
-                         "use fewer processes")
-    precheck_run_target(Path(run_dir), train_config.resume, train_config.overwrite)
-    names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
-    trainer_args = [shards_dir, "--out", run_dir, *_as_flags(values, names)]
-    if options.nproc == 1 and options.nnodes == 1:
-        from launch.train_entry import main as train_main
-
-        return train_main(trainer_args)
-    return _torchrun("trainer", trainer_args, options, "training")
+        raise InputError(f"{config.shards_dir}: {len(shards.pieces('train'))} training row "
+                         f"groups for --nproc {options.nproc}; prepare with more "
+                         "--num-shards or use fewer processes")
+    precheck_run_target(Path(config.run_dir), config.train.resume, config.train.overwrite)
+    return _start(TrainJob(config, shards_verified=True), options, "training")
 
 
-def launch_evaluation(values: dict, options: TorchrunOptions) -> int:
+def launch_evaluation(job: EvaluateJob, options: TorchrunOptions) -> int:
     """`shardmf evaluate`: ranking figures of a finished run, computed by ``options.nproc``
     local ranks (each scores its share of the users, as at the end of training) and merged
     into RUN_DIR/metrics.json by rank 0; returns the exit status (2 for a user error)."""
-    args = [values["run_dir"], "--k", *map(str, values["k"]),
-            "--min-item-ratings", str(values["min_item_ratings"]), "--users", str(values["users"])]
-    if values["threshold"] is not None:
-        args += ["--threshold", str(values["threshold"])]
+    return _start(job, options, "evaluation")
+
+
+def _start(job: TrainJob | EvaluateJob, options: TorchrunOptions, what: str) -> int:
+    """The job in this process for one local rank, else on torchrun's ranks."""
+    from trainer.entry import run_job, write_job
+
     if options.nproc == 1 and options.nnodes == 1:
-        from launch.train_entry import evaluate_main
+        run_job(job)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="shardmf-job-") as folder:
+        path = Path(folder) / "job.json"
+        write_job(job, path)
+        return _torchrun(["--job", str(path)], options, what)
 
-        return evaluate_main(args)
-    return _torchrun("launch.evaluate_entry", args, options, "evaluation")
 
-
-def _torchrun(module: str, module_args: list[str], options: TorchrunOptions,
-              what: str) -> int:
-    """Run ``python -m module module_args`` on every rank; ``what`` names it in errors."""
+def _torchrun(module_args: list[str], options: TorchrunOptions, what: str) -> int:
+    """Run ``python -m trainer module_args`` on every rank; ``what`` names it in errors."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from launch.train_entry import Terminated
 
     if options.nnodes == 1 and not options.rdzv_endpoint:
         where = ["--standalone"]
@@ -115,7 +113,7 @@ def _torchrun(module: str, module_args: list[str], options: TorchrunOptions,
         where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={options.rdzv_endpoint}",
                  f"--rdzv-id={options.rdzv_id}"]
     args = [f"--nnodes={options.nnodes}", f"--nproc-per-node={options.nproc}", *where,
-            f"--max-restarts={options.max_restarts}", "--module", module, *module_args]
+            f"--max-restarts={options.max_restarts}", "--module", "trainer", *module_args]
     # Threads are set per rank by the trainer; this only silences torchrun's warning.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # A failure is reported below in one line (its rank printed the details): torchrun's own
@@ -148,19 +146,3 @@ def _torchrun(module: str, module_args: list[str], options: TorchrunOptions,
                            "are printed above, and the first is the cause (a rank that loses "
                            "its peer fails too)") from None
     return 0
-
-
-def _as_flags(values: dict, names: set[str]) -> list[str]:
-    """Parsed values back into trainer flags, so torchrun's ranks parse the same settings."""
-    flags = []
-    for name, value in values.items():
-        if name not in names or value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, tuple):  # a list of numbers, e.g. --ranking-ks 10 20
-            flags.extend([flag, *(str(v) for v in value)])
-        else:
-            flags.extend([flag, str(value)])
-    return flags

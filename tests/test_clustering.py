@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch.options import add_config_arguments
+from shardmf.flags import add_config_arguments
 from trainer import clustering
 from trainer.clustering import ClusterResult, cluster_items
 from trainer.config import ClusterConfig

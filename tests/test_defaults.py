@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_config
 from test_sync import spawn_ranks
 
 from trainer.checkpoint import TrainState
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.defaults import (
     CACHE_SHARE_OF_MEMORY,
-    EXCHANGE_EVERY_RATINGS,
     LARGE_SET,
     LARGE_SET_RATINGS,
     SMALL_SET,
@@ -22,16 +22,17 @@ from trainer.defaults import (
     resolve_defaults,
 )
 from trainer.distributed import DistEnv
+from trainer.strategy import EXCHANGE_EVERY_RATINGS
 from trainer.train import train
 
 
-def _resolve(ratings: int, world_size: int = 1, backend: str | None = None, **given):
+def _resolve(ratings: int, world_size: int = 1, periodic: bool = False, **given):
     model = ModelConfig(**{k: v for k, v in given.items() if k in ("dim",)})
     optim = OptimConfig(**{k: v for k, v in given.items() if k in ("lr", "lr_decay")})
     train = TrainConfig(**{k: v for k, v in given.items()
                            if k not in ("dim", "lr", "lr_decay")})
     return resolve_defaults(model, optim, train, train_ratings=ratings,
-                            world_size=world_size, backend=backend)
+                            world_size=world_size, periodic_exchange=periodic)
 
 
 @pytest.mark.parametrize(("ratings", "recipe"), [(90_000, SMALL_SET),
@@ -44,39 +45,27 @@ def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe:
     assert resolved.optim.lr == recipe["lr"] and resolved.optim.lr_decay == recipe["lr_decay"]
     assert resolved.train.patience == recipe["patience"]
     assert resolved.train.min_delta == recipe["min_delta"]
-    assert resolved.train.sync_every == 1  # one process exchanges nothing
-    assert resolved.chosen == {**recipe, "sync_every": 1, "prefetch": 4, "cache_mb": 0}
+    assert resolved.chosen == {**recipe, "prefetch": 4, "cache_mb": 0}
     assert f"{ratings:,} training ratings" in resolved.reason
 
 
 def test_values_given_by_the_user_are_never_replaced() -> None:
-    resolved = _resolve(5_000_000, dim=16, lr=0.5, patience=0, sync_every=4, world_size=2,
-                        backend="gloo")
+    resolved = _resolve(5_000_000, dim=16, lr=0.5, patience=0, world_size=2, periodic=True)
     assert (resolved.model.dim, resolved.optim.lr, resolved.train.patience) == (16, 0.5, 0)
-    assert resolved.train.sync_every == 4
     assert set(resolved.chosen) == {"reg", "lr_decay", "min_delta", "prefetch", "cache_mb"}
 
 
-def test_several_cpu_ranks_exchange_rows_periodically_unless_they_sync_gradients() -> None:
-    # 1,024 ratings a step over 2 ranks: 512 a rank, so 512 steps between exchanges
-    assert _resolve(5_000_000, 2, "gloo").train.sync_every == EXCHANGE_EVERY_RATINGS // 512
-    assert _resolve(5_000_000, 2, "gloo", batch_size=8192).train.sync_every == 128
-    assert _resolve(5_000_000, 2, "nccl").train.sync_every == 1  # DDP on GPUs
-    assert _resolve(5_000_000, 2, "gloo", sync="ddp").train.sync_every == 1
-    assert _resolve(5_000_000, 2, "gloo", gradients="dense").train.sync_every == 1
-
-
 def test_periodic_averaging_on_a_small_set_keeps_the_per_rating_step() -> None:
-    assert _resolve(90_000, 2, "gloo").optim.lr == SMALL_SET["lr"] * 2
-    assert _resolve(90_000, 2, "gloo", lr=0.01).optim.lr == 0.01  # given: kept
-    assert _resolve(5_000_000, 2, "gloo").optim.lr == LARGE_SET["lr"]
-    assert _resolve(90_000, 2, "gloo", sync="ddp").optim.lr == SMALL_SET["lr"]
+    assert _resolve(90_000, 2, periodic=True).optim.lr == SMALL_SET["lr"] * 2
+    assert _resolve(90_000, 2, periodic=True, lr=0.01).optim.lr == 0.01  # given: kept
+    assert _resolve(5_000_000, 2, periodic=True).optim.lr == LARGE_SET["lr"]
+    assert _resolve(90_000, 2, periodic=False).optim.lr == SMALL_SET["lr"]
 
 
 def test_batches_are_cut_ahead_only_with_a_spare_core() -> None:
     model, optim, train = ModelConfig(), OptimConfig(), TrainConfig()
     busy = resolve_defaults(model, optim, train, train_ratings=10, world_size=2,
-                            backend="gloo", spare_core=False)
+                            periodic_exchange=True, spare_core=False)
     assert busy.train.prefetch == 0 and _resolve(10).train.prefetch == 4
     assert _resolve(10, prefetch=2).train.prefetch == 2
 
@@ -84,10 +73,10 @@ def test_batches_are_cut_ahead_only_with_a_spare_core() -> None:
 def test_decoded_ratings_are_kept_within_a_share_of_the_machine_memory() -> None:
     model, optim, train = ModelConfig(), OptimConfig(), TrainConfig()
     resolved = resolve_defaults(model, optim, train, train_ratings=10, world_size=2,
-                                backend="gloo", memory_per_rank=12 * 2**30)
+                                periodic_exchange=True, memory_per_rank=12 * 2**30)
     assert resolved.train.cache_mb == 12 * 1024 // CACHE_SHARE_OF_MEMORY
     given = resolve_defaults(model, optim, TrainConfig(cache_mb=0), train_ratings=10,
-                             world_size=1, backend=None, memory_per_rank=12 * 2**30)
+                             world_size=1, periodic_exchange=False, memory_per_rank=12 * 2**30)
     assert given.train.cache_mb == 0 and "cache_mb" not in given.chosen
 
 
@@ -129,8 +118,10 @@ def test_a_worse_epoch_is_never_kept_as_best() -> None:
 
 def test_train_records_and_uses_the_choice(trainer_shards_dir: Path, tmp_path: Path) -> None:
     single = DistEnv(0, 0, 1, 1, torch.device("cpu"), None)
-    metrics = train(trainer_shards_dir, tmp_path / "run", ModelConfig(), OptimConfig(),
-                    TrainConfig(epochs=2, threads=1), single)
+    metrics = train(run_config(trainer_shards_dir, tmp_path / "run",
+                               ModelConfig(),
+                               OptimConfig(),
+                               TrainConfig(epochs=2, threads=1)), single)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     chosen = config["chosen_from_data"]
     assert {k: chosen[k] for k in SMALL_SET} == SMALL_SET  # ~18k ratings: a small set
@@ -140,8 +131,10 @@ def test_train_records_and_uses_the_choice(trainer_shards_dir: Path, tmp_path: P
 
 
 def _default_job(env: DistEnv, shards: str, out: str) -> None:
-    train(shards, Path(out) / "run", ModelConfig(), OptimConfig(),
-          TrainConfig(epochs=3, threads=1, timeout_s=60), env)
+    train(run_config(shards, Path(out) / "run",
+                     ModelConfig(),
+                     OptimConfig(),
+                     TrainConfig(epochs=3, threads=1, timeout_s=60)), env)
 
 
 @pytest.mark.distributed

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_config
 from test_sync import spawn_ranks
 
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce
 from trainer.errors import InputError
-from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
+from trainer.fused_step import FusedSGDStep, load_fused_kernel
 from trainer.model import BiasedMF
 from trainer.optim import RowSGD
 from trainer.steps import sparse_tables
@@ -123,22 +124,6 @@ def test_a_run_of_batches_in_one_call_is_each_batch_in_turn() -> None:
     assert not torch.equal(whole.user_factors.weight, at_once.user_factors.weight)
 
 
-def test_resolve_step() -> None:
-    fused = {"optimizer": "sgd", "device": CPU, "per_step_sync": False}
-    assert resolve_step("auto", **fused) == "fused"
-    assert resolve_step("autograd", **fused) == "autograd"
-    for obstacle, message in (({"optimizer": "adam"}, "--optimizer adam"),
-                              ({"device": torch.device("cuda")}, "device cuda"),
-                              ({"per_step_sync": True}, "--sync-every")):
-        assert resolve_step("auto", **{**fused, **obstacle}) == "autograd"
-        with pytest.raises(InputError, match=message):
-            resolve_step("fused", **{**fused, **obstacle})
-    with pytest.raises(InputError, match="--step 'fast'"):
-        resolve_step("fast", **fused)
-    with pytest.raises(ValueError, match="--step"):
-        TrainConfig(step="fast")
-
-
 def test_without_numba_one_warning_and_the_autograd_step(
         trainer_shards_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -156,12 +141,13 @@ def test_without_numba_one_warning_and_the_autograd_step(
         with caplog.at_level(logging.WARNING, logger="trainer.fused_step"):
             single = DistEnv(0, 0, 1, 1, CPU, None)
             settings = {"epochs": 2, "patience": 0, "batch_size": 256, "threads": 1}
-            metrics = train(trainer_shards_dir, tmp_path / "run", ModelConfig(reg=0.05, dim=8),
-                            OptimConfig(lr=0.01), TrainConfig(**settings), single)
-            assert resolve_step("auto", optimizer="sgd", device=CPU,
-                                per_step_sync=False) == "autograd"
-            with pytest.raises(InputError, match="numba could not load"):
-                resolve_step("fused", optimizer="sgd", device=CPU, per_step_sync=False)
+            metrics = train(run_config(trainer_shards_dir, tmp_path / "run",
+                                       ModelConfig(reg=0.05, dim=8),
+                                       OptimConfig(lr=0.01),
+                                       TrainConfig(**settings)), single)
+            with pytest.raises(InputError, match="numba, which could not load"):
+                train(run_config(trainer_shards_dir, tmp_path / "fused",
+                                 train=TrainConfig(**settings, step="fused")), single)
     finally:
         monkeypatch.undo()
         load_fused_kernel.cache_clear()
@@ -222,8 +208,10 @@ def _train_job(env: DistEnv, shards: str, out: str) -> None:
     settings = {"epochs": 3, "patience": 0, "batch_size": 256, "threads": 1,
                 "sync_every": PERIODIC_EVERY, "seed": 0, "timeout_s": 60}
     for kind in ("fused", "autograd"):
-        train(shards, Path(out) / kind, ModelConfig(dim=16, reg=0.02),
-              OptimConfig(lr=0.03, lr_decay=0.9), TrainConfig(step=kind, **settings), env)
+        train(run_config(shards, Path(out) / kind,
+                         ModelConfig(dim=16, reg=0.02),
+                         OptimConfig(lr=0.03, lr_decay=0.9),
+                         TrainConfig(step=kind, **settings)), env)
 
 
 @pytest.mark.distributed

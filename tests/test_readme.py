@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from launch.cli import build_parser
-from launch.train_entry import build_parser as build_trainer_parser
+from trainer.entry import build_parser as build_trainer_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import run_config
 from test_distributed import ROOT, SHARDMF, error_lines, finish_job
 from test_trainer_unit import SINGLE, SMALL, run_train
 
@@ -306,9 +307,10 @@ def test_resume_refuses_other_shards_and_another_optimizer(trainer_shards_dir: P
                   user_embeddings="replicated")
     with pytest.raises(InputError, match="trained with --optimizer sgd; this run has "
                                          "--optimizer adam. Resume with --optimizer sgd"):
-        train(trainer_shards_dir, run, ModelConfig(dim=8, reg=0.02),
-              OptimConfig(optimizer="adam", lr=0.03),
-              TrainConfig(**SMALL, epochs=2, resume=True), SINGLE)
+        train(run_config(trainer_shards_dir, run,
+                         ModelConfig(dim=8, reg=0.02),
+                         OptimConfig(optimizer="adam", lr=0.03),
+                         TrainConfig(**SMALL, epochs=2, resume=True)), SINGLE)
 
 
 class _RunsCode:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_config
 
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, TestFault, teardown, wrap_model
@@ -24,7 +25,7 @@ from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.steps import sparse_tables
-from trainer.sync import PackedSparseSync, PeriodicRowSync, resolve_sync
+from trainer.sync import PackedSparseSync, PeriodicRowSync
 from trainer.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
@@ -178,19 +179,6 @@ def test_periodic_sync_moves_each_row_by_its_mean_change(tmp_path: Path) -> None
             assert torch.equal(bias, -expected.unsqueeze(1))
 
 
-def test_resolve_sync() -> None:
-    gloo = DistEnv(0, 0, 2, 2, torch.device("cpu"), "gloo")
-    nccl = dataclasses.replace(gloo, backend="nccl")
-    assert resolve_sync("auto", True, gloo) == "packed"
-    assert resolve_sync("auto", False, gloo) == "ddp"
-    assert resolve_sync("auto", False, nccl) == "ddp"
-    assert resolve_sync("ddp", True, gloo) == "ddp"
-    with pytest.raises(InputError, match="--sync packed needs sparse gradients"):
-        resolve_sync("packed", False, gloo)
-    with pytest.raises(ValueError, match="--sync 'x'"):
-        TrainConfig(sync="x")
-
-
 def test_single_process_packed_sync_is_a_no_op() -> None:
     env = DistEnv(0, 0, 1, 1, torch.device("cpu"), None)
     model = BiasedMF(5, 4, 3.0, ModelConfig(reg=0.05, dim=2), sparse=True)
@@ -220,14 +208,14 @@ def _train_job(env: DistEnv, shards: str, out: str) -> None:
     """ddp and packed from the same seed; then packed crashed mid-epoch 2 on both ranks
     (checkpoints every 5 steps) and resumed."""
     for sync in ("ddp", "packed"):
-        train(shards, Path(out) / sync, *_configs(sync=sync), env)
+        train(run_config(shards, Path(out) / sync, *_configs(sync=sync)), env)
     steps = json.loads((Path(out) / "packed" / "config.json").read_text())["steps_per_epoch"]
     crashing = dataclasses.replace(env, test_fault=TestFault("raise", env.rank, steps + 7))
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(shards, Path(out) / "resumed", *_configs(sync="packed", checkpoint_every=5),
-              crashing)
-    train(shards, Path(out) / "resumed", *_configs(sync="packed", checkpoint_every=5,
-                                                   resume=True), env)
+        train(run_config(shards, Path(out) / "resumed",
+                         *_configs(sync="packed", checkpoint_every=5)), crashing)
+    train(run_config(shards, Path(out) / "resumed",
+                     *_configs(sync="packed", checkpoint_every=5, resume=True)), env)
 
 
 def _without_timing(records):
@@ -269,18 +257,18 @@ def _owned_job(env: DistEnv, shards: str, out: str) -> None:
     """Replicated and owned user rows on the same user-partitioned shards; the periodic
     sync; and the periodic sync crashed mid-epoch 2 on both ranks, then resumed."""
     more = {"epochs": 12, "lr_decay": 0.8}  # settles, so the comparison is not noise
-    train(shards, Path(out) / "replicated", *_configs(user_embeddings="replicated", **more),
-          env)
-    train(shards, Path(out) / "owned", *_configs(**more), env)  # auto: owned
+    train(run_config(shards, Path(out) / "replicated",
+                     *_configs(user_embeddings="replicated", **more)), env)
+    train(run_config(shards, Path(out) / "owned", *_configs(**more)), env)  # auto: owned
     # Rows both ranks change move by their mean change: about half a step on items, so
     # this run gets more epochs to settle.
     periodic = {"sync_every": 3, "checkpoint_every": 5, "epochs": 20, "lr_decay": 0.9}
-    train(shards, Path(out) / "periodic", *_configs(**periodic), env)
+    train(run_config(shards, Path(out) / "periodic", *_configs(**periodic)), env)
     steps = json.loads((Path(out) / "owned" / "config.json").read_text())["steps_per_epoch"]
     crashing = dataclasses.replace(env, test_fault=TestFault("raise", env.rank, steps + 7))
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(shards, Path(out) / "resumed", *_configs(**periodic), crashing)
-    train(shards, Path(out) / "resumed", *_configs(resume=True, **periodic), env)
+        train(run_config(shards, Path(out) / "resumed", *_configs(**periodic)), crashing)
+    train(run_config(shards, Path(out) / "resumed", *_configs(resume=True, **periodic)), env)
 
 
 def test_owned_user_rows_match_replicated_and_resume_bit_identically(
@@ -331,7 +319,7 @@ def test_owned_user_rows_match_replicated_and_resume_bit_identically(
     # A checkpoint of owned rows continues only as it was written.
     one = _configs(resume=True, epochs=13)
     with pytest.raises(InputError, match="--user-embeddings owned"):
-        train(trainer_user_shards_dir, tmp_path / "owned", *one, single)
+        train(run_config(trainer_user_shards_dir, tmp_path / "owned", *one), single)
     owned_one = _configs(resume=True, epochs=13, user_embeddings="owned")
     with pytest.raises(InputError, match="resume with 2 processes"):
-        train(trainer_user_shards_dir, tmp_path / "owned", *owned_one, single)
+        train(run_config(trainer_user_shards_dir, tmp_path / "owned", *owned_one), single)

@@ -12,7 +12,9 @@ import types
 _HOMES = {
     "RUN_CONFIGS": "trainer.config", "ClusterConfig": "trainer.config",
     "ModelConfig": "trainer.config", "OptimConfig": "trainer.config",
-    "RankingConfig": "trainer.config", "TrainConfig": "trainer.config",
+    "RankingConfig": "trainer.config", "RunConfig": "trainer.config",
+    "TrainConfig": "trainer.config", "EvaluateJob": "trainer.entry", "TrainJob": "trainer.entry",
+    "run_job": "trainer.entry",
     "DistEnv": "trainer.distributed", "init_distributed": "trainer.distributed",
     "teardown": "trainer.distributed", "InputError": "trainer.errors",
     "cluster_run": "trainer.post_step", "TrainedRun": "trainer.run",

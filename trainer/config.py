@@ -258,20 +258,62 @@ class RankingConfig:
 # Every config of a training run, in the order of config.json's sections and of --help.
 TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, RankingConfig)  # what training reads
 RUN_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig)
-SKIP_CLUSTERS = 0  # --clusters 0: train without the clustering post-step
+SKIP_CLUSTERS = 0  # clusters=0: train without the clustering post-step
 
 
 def config_from_values(cls: type, values: dict):
-    """Build a config from the flat flag values that belong to it (others are ignored)."""
+    """Build a config from the flat values that belong to it (others are ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def post_step_config(values: dict) -> ClusterConfig | None:
-    """The clustering post-step's config from flat flag values; None for --clusters 0.
-
-    A flag set without ``seed`` of its own clusters with the run's training seed.
-    """
+    """The clustering post-step's config from flat values; None for clusters=0. Its
+    ``seed`` is the run's (the one ``seed`` value drives training and clustering)."""
     if values.get("clusters", ClusterConfig.clusters) == SKIP_CLUSTERS:
         return None
-    return config_from_values(ClusterConfig, {"seed": TrainConfig.seed, **values})
+    return config_from_values(ClusterConfig, values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a training run reads, built and checked once (from flags, a TOML file or
+    the estimator's parameters) and handed to every rank whole (trainer/entry.py)."""
+
+    shards_dir: str  # the output of `shardmf prepare`
+    run_dir: str  # where the run's files go
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    cluster: ClusterConfig | None = None  # None: no clustering post-step
+
+    @classmethod
+    def from_values(cls, shards_dir: str, run_dir: str, values: dict) -> RunConfig:
+        """From flat values (flag or parameter names); every section checked here."""
+        return cls(shards_dir=str(shards_dir), run_dir=str(run_dir),
+                   model=config_from_values(ModelConfig, values),
+                   optim=config_from_values(OptimConfig, values),
+                   train=config_from_values(TrainConfig, values),
+                   ranking=config_from_values(RankingConfig, values),
+                   cluster=post_step_config(values))
+
+    def to_dict(self) -> dict:
+        """JSON-ready: nested sections, as config.json records them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        sections = {name: _from_json(kind, data[name]) for name, kind in _SECTIONS.items()}
+        cluster = data.get("cluster")
+        return cls(shards_dir=data["shards_dir"], run_dir=data["run_dir"], **sections,
+                   cluster=None if cluster is None else _from_json(ClusterConfig, cluster))
+
+
+_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
+             "ranking": RankingConfig}
+
+
+def _from_json(cls: type, values: dict):
+    """A config from its JSON section (JSON lists back to the tuples the fields declare)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -1,8 +1,5 @@
-"""The one exception type for problems a user can fix (missing shards, bad flags, bad run dir)."""
+"""Re-export of the shared user-error type (shardmf/errors.py)."""
 
+from shardmf.errors import InputError
 
-class InputError(ValueError):
-    """A user-caused problem: the message names what was found, what was expected and what to do.
-
-    The CLI prints it as one line and exits with status 2; anything else keeps its traceback.
-    """
+__all__ = ["InputError"]

@@ -23,8 +23,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from trainer.config import STEPS
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
 from trainer.sync import PeriodicRowSync
@@ -55,40 +53,6 @@ def load_fused_kernel() -> Callable | None:
                     type(e).__name__, e)
         return None
     return kernel
-
-
-def resolve_step(choice: str, *, optimizer: str, device: torch.device,
-                 per_step_sync: bool) -> str:
-    """``fused`` or ``autograd`` for this run.
-
-    auto: fused on the CPU with plain SGD when numba loads and no gradient is exchanged
-    every step (one process, or ``--sync-every N`` > 1); autograd otherwise (adagrad/adam,
-    CUDA, DDP or the per-step packed sync, which exchange gradients the fused step never
-    materialises).
-    """
-    if choice not in STEPS:
-        raise InputError(f"--step {choice!r}: expected one of {' | '.join(STEPS)}")
-    if choice == "autograd":
-        return choice
-    obstacle = None
-    if optimizer != "sgd":
-        obstacle = f"--optimizer {optimizer} (it supports sgd only)"
-    elif device.type != "cpu":
-        obstacle = f"device {device.type} (it runs on the CPU only)"
-    elif per_step_sync:
-        obstacle = ("a gradient exchange every step (use --sync-every 2 or more with "
-                    "several ranks)")
-    if obstacle is not None:
-        if choice == "fused":
-            raise InputError(f"--step fused cannot run with {obstacle}; use --step auto or "
-                             "--step autograd")
-        return "autograd"
-    if load_fused_kernel() is None:
-        if choice == "fused":
-            raise InputError("--step fused: numba could not load or compile the kernel (see "
-                             "the warning above); install numba>=0.59 or use --step autograd")
-        return "autograd"
-    return "fused"
 
 
 class FusedSGDStep:

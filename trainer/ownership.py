@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from trainer.config import USER_EMBEDDINGS
 from trainer.distributed import DistEnv
 from trainer.errors import InputError
 from trainer.shards import Piece, ShardSet, balanced_owners
@@ -36,37 +35,6 @@ class UserOwnership:
 
     def pieces(self, shard_set: ShardSet, split: str) -> list[Piece]:
         return shard_set.pieces(split, self.shards)
-
-
-def resolve_user_embeddings(choice: str, shards: ShardSet, env: DistEnv,
-                            gradients: str) -> UserOwnership | None:
-    """This rank's ownership when user rows are owned, None when they are replicated.
-
-    auto: owned for several ranks on gloo over shards partitioned by user (unless dense
-    gradients are asked for); replicated otherwise.
-    """
-    if choice not in USER_EMBEDDINGS:
-        raise InputError(f"--user-embeddings {choice!r}: expected one of "
-                         f"{' | '.join(USER_EMBEDDINGS)}")
-    partitioned = shards.manifest.get("partition", {}).get("scheme") == "user"
-    if choice == "auto":
-        wanted = (partitioned and env.world_size > 1 and env.backend == "gloo"
-                  and gradients != "dense")
-        if not wanted:
-            return None
-    elif choice == "replicated":
-        return None
-    if not partitioned:
-        raise InputError(f"--user-embeddings owned: {shards.root} is not partitioned by user; "
-                         "prepare it with `shardmf prepare ... --partition-by user`")
-    if gradients == "dense":
-        raise InputError("--user-embeddings owned synchronises item rows only, as sparse "
-                         "gradients; drop --gradients dense (or use --user-embeddings "
-                         "replicated)")
-    if env.backend == "nccl":
-        raise InputError("--user-embeddings owned runs on gloo (CPU) for now; on GPUs use "
-                         "--user-embeddings replicated")
-    return user_ownership(shards, env)
 
 
 def user_ownership(shards: ShardSet, env: DistEnv) -> UserOwnership:

@@ -20,14 +20,11 @@ from __future__ import annotations
 import torch
 
 from trainer.distributed import DistEnv, wrap_model
-from trainer.errors import InputError
-from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
+from trainer.fused_step import FusedSGDStep, load_fused_kernel
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
-from trainer.shards import ShardSet
+from trainer.strategy import Strategy
 from trainer.sync import PackedSparseSync, PeriodicRowSync
-
-DENSE_ROWS_PER_BATCH_ROW = 4  # auto: dense gradients while tables have <= 4 rows per batch row
 
 
 class AutogradStep:
@@ -72,59 +69,33 @@ class AutogradStep:
             self.sync_bytes += self.grad_sync.flush()
 
 
-def build_step(choice: str, model: BiasedMF, optimizer: Optimizer,
-               optimizer_name: str, sync: str, owned: bool, sync_every: int, rank_batch: int,
+def build_step(strategy: Strategy, model: BiasedMF, optimizer: Optimizer, rank_batch: int,
                env: DistEnv) -> AutogradStep | FusedSGDStep:
-    """The run's step for ``--step`` (auto: fused where it applies, trainer/fused_step.py).
+    """The run's step, as `trainer.strategy.resolve_strategy` chose it.
 
     Built after any resume: the periodic sync snapshots the weights it starts from. Only
     the periodic sync exchanges rows the fused step changed in place; DDP and the per-step
     packed sync exchange gradients, which it never materialises.
     """
-    step_model, grad_sync = replica_sync(sync, model, owned, sync_every, rank_batch, env)
-    per_step_sync = env.backend is not None and not isinstance(grad_sync, PeriodicRowSync)
-    kind = resolve_step(choice, optimizer=optimizer_name, device=env.device,
-                        per_step_sync=per_step_sync)
-    if kind == "fused":
-        return FusedSGDStep(model, optimizer, load_fused_kernel(), rank_batch, grad_sync, owned)
+    step_model, grad_sync = replica_sync(strategy, model, rank_batch, env)
+    if strategy.step == "fused":
+        return FusedSGDStep(model, optimizer, load_fused_kernel(), rank_batch, grad_sync,
+                            strategy.owned)
     return AutogradStep(step_model, optimizer, grad_sync,
                         1.0 if grad_sync is not None else float(env.world_size), rank_batch)
 
 
-def replica_sync(sync: str, model: BiasedMF, owned: bool, every: int, rank_batch: int,
-                  env: DistEnv) -> tuple[torch.nn.Module,
-                                         PackedSparseSync | PeriodicRowSync | None]:
+def replica_sync(strategy: Strategy, model: BiasedMF, rank_batch: int, env: DistEnv
+                 ) -> tuple[torch.nn.Module, PackedSparseSync | PeriodicRowSync | None]:
     """The module to step and what keeps replicas equal: DDP's wrapper, or a row sync."""
-    if sync != "packed":
+    if strategy.sync != "packed":
         return wrap_model(model, env), None
     if env.backend is None:
         return model, None
-    groups = item_tables(model) if owned else sparse_tables(model)
-    if every > 1:
-        return model, PeriodicRowSync(groups, env, every, rank_batch)
+    groups = item_tables(model) if strategy.owned else sparse_tables(model)
+    if strategy.sync_every > 1:
+        return model, PeriodicRowSync(groups, env, strategy.sync_every, rank_batch)
     return model, PackedSparseSync(groups, env)
-
-
-def use_sparse_gradients(choice: str, shards: ShardSet, global_batch: int,
-                         env: DistEnv, sync_every: int = 1) -> bool:
-    """Sparse rows when the tables dwarf a step's rows; whole tables when they are small.
-
-    A sparse step moves the touched rows of every rank (~2 x global batch rows); a dense
-    step moves and updates whole tables but in one cheap collective. nccl has no sparse
-    all-reduce, so GPUs always go dense. ``--sync-every N`` > 1 exchanges rows itself, not
-    gradients: each rank's update then touches only its rows, so sparse.
-    """
-    if choice != "auto":
-        if choice == "sparse" and env.backend == "nccl":
-            raise InputError("--gradients sparse needs gloo: nccl cannot all-reduce sparse "
-                             "tensors; use --gradients dense on GPUs")
-        return choice == "sparse"
-    if env.backend == "nccl":
-        return False
-    if env.backend is None or sync_every > 1:
-        return True  # nothing to communicate per step, so only touched rows move
-    rows = shards.num_users + shards.num_items
-    return rows > DENSE_ROWS_PER_BATCH_ROW * global_batch
 
 
 def sparse_tables(model: BiasedMF) -> list[list[torch.nn.Parameter]]:

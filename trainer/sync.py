@@ -28,53 +28,18 @@ step alone and every N steps agree on the mean change of each row (local SGD).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import SYNCS
 from trainer.distributed import DistEnv
-from trainer.errors import InputError
-
-log = logging.getLogger(__name__)
 
 MAX_ROWS = 2**31 - 1  # row indices travel as int32 bit patterns inside the float32 buffer
 # Periodic sync: a table whose rows are at most 1/4 of the ratings a rank trains on between
 # exchanges is exchanged whole (one all-reduce), a larger one by its touched rows.
 DENSE_EXCHANGE_RATINGS_PER_ROW = 4
-
-
-def resolve_sync(choice: str, sparse: bool, env: DistEnv, owned_users: bool = False,
-                 every: int = 1) -> str:
-    """``ddp`` or ``packed`` for this run; auto: packed for sparse gradients on gloo.
-
-    Dense gradients (small tables, nccl) keep DDP: one bucketed all-reduce per step.
-    Owned user rows (trainer/ownership.py) and ``--sync-every N`` need the packed sync:
-    DDP would average every parameter, other ranks' users included, every step.
-    """
-    if choice not in SYNCS:
-        raise InputError(f"--sync {choice!r}: expected one of {' | '.join(SYNCS)}")
-    if choice == "packed" and (not sparse or env.backend == "nccl"):
-        raise InputError("--sync packed needs sparse gradients on gloo (--gradients sparse, "
-                         "--backend gloo); use --sync ddp for dense gradients")
-    if choice == "auto":
-        choice = "packed" if sparse and env.backend != "nccl" else "ddp"
-    if choice == "ddp" and owned_users:
-        raise InputError("--user-embeddings owned keeps user rows on their rank, which DDP "
-                         "cannot do; use --sync packed (or --user-embeddings replicated)")
-    if choice == "ddp" and every > 1:
-        raise InputError(f"--sync-every {every} works with the packed sync of sparse "
-                         "gradients on gloo; leave it at 1 for DDP (dense gradients, nccl)")
-    if choice == "packed":
-        return choice
-    if choice == "ddp" and sparse and env.backend == "gloo" and env.is_main:
-        log.warning("--sync ddp with sparse gradients: DDP's sparse all-reduce over gloo "
-                    "aborted with heap corruption after a few epochs in our runs (torch "
-                    "2.13); --sync packed (the default) does the same update safely")
-    return choice
 
 
 class RowExchange:

@@ -24,12 +24,13 @@ skipping a batch, and finishes with the same figures as a run never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from trainer.checkpoint import (
     save_model,
     save_owned_model,
 )
-from trainer.config import ModelConfig, OptimConfig, RankingConfig, TrainConfig
+from trainer.config import ModelConfig, RankingConfig, RunConfig, TrainConfig
 from trainer.data import (
     RowGroupReader,
     TrainBatches,
@@ -52,18 +53,19 @@ from trainer.data import (
     steps_per_epoch,
     train_loader,
 )
-from trainer.defaults import ranks_cannot_pay, resolve_defaults
+from trainer.defaults import Resolved, ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
 from trainer.errors import InputError
-from trainer.fused_step import FusedSGDStep
+from trainer.fused_step import FusedSGDStep, load_fused_kernel
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
-from trainer.ownership import UserOwnership, resolve_user_embeddings
+from trainer.ownership import UserOwnership, user_ownership
 from trainer.ranking import ranking_metrics, relevance_threshold
 from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
-from trainer.steps import AutogradStep, build_step, use_sparse_gradients
-from trainer.sync import PeriodicRowSync, resolve_sync
+from trainer.steps import AutogradStep, build_step
+from trainer.strategy import Facts, Strategy, resolve_strategy
+from trainer.sync import PeriodicRowSync
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +76,29 @@ log = logging.getLogger(__name__)
 LOSS_CHECK_RATINGS = 131_072
 
 
-def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig,
-          optim_config: OptimConfig, train_config: TrainConfig, env: DistEnv,
-          extra_config: dict | None = None,
-          ranking_config: RankingConfig | None = None) -> dict:
-    """Train on SHARDS_DIR, write RUN_DIR; returns the final metrics (on every rank).
-
-    ``ranking_config`` None: RankingConfig's defaults (k 10 and 20, threshold from the scale).
-    """
-    run = Path(run_dir)
-    ranking_config = ranking_config or RankingConfig()
-    plan = _plan(shards_dir, train_config, env)
-    train_ratings = plan.shards.rows("train")
-    auto = resolve_defaults(model_config, optim_config, train_config,
-                            train_ratings=train_ratings, world_size=env.world_size,
-                            backend=env.backend,
+def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dict:
+    """Train on ``config.shards_dir``, write ``config.run_dir``; returns the final metrics
+    (on every rank). Every rank calls it with the same config; ``shards_verified``: the
+    launcher has just checked the shards (``config.train.verify``), so ranks trust them."""
+    run = Path(config.run_dir)
+    plan = _plan(config, env, shards_verified)
+    auto = resolve_defaults(config.model, config.optim, config.train,
+                            train_ratings=plan.shards.rows("train"),
+                            world_size=env.world_size,
+                            periodic_exchange=env.world_size > 1 and plan.strategy.sync_every > 1,
                             spare_core=len(os.sched_getaffinity(0)) > env.local_world_size,
                             memory_per_rank=_machine_memory() // env.local_world_size)
-    model_config, optim_config, train_config = auto.model, auto.optim, auto.train
+    strategy, ranking_config = plan.strategy, config.ranking
+    # The config as it runs: every auto field filled, the strategy's choices included.
+    model_config, optim_config = auto.model, auto.optim
+    train_config = dataclasses.replace(auto.train, **dataclasses.asdict(strategy))
     reader = RowGroupReader(plan.local_rows, train_config.cache_mb * 2**20)
     # A threshold outside the data's scale fails now, not after the last epoch.
     relevance_threshold(plan.shards.scale, ranking_config.ranking_threshold)
     torch.manual_seed(train_config.seed)
-    sparse = plan.owned or use_sparse_gradients(
-        train_config.gradients, plan.shards, plan.global_batch, env, train_config.sync_every)
     num_users = len(plan.ownership.users) if plan.owned else plan.shards.num_users
     model = BiasedMF(num_users, plan.shards.num_items, plan.shards.train_mean, model_config,
-                     sparse=sparse)
-    sync = resolve_sync(train_config.sync, sparse, env, plan.owned, train_config.sync_every)
+                     sparse=strategy.sparse)
     model.to(env.device)
     optimizer = build_optimizer(model, optim_config)
     shape = {"world_size": env.world_size, "rank_batch_size": plan.rank_batch,
@@ -110,30 +107,17 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                                 identity={"shards": plan.shards.identity,
                                           "optimizer": optim_config.optimizer})
     state = checkpointer.start(train_config)
-    step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
-                      plan.owned, train_config.sync_every, plan.rank_batch, env)
+    step = build_step(strategy, model, optimizer, plan.rank_batch, env)
     if env.is_main:
-        config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
-                  "backend": env.backend, "device": str(env.device),
-                  "rank_batch_size": plan.rank_batch, "steps_per_epoch": plan.steps,
-                  "gradients": "sparse" if sparse else "dense", "sync": sync,
-                  "user_embeddings": "owned" if plan.owned else "replicated",
-                  "step": step.kind, "chosen_from_data": {**auto.chosen, "reason": auto.reason},
-                  "model": asdict(model_config), "optim": asdict(optim_config),
-                  "train": asdict(train_config), "ranking": asdict(ranking_config),
-                  **(extra_config or {})}
-        _start_run_folder(run, config, state)
-        if auto.chosen:
-            log.info("defaults from the data (%s): %s", auto.reason,
-                     ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in auto.chosen.items()))
-        if ranks_cannot_pay(train_ratings, env.world_size):
-            log.warning("%d ranks on %s training ratings: each rank has too little work for "
-                        "more ranks to be faster here; one process would finish sooner",
-                        env.world_size, f"{train_ratings:,}")
-        log.info("training on %d ratings: %d users x %d items, dim %d, %d rank(s), "
-                 "%d steps of %d ratings per epoch", plan.shards.rows("train"),
-                 plan.shards.num_users, plan.shards.num_items, model_config.dim,
-                 env.world_size, plan.steps, plan.global_batch)
+        record = {"shards_dir": str(Path(config.shards_dir).resolve()),
+                  "world_size": env.world_size, "backend": env.backend,
+                  "device": str(env.device), "rank_batch_size": plan.rank_batch,
+                  "steps_per_epoch": plan.steps, **dataclasses.asdict(strategy),
+                  "chosen_from_data": {**auto.chosen, "reason": auto.reason},
+                  **dataclasses.replace(config, model=model_config, optim=optim_config,
+                                        train=train_config).to_dict()}
+        _start_run_folder(run, record, state)
+        _log_start(plan, strategy, auto, model_config, env)
 
     train_epoch = TrainEpoch(step, plan.pieces["train"], plan.rank_batch, plan.steps,
                              train_config, env, reader, checkpointer)
@@ -163,9 +147,11 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
 
 @dataclass(frozen=True)
 class _Plan:
-    """Which rows this rank reads and how many steps every rank takes per epoch."""
+    """Which rows this rank reads, how the run executes and how many steps every rank
+    takes per epoch."""
 
     shards: ShardSet
+    strategy: Strategy
     ownership: UserOwnership | None  # set when each rank owns its users' rows
     pieces: dict[str, list[Piece]]  # this rank's row groups per split
     rank_batch: int  # ratings per step on this rank
@@ -182,24 +168,33 @@ class _Plan:
         return self.ownership.local_rows if self.ownership else None
 
 
-def _plan(shards_dir: str | Path, config: TrainConfig, env: DistEnv) -> _Plan:
-    shards = open_shards(shards_dir, config.verify)
-    if config.batch_size < env.world_size:
-        raise InputError(f"--batch-size {config.batch_size} is smaller than the "
+def _plan(config: RunConfig, env: DistEnv, shards_verified: bool) -> _Plan:
+    train_config = config.train
+    shards = open_shards(config.shards_dir, "none" if shards_verified else train_config.verify)
+    if train_config.batch_size < env.world_size:
+        raise InputError(f"batch_size {train_config.batch_size} is smaller than the "
                          f"{env.world_size} ranks; each rank needs at least one rating per step")
-    ownership = resolve_user_embeddings(config.user_embeddings, shards, env, config.gradients)
+    rank_batch = train_config.batch_size // env.world_size
+    facts = Facts(world_size=env.world_size, backend=env.backend,
+                  device_type=env.device.type, optimizer=config.optim.optimizer,
+                  partitioned_by_user=shards.manifest.get("partition", {}).get("scheme")
+                  == "user", table_rows=shards.num_users + shards.num_items,
+                  rank_batch=rank_batch)
+    strategy = resolve_strategy(train_config, facts,
+                                fused_kernel_loads=lambda: load_fused_kernel() is not None)
+    ownership = user_ownership(shards, env) if strategy.owned else None
     if ownership is None:
         total_pieces = len(shards.pieces("train"))
         if total_pieces < env.world_size:
             raise InputError(f"{shards.root}: {total_pieces} training row groups for "
-                             f"{env.world_size} ranks; prepare with more --num-shards or a "
-                             "smaller --row-group-size, or use fewer processes")
+                             f"{env.world_size} ranks; prepare with more shards or a "
+                             "smaller row group size, or use fewer processes")
     pieces = {split: (ownership.pieces(shards, split) if ownership else
                       pieces_for_rank(shards.pieces(split), env.rank, env.world_size))
               for split in ("train", "val", "test")}
-    rank_batch = config.batch_size // env.world_size
     steps = int(all_reduce([steps_per_epoch(pieces["train"], rank_batch)], env, "max")[0])
-    return _Plan(shards, ownership, pieces, rank_batch, rank_batch * env.world_size, steps)
+    return _Plan(shards, strategy, ownership, pieces, rank_batch, rank_batch * env.world_size,
+                 steps)
 
 
 def _start_run_folder(run: Path, config: dict, state: TrainState) -> None:
@@ -208,6 +203,26 @@ def _start_run_folder(run: Path, config: dict, state: TrainState) -> None:
     run.mkdir(parents=True, exist_ok=True)
     write_jsonl(run / EPOCH_METRICS, state.history)
     write_json(run / CONFIG, config)
+
+
+def _log_start(plan: _Plan, strategy: Strategy, auto: Resolved, model_config: ModelConfig,
+               env: DistEnv) -> None:
+    """Rank 0: what was chosen from the data, and what the run will do."""
+    shards, train_ratings = plan.shards, plan.shards.rows("train")
+    if auto.chosen:
+        log.info("defaults from the data (%s): %s", auto.reason,
+                 ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in auto.chosen.items()))
+    if strategy.sync == "ddp" and strategy.sparse and env.backend == "gloo":
+        log.warning("sync ddp with sparse gradients: DDP's sparse all-reduce over gloo "
+                    "aborted with heap corruption after a few epochs in our runs (torch "
+                    "2.13); the packed sync (the default) does the same update safely")
+    if ranks_cannot_pay(train_ratings, env.world_size):
+        log.warning("%d ranks on %s training ratings: each rank has too little work for "
+                    "more ranks to be faster here; one process would finish sooner",
+                    env.world_size, f"{train_ratings:,}")
+    log.info("training on %d ratings: %d users x %d items, dim %d, %d rank(s), "
+             "%d steps of %d ratings per epoch", train_ratings, shards.num_users,
+             shards.num_items, model_config.dim, env.world_size, plan.steps, plan.global_batch)
 
 
 def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> None:
