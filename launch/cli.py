@@ -17,6 +17,7 @@ User errors print one line and exit 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from launch.torchrun import (
     launch_training,
 )
 from shardmf.errors import Terminated, raise_terminated
-from shardmf.flags import add_config_arguments, apply_config_file, positive_int
+from shardmf.flags import add_config_arguments, apply_config_file, as_flags, positive_int
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
@@ -92,13 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:
             raise
-        print_error(f"shardmf: error: {e}")
+        print_error(f"shardmf: error: {as_flags(str(e), flag_names())}")
         return EXIT_USAGE
     except RuntimeError as e:  # a rank failed; its own error is already on stderr
         if debug:
             raise
         print_error(f"shardmf: error: {e}")
         return 1
+
+
+def flag_names() -> set[str]:
+    """Every config field that is a flag of some command (the library names fields)."""
+    configs = (*RUN_CONFIGS, PrepareConfig, SourceOptions, SynthConfig, TorchrunOptions)
+    return {f.name for cls in configs for f in dataclasses.fields(cls)}
 
 
 def print_error(text: str) -> None:

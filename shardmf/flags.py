@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 import tomllib
@@ -175,3 +177,29 @@ def positive_int(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
     return number
+
+
+def as_flags(message: str, names: Iterable[str]) -> str:
+    """A library message in command-line words: a setting the library names as
+    ``name=value`` or `` `name` `` becomes ``--name value`` or ``--name``.
+
+    Only the given config field names are rewritten, so other text (``step 12 of epoch
+    3``, a file name) stays as it is.
+    """
+    known = set(names)
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def with_value(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in known:
+            return match.group(0)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # a string's repr: the flag takes the bare word
+        return f"{flag(name)} {value}"
+
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)", with_value,
+                     message)
+    return re.sub(r"`([a-z][a-z0-9_]*)`",
+                  lambda m: flag(m.group(1)) if m.group(1) in known else m.group(0), message)

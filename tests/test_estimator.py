@@ -95,7 +95,7 @@ def test_scikit_learn_parameter_protocol() -> None:
 
 
 def test_bad_parameters_and_columns_fail_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--dim 0"):
+    with pytest.raises(ValueError, match="dim=0"):
         MatrixFactorization(dim=0, work_dir=str(tmp_path / "a")).fit(_two_tastes(100))
     with pytest.raises(ValueError, match="no column 'user'"):
         MatrixFactorization(work_dir=str(tmp_path / "b"), verbose=False).fit(_two_tastes(100))

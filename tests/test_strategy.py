@@ -43,7 +43,7 @@ def test_gpu_ranks_take_the_same_periodic_row_exchange_not_ddp() -> None:
     assert _resolve(TWO_GPU) == Strategy("replicated", "sparse", "packed", PERIODIC, "autograd")
     owned = _resolve(dataclasses.replace(TWO_GPU, **BY_USER))
     assert owned == Strategy("owned", "sparse", "packed", PERIODIC, "autograd")
-    with pytest.raises(InputError, match="step 'fused' cannot run with device 'cuda'"):
+    with pytest.raises(InputError, match="step='fused' cannot run with device='cuda'"):
         _resolve(TWO_GPU, step="fused")
 
 
@@ -65,11 +65,11 @@ def test_given_choices_win_and_impossible_ones_name_their_fields() -> None:
         (TWO_CPU, {"user_embeddings": "owned"}, "needs shards partitioned by user"),
         (dataclasses.replace(TWO_CPU, **BY_USER), {"user_embeddings": "owned", "sync": "ddp"},
          "which DDP cannot do"),
-        (TWO_CPU, {"sync": "ddp", "sync_every": 4}, "sync_every 4 works with the packed"),
-        (TWO_CPU, {"sync": "packed", "gradients": "dense"}, "drop gradients 'dense'"),
+        (TWO_CPU, {"sync": "ddp", "sync_every": 4}, "sync_every=4 works with the packed"),
+        (TWO_CPU, {"sync": "packed", "gradients": "dense"}, "drop gradients='dense'"),
         (TWO_GPU, {"sync": "ddp", "gradients": "sparse"}, "nccl cannot all-reduce sparse"),
         (dataclasses.replace(ONE, optimizer="adam"), {"step": "fused"},
-         "optimizer 'adam'"),
+         "optimizer='adam'"),
         (TWO_CPU, {"sync_every": 1, "step": "fused"}, "a gradient exchange every step"),
         (ONE, {"step": "fused", "kernel": False}, "numba"),
     ]

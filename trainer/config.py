@@ -28,8 +28,10 @@ MIN_ITEM_RATINGS = 20
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
+    """A field's value checked; the error names the field (``dim=-1: expected ...``), which
+    the command line words as its flag."""
     if not condition:
-        raise ValueError(f"--{field.replace('_', '-')} {value!r}: expected {expected}")
+        raise ValueError(f"{field}={value!r}: expected {expected}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,8 +168,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "at least 10")
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues the run in RUN_DIR and --overwrite replaces "
-                             "it; pass one of them")
+            raise ValueError("`resume` continues the run in the run folder and `overwrite` "
+                             "replaces it; pass one of them")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,18 +196,15 @@ class ClusterConfig:
         default=20, metadata={"help": "genre-label shuffles for the chance baseline"})
 
     def __post_init__(self) -> None:
-        # Same wording as the other configs: each field is also a CLI flag.
         clusters = self.clusters
         if clusters != "auto":
             if isinstance(clusters, bool) or not isinstance(clusters, int):
                 raise ValueError(
-                    f"--clusters {clusters!r}: expected an integer of at least 2, or 'auto'"
-                )
+                    f"clusters={clusters!r}: expected an integer of at least 2, or 'auto'")
             if clusters < 2:
                 raise ValueError(
-                    f"--clusters {clusters!r}: expected at least 2, or 'auto' (0, which skips "
-                    "clustering, means no ClusterConfig: see post_step_config)"
-                )
+                    f"clusters={clusters!r}: expected at least 2, or 'auto' (0, which skips "
+                    "clustering, means no ClusterConfig: see post_step_config)")
         minimums = {
             "k_min": 2,
             "k_max": 2,
@@ -216,21 +215,20 @@ class ClusterConfig:
         }
         for name, minimum in minimums.items():
             value = getattr(self, name)
-            flag = "--" + name.replace("_", "-")
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{flag} {value!r}: expected an integer")
+                raise ValueError(f"{name}={value!r}: expected an integer")
             if value < minimum:
-                raise ValueError(f"{flag} {value!r}: expected at least {minimum}")
+                raise ValueError(f"{name}={value!r}: expected at least {minimum}")
         if self.k_max < self.k_min:
-            raise ValueError(f"--k-max {self.k_max!r}: expected at least --k-min ({self.k_min})")
+            raise ValueError(f"k_max={self.k_max!r}: expected at least `k_min` ({self.k_min})")
         if self.algorithm not in CLUSTER_ALGORITHMS:
-            raise ValueError(f"--algorithm {self.algorithm!r}: expected "
+            raise ValueError(f"algorithm={self.algorithm!r}: expected "
                              f"{' | '.join(CLUSTER_ALGORITHMS)}")
         if not isinstance(self.normalize, bool):
-            raise ValueError(f"--normalize {self.normalize!r}: expected true or false")
+            raise ValueError(f"normalize={self.normalize!r}: expected true or false")
         if self.seed >= 2**32:
             # scikit-learn's random_state accepts 0..2**32-1 only.
-            raise ValueError(f"--seed {self.seed!r}: expected less than 2**32")
+            raise ValueError(f"seed={self.seed!r}: expected less than 2**32")
 
 
 @dataclass(frozen=True, kw_only=True)

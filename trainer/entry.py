@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import json
 import logging
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from shardmf.errors import Terminated, raise_terminated
-from shardmf.flags import apply_config_file
+from shardmf.flags import apply_config_file, as_flags
 from trainer.config import RUN_CONFIGS, RankingConfig, RunConfig, TrainConfig
 from trainer.distributed import (
     DistEnv,
@@ -268,5 +269,7 @@ def fail(error: Exception, rank: int) -> int:
     so whichever rank meets it says so: a silent rank would leave nothing to read."""
     if rank == 0 or not isinstance(error, InputError):
         where = f"rank {rank}: " if rank else ""
-        tqdm.write(f"shardmf: error: {where}{error}", file=sys.stderr)  # a line of its own
+        names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
+        text = as_flags(str(error), names)  # a rank's process is started with flags
+        tqdm.write(f"shardmf: error: {where}{text}", file=sys.stderr)  # a line of its own
     return 2

@@ -86,20 +86,20 @@ def resolve_strategy(config: TrainConfig, facts: Facts,
     if sync == "auto":
         sync = "packed" if gradients == "sparse" else "ddp"
     if sync == "ddp" and owned:
-        raise InputError("user_embeddings 'owned' keeps user rows on their rank, which DDP "
-                         "cannot do; use sync 'packed' (or user_embeddings 'replicated')")
+        raise InputError("user_embeddings='owned' keeps user rows on their rank, which DDP "
+                         "cannot do; use sync='packed' (or user_embeddings='replicated')")
     if sync == "ddp" and sync_every > 1:
-        raise InputError(f"sync_every {sync_every} works with the packed row sync; leave it "
-                         "at 1 (or unset) for sync 'ddp'")
+        raise InputError(f"sync_every={sync_every} works with the packed row sync; leave it "
+                         "at 1 (or unset) for sync='ddp'")
     if sync == "packed" and gradients == "dense":
-        raise InputError("sync 'packed' exchanges sparse rows; drop gradients 'dense' (or use "
-                         "sync 'ddp')")
+        raise InputError("sync='packed' exchanges sparse rows; drop gradients='dense' (or use "
+                         "sync='ddp')")
     if sync == "ddp" and gradients == "sparse" and facts.backend == "nccl":
-        raise InputError("gradients 'sparse' with sync 'ddp' needs gloo: nccl cannot "
-                         "all-reduce sparse tensors; use sync 'packed'")
+        raise InputError("gradients='sparse' with sync='ddp' needs gloo: nccl cannot "
+                         "all-reduce sparse tensors; use sync='packed'")
     if owned and gradients == "dense":
-        raise InputError("user_embeddings 'owned' exchanges item rows only, as sparse "
-                         "gradients; drop gradients 'dense' (or use user_embeddings "
+        raise InputError("user_embeddings='owned' exchanges item rows only, as sparse "
+                         "gradients; drop gradients='dense' (or use user_embeddings "
                          "'replicated')")
     step = _step(config.step, facts, per_step_sync=several and sync_every == 1,
                  fused_kernel_loads=fused_kernel_loads)
@@ -115,7 +115,7 @@ def _user_embeddings(config: TrainConfig, facts: Facts) -> bool:
         return (facts.partitioned_by_user and facts.world_size > 1
                 and config.gradients != "dense" and config.sync != "ddp")
     if not facts.partitioned_by_user:
-        raise InputError("user_embeddings 'owned' needs shards partitioned by user; prepare "
+        raise InputError("user_embeddings='owned' needs shards partitioned by user; prepare "
                          "them with partition_by 'user'")
     return True
 
@@ -129,17 +129,17 @@ def _step(choice: str, facts: Facts, per_step_sync: bool,
         return choice
     obstacle = None
     if facts.optimizer != "sgd":
-        obstacle = f"optimizer {facts.optimizer!r} (it supports 'sgd' only)"
+        obstacle = f"optimizer={facts.optimizer!r} (it supports 'sgd' only)"
     elif facts.device_type != "cpu":
-        obstacle = f"device {facts.device_type!r} (it runs on the CPU only)"
+        obstacle = f"device={facts.device_type!r} (it runs on the CPU only)"
     elif per_step_sync:
-        obstacle = "a gradient exchange every step (use sync_every 2 or more with several ranks)"
+        obstacle = "a gradient exchange every step (use `sync_every` 2 or more with several ranks)"
     if obstacle is None and not fused_kernel_loads():
         obstacle = ("numba, which could not load or compile the kernel (see the warning "
                     "above; install numba>=0.59)")
     if obstacle is None:
         return "fused"
     if choice == "fused":
-        raise InputError(f"step 'fused' cannot run with {obstacle}; use step 'auto' or "
+        raise InputError(f"step='fused' cannot run with {obstacle}; use step='auto' or "
                          "'autograd'")
     return "autograd"

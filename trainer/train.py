@@ -172,7 +172,7 @@ def _plan(config: RunConfig, env: DistEnv, shards_verified: bool) -> _Plan:
     train_config = config.train
     shards = open_shards(config.shards_dir, "none" if shards_verified else train_config.verify)
     if train_config.batch_size < env.world_size:
-        raise InputError(f"batch_size {train_config.batch_size} is smaller than the "
+        raise InputError(f"batch_size={train_config.batch_size} is smaller than the "
                          f"{env.world_size} ranks; each rank needs at least one rating per step")
     rank_batch = train_config.batch_size // env.world_size
     facts = Facts(world_size=env.world_size, backend=env.backend,
@@ -187,8 +187,8 @@ def _plan(config: RunConfig, env: DistEnv, shards_verified: bool) -> _Plan:
         total_pieces = len(shards.pieces("train"))
         if total_pieces < env.world_size:
             raise InputError(f"{shards.root}: {total_pieces} training row groups for "
-                             f"{env.world_size} ranks; prepare with more shards or a "
-                             "smaller row group size, or use fewer processes")
+                             f"{env.world_size} ranks; prepare with more `num_shards` or a "
+                             "smaller `row_group_size`, or use fewer processes")
     pieces = {split: (ownership.pieces(shards, split) if ownership else
                       pieces_for_rank(shards.pieces(split), env.rank, env.world_size))
               for split in ("train", "val", "test")}
