@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shardmf.errors import Terminated
+from shardmf.errors import InputError, Terminated
 from shardmf.flags import add_config_arguments
 from trainer.config import RunConfig, config_from_values
-from trainer.errors import InputError
 from trainer.run_files import precheck_run_target
 
 if TYPE_CHECKING:

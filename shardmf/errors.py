@@ -1,11 +1,11 @@
-"""The one exception type for problems a user can fix, shared by every package."""
+"""The one exception type for problems a user can fix (a bad file, value, path or folder)."""
 
 
 class InputError(ValueError):
     """A user-caused problem: the message names what was found, what was expected and what to do.
 
-    The CLI prints it as one line and exits with status 2; anything else is a bug and
-    keeps its traceback.
+    Both packages raise it; the CLI prints it as one line and exits with status 2. Anything
+    else is a bug and keeps its traceback.
     """
 
 

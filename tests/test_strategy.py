@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
+from shardmf.errors import InputError
 from trainer.config import TrainConfig
-from trainer.errors import InputError
 from trainer.strategy import EXCHANGE_EVERY_RATINGS, Facts, Strategy, resolve_strategy
 
 ONE = Facts(world_size=1, backend=None, device_type="cpu", optimizer="sgd",

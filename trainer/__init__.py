@@ -16,7 +16,7 @@ _HOMES = {
     "TrainConfig": "trainer.config", "EvaluateJob": "trainer.entry", "TrainJob": "trainer.entry",
     "run_job": "trainer.entry",
     "DistEnv": "trainer.distributed", "init_distributed": "trainer.distributed",
-    "teardown": "trainer.distributed", "InputError": "trainer.errors",
+    "teardown": "trainer.distributed", "InputError": "shardmf.errors",
     "cluster_run": "trainer.post_step", "TrainedRun": "trainer.run",
     "evaluate_run": "trainer.run", "export_run": "trainer.run", "load_run": "trainer.run",
     "train": "trainer.train",

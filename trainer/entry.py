@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +37,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from shardmf.errors import Terminated, raise_terminated
+from shardmf.errors import InputError, Terminated, raise_terminated
 from shardmf.flags import apply_config_file, as_flags
 from trainer.config import RUN_CONFIGS, RankingConfig, RunConfig, TrainConfig
 from trainer.distributed import (
@@ -47,7 +47,6 @@ from trainer.distributed import (
     on_main_then_broadcast,
     teardown,
 )
-from trainer.errors import InputError
 from trainer.flags import add_cluster_arguments, add_train_arguments
 from trainer.run_files import claim_run_folder
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shardmf.errors import InputError
+from shardmf.outputs import write_json, write_jsonl
 from trainer.baseline import bias_baseline_rmse
 from trainer.checkpoint import (
     Checkpointer,
@@ -55,13 +57,12 @@ from trainer.data import (
 )
 from trainer.defaults import Resolved, ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
-from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep, load_fused_kernel
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, user_ownership
 from trainer.ranking import ranking_metrics, relevance_threshold
-from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
+from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
@@ -177,8 +178,7 @@ def _plan(config: RunConfig, env: DistEnv, shards_verified: bool) -> _Plan:
     rank_batch = train_config.batch_size // env.world_size
     facts = Facts(world_size=env.world_size, backend=env.backend,
                   device_type=env.device.type, optimizer=config.optim.optimizer,
-                  partitioned_by_user=shards.manifest.get("partition", {}).get("scheme")
-                  == "user", table_rows=shards.num_users + shards.num_items,
+                  partitioned_by_user=shards.partition_scheme == "user", table_rows=shards.num_users + shards.num_items,
                   rank_batch=rank_batch)
     strategy = resolve_strategy(train_config, facts,
                                 fused_kernel_loads=lambda: load_fused_kernel() is not None)
