@@ -178,8 +178,8 @@ def _plan(config: RunConfig, env: DistEnv, shards_verified: bool) -> _Plan:
     rank_batch = train_config.batch_size // env.world_size
     facts = Facts(world_size=env.world_size, backend=env.backend,
                   device_type=env.device.type, optimizer=config.optim.optimizer,
-                  partitioned_by_user=shards.partition_scheme == "user", table_rows=shards.num_users + shards.num_items,
-                  rank_batch=rank_batch)
+                  partitioned_by_user=shards.partition_scheme == "user",
+                  table_rows=shards.num_users + shards.num_items, rank_batch=rank_batch)
     strategy = resolve_strategy(train_config, facts,
                                 fused_kernel_loads=lambda: load_fused_kernel() is not None)
     ownership = user_ownership(shards, env) if strategy.owned else None
