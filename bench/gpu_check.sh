@@ -171,6 +171,43 @@ pipeline() {
     cp "$WORK/big/run/config.json" "$OUT/pipeline-config.json"
 }
 
+# Two ranks exchange rows the way resolve_strategy chooses on every backend: the packed,
+# periodic exchange in dense float buffers (nccl on GPUs; never DDP's whole-table
+# all-reduce). Needs one GPU per rank: with fewer it records why it was skipped.
+two_ranks() {
+    local devices=2
+    if [[ "$DEVICE" == cuda ]]; then
+        devices=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+    fi
+    if (( devices < 2 )); then
+        echo "{\"skipped\": \"$devices CUDA device(s); two nccl ranks need two\"}" \
+            > "$OUT/two-ranks-metrics.json"
+        return
+    fi
+    shardmf prepare "$WORK/big/raw" --out "$WORK/big/shards-by-user" --partition-by user \
+        --num-shards 4
+    shardmf train "$WORK/big/shards-by-user" --out "$WORK/big/run2" --device "$DEVICE" \
+        --nproc 2 --batch-size "$BIG_BATCH" \
+        --lr "$(awk -v b="$BIG_BATCH" 'BEGIN { printf "%.3g", 3 / b }')" \
+        --dim 64 --epochs 5 --patience 0 --clusters 0
+    "$PY" - "$WORK/big/run2" "$OUT/two-ranks-metrics.json" <<'PYTHON'
+import json, sys
+from pathlib import Path
+
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+metrics = json.loads((run / "metrics.json").read_text())
+config = json.loads((run / "config.json").read_text())
+epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+out.write_text(json.dumps({
+    **{k: metrics[k] for k in ("train_ratings_per_s", "train_seconds", "test_rmse",
+                               "world_size")},
+    **{k: config[k] for k in ("backend", "sync", "sync_every", "user_embeddings", "gradients",
+                              "step")},
+    "sync_bytes_per_step": [e.get("sync_bytes_per_step") for e in epochs],
+}, indent=2) + "\n")
+PYTHON
+}
+
 summary() {
     "$PY" - "$OUT" "$DEVICE" "$QUICK" "$WORK" <<'PYTHON'
 import json, sys
@@ -184,6 +221,7 @@ nmi = (clusters.get("scores", {}).get("nmi") or {}).get("score")
 kernel = json.loads((out / "gpu_throughput.json").read_text())
 whole = json.loads((out / "pipeline-metrics.json").read_text())
 config = json.loads((out / "pipeline-config.json").read_text())
+two = json.loads((out / "two-ranks-metrics.json").read_text())
 summary = {
     "device": device, "quick": quick, "gpu": kernel.get("gpu"), "torch": kernel["torch"],
     "cuda": kernel["cuda"], "phase_seconds": {k: float(v) for k, v in phases.items()},
@@ -195,6 +233,7 @@ summary = {
                                        "epochs", "test_rmse", "world_size")}
                 | {k: config[k] for k in ("device", "backend", "rank_batch_size", "gradients",
                                           "sync")},
+    "two_ranks": two,
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 rows = [
@@ -212,6 +251,10 @@ rows = [
                                  f"ratings, {whole['epochs']} epochs)"),
     ("pipeline device/backend", f"{config['device']} / {config['backend']} "
                                 f"(None: one rank has no process group)"),
+    ("two ranks", two.get("skipped") or (
+        f"{two['backend']}, sync {two['sync']} every {two['sync_every']} steps, users "
+        f"{two['user_embeddings']}: {two['train_ratings_per_s'] / 1e6:.2f} M ratings/s, "
+        f"test RMSE {two['test_rmse']:.4f}")),
 ]
 print("\n=== summary" + (" (--quick: smoke-test sizes)" if quick else ""))
 for name, value in rows:
@@ -226,6 +269,7 @@ run_phase environment environment
 run_phase demo demo
 run_phase throughput throughput
 run_phase pipeline pipeline
+run_phase two_ranks two_ranks
 CURRENT_PHASE=summary
 summary
 exec >&- 2>&-
