@@ -60,11 +60,11 @@ class SourceOptions:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise InputError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+            raise InputError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
         try:
             codecs.lookup(self.encoding)
         except LookupError as e:
-            raise InputError(f"--encoding {self.encoding!r}: not an encoding Python knows "
+            raise InputError(f"encoding={self.encoding!r}: not an encoding Python knows "
                              "(e.g. utf-8, latin-1)") from e
 
 
@@ -112,24 +112,24 @@ class PrepareConfig:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise InputError(f"--{name.replace('_', '-')} {value}: expected 0 <= x < 1")
+                raise InputError(f"{name}={value}: expected 0 <= x < 1")
         if self.val_fraction + self.test_fraction >= 1.0:
-            raise InputError(f"--val-fraction {self.val_fraction} plus --test-fraction "
+            raise InputError(f"val_fraction={self.val_fraction} plus test_fraction="
                              f"{self.test_fraction} leave no training ratings")
         if self.num_shards is not None and self.num_shards < 1:
-            raise InputError(f"--num-shards {self.num_shards}: expected at least 1")
+            raise InputError(f"num_shards={self.num_shards}: expected at least 1")
         if self.row_group_size < 1:
-            raise InputError(f"--row-group-size {self.row_group_size}: expected at least 1")
+            raise InputError(f"row_group_size={self.row_group_size}: expected at least 1")
         if self.rating_range is not None and not self.rating_range[0] < self.rating_range[1]:
-            raise InputError(f"--rating-range {self.rating_range}: expected MIN < MAX")
-        for flag, value, allowed in (("duplicates", self.duplicates, DUPLICATE_POLICIES),
+            raise InputError(f"rating_range={self.rating_range}: expected MIN < MAX")
+        for name, value, allowed in (("duplicates", self.duplicates, DUPLICATE_POLICIES),
                                      ("split", self.split, SPLIT_METHODS),
-                                     ("partition-by", self.partition_by, PARTITION_SCHEMES),
-                                     ("on-bad-rows", self.on_bad_rows, BAD_ROW_POLICIES)):
+                                     ("partition_by", self.partition_by, PARTITION_SCHEMES),
+                                     ("on_bad_rows", self.on_bad_rows, BAD_ROW_POLICIES)):
             if value not in allowed:
-                raise InputError(f"--{flag} {value!r}: expected one of {', '.join(allowed)}")
+                raise InputError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
         if self.leave_last < 1:
-            raise InputError(f"--leave-last {self.leave_last}: expected at least 1")
+            raise InputError(f"leave_last={self.leave_last}: expected at least 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,7 +41,7 @@ def fetch_movielens(name: str, cache: str | Path | None = None,
                     base_url: str | None = None) -> Path:
     """The extracted folder of release ``name`` (the one holding its ratings file)."""
     if name not in RELEASES:
-        raise InputError(f"--movielens {name!r}: expected one of {', '.join(RELEASES)}")
+        raise InputError(f"movielens={name!r}: expected one of {', '.join(RELEASES)}")
     root = Path(cache) if cache else cache_dir()
     target = root / name
     if (target / DONE_MARKER).is_file():
@@ -68,9 +68,9 @@ def movielens_path(path: str | Path, cache: str | Path | None = None) -> Path:
     if path.is_dir():
         return ratings_folder(path)
     if not path.is_file():
-        raise InputError(f"--movielens-path {path}: no such file or folder")
+        raise InputError(f"movielens_path={path}: no such file or folder")
     if not zipfile.is_zipfile(path):
-        raise InputError(f"--movielens-path {path}: not a zip archive or a folder")
+        raise InputError(f"movielens_path={path}: not a zip archive or a folder")
     stem = re.sub(r"\.zip$", "", path.name)
     key = hashlib.md5(path.read_bytes()).hexdigest()[:12]
     target = (Path(cache) if cache else cache_dir()) / f"{stem}-{key}"

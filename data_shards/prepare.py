@@ -105,7 +105,7 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     started = time.perf_counter()
     out = Path(out_dir)
     if (val_inputs or test_inputs) and config.split != "random":
-        raise InputError(f"--split {config.split} and --val-input/--test-input exclude each "
+        raise InputError(f"split={config.split!r} and `val_input`/`test_input` exclude each "
                          "other: pre-split inputs are used as given")
     options = source_options or SourceOptions()
     sources = {"train": resolve_source(inputs, options)}
@@ -177,9 +177,9 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     skip = config.on_bad_rows == "skip"
     checked, blocks, with_time = _read_all(sources, scale, skip)
     if config.split in ("temporal", "leave-last") and not with_time:
-        raise InputError(f"{_all_paths(sources)}: --split {config.split} needs a timestamp "
+        raise InputError(f"{_all_paths(sources)}: split={config.split!r} needs a timestamp "
                          f"column and found none (columns: {', '.join(main.columns.values())}); "
-                         "pass --time-col or use --split random")
+                         "pass `time_col` or use split='random'")
     ratings = checked
     if skip:
         ratings = checked[checked["reason"] == 0].drop(columns=list(REJECT_COLUMNS))
@@ -190,7 +190,7 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     fillable = max(MIN_SHARDS, int(stats["rows"]))
     if config.num_shards is not None and config.num_shards > fillable:
         # Each shard costs tasks and three files however empty it is.
-        raise InputError(f"--num-shards {config.num_shards}: more shards than "
+        raise InputError(f"num_shards={config.num_shards}: more shards than "
                          f"{int(stats['rows']):,} ratings can fill; use at most {fillable:,} "
                          "or leave it out for the automatic count")
     config = dataclasses.replace(
@@ -350,7 +350,7 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
     if values["rows"] == 0:
         rejected = int(values["reasons"].sum()) if checked is not None else 0
         raise InputError(f"{_all_paths(sources)}: no ratings found (" + (
-            f"all {rejected} rows were rejected as bad; see the reasons with --on-bad-rows "
+            f"all {rejected} rows were rejected as bad; see the reasons with `on_bad_rows` "
             "error)" if rejected else "only a header, or empty files)"))
     if values["bad"] or values["missing_ids"] or values["bad_times"]:
         if all(s.is_parquet for s in sources.values()):
@@ -360,7 +360,7 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
                 f"ids and {int(values['bad_times'])} missing or unreadable timestamps "
                 f"(expected finite ratings" +
                 (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")") +
-                "; pass --on-bad-rows skip to drop them")
+                "; pass on_bad_rows='skip' to drop them")
         raise _diagnose(sources, scale)
     return values
 
@@ -597,8 +597,8 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
         shown = ", ".join(f"(user {user_vocab[u]!s}, item {item_vocab[i]!s})"
                           for u, i in examples)
         raise InputError(f"{_all_paths(sources)}: {repeated} (user, item) pairs are rated "
-                         f"more than once, e.g. {shown}; pass --duplicates last or "
-                         "--duplicates mean to keep one rating per pair")
+                         f"more than once, e.g. {shown}; pass duplicates='last' or "
+                         "duplicates='mean' to keep one rating per pair")
     train = by_split["train"]
     user_counts = np.zeros(len(user_vocab), dtype=np.int64)
     item_counts = np.zeros(len(item_vocab), dtype=np.int64)

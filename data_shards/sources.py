@@ -140,7 +140,7 @@ def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> In
                         return InputError(f"{path}, line {line_no}: {problem}")
         except UnicodeDecodeError as e:
             return InputError(f"{path}: not valid {source.encoding} text ({e.reason} at byte "
-                              f"{e.start}); pass --encoding (e.g. latin-1)")
+                              f"{e.start}); pass `encoding` (e.g. latin-1)")
         except csv.Error as e:
             return InputError(f"{path}, line {line_no + 1}: {e}; not one rating per line "
                               "(check the delimiter and quoting)")
@@ -169,7 +169,7 @@ def _row_problem(fields: list[str], wanted: dict[str, int], expected: int, strid
         return f"rating {raw!r} is not a finite number"
     if scale and not scale[0] <= value <= scale[1]:
         return (f"rating {raw} is outside the rating range {scale[0]:g}..{scale[1]:g} "
-                f"(pass --rating-range MIN,MAX if that range is wrong)")
+                f"(pass rating_range=MIN,MAX if that range is wrong)")
     if "timestamp" in wanted and not _is_time(fields[wanted["timestamp"]].strip()):
         return (f"timestamp {fields[wanted['timestamp']].strip()!r} is not a time (expected "
                 "unix seconds or a date)")
@@ -333,7 +333,7 @@ def _first_lines(path: str, options: SourceOptions, count: int) -> list[str]:
                 if len(lines) == count:
                     break
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not valid {options.encoding} text; pass --encoding "
+        raise InputError(f"{path}: not valid {options.encoding} text; pass `encoding` "
                          "(e.g. latin-1)") from e
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e})") from e
@@ -353,7 +353,7 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
         sample = list(_split_lines(io.StringIO("\n".join(first)), delimiter))
     except csv.Error as e:  # e.g. a megabyte-long line: csv's field size limit
         raise InputError(f"{files[0]}: {e} in the first lines; not one rating per line "
-                         "(check the file, or pass --delimiter)") from e
+                         "(check the file, or pass `delimiter`)") from e
     width = len(sample[0])
     header = options.header
     if header is None:
@@ -419,7 +419,7 @@ def _check_parquet_type(path: str, role: str, name: str, kind) -> None:
     ok, expected = allowed[role]
     if not ok:
         raise InputError(f"{path}: column {name!r} ({role}) holds {kind}; expected {expected} "
-                         f"(pass --{_flag(role)} to name another column)")
+                         f"(pass `{_field(role)}` to name another column)")
 
 
 def _layout_delimiter(layout: str) -> str | None:
@@ -437,7 +437,7 @@ def _sniff_delimiter(lines: list[str], path: str) -> str:
     if lines and len(lines[0].split()) >= 3:
         return " "
     raise InputError(f"{path}: cannot tell the delimiter from the first lines "
-                     f"({lines[0][:80]!r}); pass --delimiter")
+                     f"({lines[0][:80]!r}); pass `delimiter`")
 
 
 def _looks_like_header(sample: list[list[str]], options: SourceOptions) -> bool:
@@ -481,13 +481,13 @@ def _map_columns(available: list[str], named: bool, options: SourceOptions,
         if spec is not None:
             if spec.isdigit():
                 if int(spec) >= len(available):
-                    raise InputError(f"{path}: --{_flag(name)} {spec} but rows have "
+                    raise InputError(f"{path}: {_field(name)}={spec} but rows have "
                                      f"{len(available)} fields (positions count from 0)")
                 columns[name] = available[int(spec)]
             elif spec in available:
                 columns[name] = spec
             else:
-                raise InputError(f"{path}: no column {spec!r} for --{_flag(name)}; "
+                raise InputError(f"{path}: no column {spec!r} for `{_field(name)}`; "
                                  f"columns are {', '.join(available)}")
             continue
         if named:
@@ -504,15 +504,16 @@ def _map_columns(available: list[str], named: bool, options: SourceOptions,
             continue
         if name != "timestamp":
             raise InputError(f"{path}: cannot find the {name} column among "
-                             f"{', '.join(available)}; pass --{_flag(name)}")
+                             f"{', '.join(available)}; pass `{_field(name)}`")
     if len(set(columns.values())) != len(columns):
         raise InputError(f"{path}: two roles map to the same column ({columns}); "
-                         "pass --user-col/--item-col/--rating-col")
+                         "pass `user_col`/`item_col`/`rating_col`")
     return columns
 
 
-def _flag(name: str) -> str:
-    return "time-col" if name == "timestamp" else f"{name}-col"
+def _field(name: str) -> str:
+    """The SourceOptions field that names the column of a role."""
+    return "time_col" if name == "timestamp" else f"{name}_col"
 
 
 def _single_char(delimiter: str | None) -> str | None:
@@ -649,7 +650,7 @@ def _read_text_block_slowly(data: bytes, index: int, skip_header: bool,
         text = data.decode(source.encoding)
     except UnicodeDecodeError as e:
         raise InputError(f"{source.paths[0]}: not valid {source.encoding} text ({e.reason}); "
-                         "pass --encoding (e.g. latin-1)") from e
+                         "pass `encoding` (e.g. latin-1)") from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

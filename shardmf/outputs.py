@@ -50,12 +50,12 @@ OUTPUT_KINDS = ("shards", "run", "export", "export-split", "synth")
 # Errors that can only come from writing: never blame the input for them.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 # What to do about an OS error met while writing, by errno.
-_HINTS = {errno.ENOSPC: "free some space or choose another --out",
-          errno.EDQUOT: "free some space or choose another --out",
-          errno.EFBIG: "free some space or choose another --out",
-          errno.EACCES: "fix the permissions or choose another --out",
-          errno.EPERM: "fix the permissions or choose another --out",
-          errno.EROFS: "choose a writable --out"}
+_HINTS = {errno.ENOSPC: "free some space or choose another `out`",
+          errno.EDQUOT: "free some space or choose another `out`",
+          errno.EFBIG: "free some space or choose another `out`",
+          errno.EACCES: "fix the permissions or choose another `out`",
+          errno.EPERM: "fix the permissions or choose another `out`",
+          errno.EROFS: "choose a writable `out`"}
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
@@ -97,7 +97,7 @@ def os_error(error: OSError, doing: str, path: Path | str | None = None) -> Inpu
     where = path if path is not None else error.filename if error.filename is not None else "?"
     cause = error.strerror or (str(error).splitlines() or ["?"])[-1]
     return InputError(f"{where}: {cause} while {doing}; "
-                      f"{_HINTS.get(error.errno, 'choose another --out')}")
+                      f"{_HINTS.get(error.errno, 'choose another `out`')}")
 
 
 def write_fault(error: OSError, path: Path) -> InputError:
@@ -217,8 +217,8 @@ def refuse_files_on_the_way(out: Path) -> None:
     """A regular file at ``out`` or above it: say so before creating anything."""
     for path in (out, *out.parents):
         if path.exists() and not path.is_dir():
-            where = f"--out {out}" if path == out else f"--out {out}: {path}"
-            raise InputError(f"{where} is a file, not a folder; choose another --out")
+            where = f"out={out}" if path == out else f"out={out}: {path}"
+            raise InputError(f"{where} is a file, not a folder; choose another `out`")
 
 
 def create_folders(folder: Path) -> list[Path]:
@@ -259,8 +259,8 @@ def folder_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise InputError(f"--out {out}: another shardmf process (pid {holder}) is "
-                             "writing it; wait for it to finish or choose another --out"
+            raise InputError(f"out={out}: another shardmf process (pid {holder}) is "
+                             "writing it; wait for it to finish or choose another `out`"
                              ) from None
         # The previous holder unlinks the file before unlocking: a lock on an unlinked
         # file protects nothing, so take it again on the file now at that path.
@@ -326,18 +326,18 @@ def _check_target(out: Path, kind: str, overwrite: bool | None,
     if not out.exists() or not any(out.iterdir()):
         return
     if overwrite is None:
-        raise InputError(f"{out} already exists and is not empty; choose another --out or "
+        raise InputError(f"{out} already exists and is not empty; choose another `out` or "
                          "remove it first")
     if not overwrite:
-        raise InputError(f"{out} already exists and is not empty; pass --overwrite to "
-                         "replace it or choose another --out")
+        raise InputError(f"{out} already exists and is not empty; pass `overwrite` to "
+                         "replace it or choose another `out`")
     marker = read_marker(out)
     if marker is None:
         raise InputError(f"{out}: shardmf did not write this folder (no {MARKER_NAME}), so "
-                         "it is never replaced; remove it yourself or choose another --out")
+                         "it is never replaced; remove it yourself or choose another `out`")
     if marker.get("kind") != kind:
         raise InputError(f"{out}: it holds shardmf {marker.get('kind')} output, not {kind}, "
-                         "so it is not replaced; choose another --out")
+                         "so it is not replaced; choose another `out`")
     target = out.resolve()
     for spec in inputs:
         local = _local_path(spec)

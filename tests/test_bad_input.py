@@ -172,7 +172,7 @@ def test_parquet_columns_of_the_wrong_type_are_refused(tmp_path: Path, column: s
 def test_num_shards_is_bounded_by_the_data(tmp_path: Path) -> None:
     source = tmp_path / "u.data"
     source.write_text(GOOD_TSV)
-    with pytest.raises(InputError, match=r"--num-shards 100000: more shards than 64 ratings "
+    with pytest.raises(InputError, match=r"num_shards=100000: more shards than 64 ratings "
                                          r"can fill; use at most 64"):
         prepare([str(source)], tmp_path / "out", PrepareConfig(num_shards=100_000))
     assert not (tmp_path / "out").exists()

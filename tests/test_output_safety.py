@@ -182,7 +182,7 @@ def test_a_second_writer_fails_at_once(tmp_path: Path) -> None:
     os.kill(first.pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        with pytest.raises(InputError, match=rf"--out {out}: another shardmf process "
+        with pytest.raises(InputError, match=rf"out={out}: another shardmf process "
                                              rf"\(pid {first.pid}\) is writing it"):
             prepare([str(write_tsv(tmp_path / "b.tsv", 100, seed=1))], out,
                     PrepareConfig(num_shards=2, overwrite=True))

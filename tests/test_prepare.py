@@ -343,13 +343,13 @@ def test_empty_existing_folder_is_used(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("val_fraction", 1.0, r"--val-fraction 1\.0: expected 0 <= x < 1"),
-    ("test_fraction", -0.1, r"--test-fraction -0\.1: expected 0 <= x < 1"),
-    ("val_fraction", 0.6, r"--val-fraction 0\.6 plus --test-fraction 0\.5 leave no"),
-    ("num_shards", 0, r"--num-shards 0: expected at least 1"),
-    ("row_group_size", 0, r"--row-group-size 0: expected at least 1"),
-    ("rating_range", (5.0, 1.0), r"--rating-range \(5\.0, 1\.0\): expected MIN < MAX"),
-    ("duplicates", "first", r"--duplicates 'first': expected one of error, last, mean"),
+    ("val_fraction", 1.0, r"val_fraction=1\.0: expected 0 <= x < 1"),
+    ("test_fraction", -0.1, r"test_fraction=-0\.1: expected 0 <= x < 1"),
+    ("val_fraction", 0.6, r"val_fraction=0\.6 plus test_fraction=0\.5 leave no"),
+    ("num_shards", 0, r"num_shards=0: expected at least 1"),
+    ("row_group_size", 0, r"row_group_size=0: expected at least 1"),
+    ("rating_range", (5.0, 1.0), r"rating_range=\(5\.0, 1\.0\): expected MIN < MAX"),
+    ("duplicates", "first", r"duplicates='first': expected one of error, last, mean"),
 ])
 def test_config_validation(field: str, value, message: str) -> None:
     base = {"test_fraction": 0.5} if field == "val_fraction" and value == 0.6 else {}

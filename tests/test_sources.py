@@ -534,7 +534,7 @@ BAD_INPUTS = {
         "r.csv", [HEADER, *numbered_rows(3), ",1,3,5"], {}, {}, r", line 5: empty user id"),
     "rating out of the declared range": (
         "r.csv", [HEADER, *numbered_rows(3), "7,1,6,5"], {}, {"rating_range": (1.0, 5.0)},
-        r", line 5: rating 6 is outside the rating range 1\.\.5 \(pass --rating-range"),
+        r", line 5: rating 6 is outside the rating range 1\.\.5 \(pass rating_range=MIN,MAX"),
     "empty file": ("r.csv", [], {}, {}, r": the file is empty; expected one rating per line"),
     "blank lines only": ("r.csv", ["", ""], {}, {}, r": the file is empty"),
     "header only": ("r.csv", [HEADER], {}, {}, r": no ratings found \(only a header"),
@@ -556,7 +556,7 @@ BAD_INPUTS = {
     "duplicate string pairs": (
         "r.csv", ["user,item,rating", "u_1,0042,5", "u_1,42,5", "u_1,0042,1"], {}, {},
         r": 1 \(user, item\) pairs are rated more than once, e\.g\. \(user u_1, item 0042\);"
-        r" pass --duplicates last or --duplicates mean"),
+        r" pass duplicates='last' or duplicates='mean'"),
     "not valid utf-8": (
         "r.csv", [HEADER, "1,Mis\udce9rables,4,5"], {}, {}, r": not valid utf-8 text"),
 }
@@ -590,7 +590,7 @@ def test_bad_line_in_a_gzip_file_and_in_the_second_file_of_a_glob(tmp_path: Path
 
 
 def test_unknown_format_and_missing_input(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"--format 'netflix' is not one of auto, "):
+    with pytest.raises(InputError, match=r"format='netflix' is not one of auto, "):
         SourceOptions(format="netflix")
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'none.csv'}: no such file")):
         run_prepare([tmp_path / "none.csv"], tmp_path / "out")
@@ -630,7 +630,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match=re.escape(f"{out} already exists and is not empty; "
-                                                   "pass --overwrite")):
+                                                   "pass `overwrite`")):
         run_prepare([tmp_path / "r.csv"], out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -106,12 +106,12 @@ def init_distributed(device: str = "auto", backend: str = "auto",
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise InputError("--device cuda, but torch sees no CUDA device (install a CUDA "
-                             "build of torch or use --device cpu)")
+            raise InputError("device='cuda', but torch sees no CUDA device (install a CUDA "
+                             "build of torch or use device='cpu')")
         if local_rank >= torch.cuda.device_count():
             raise InputError(f"{local_world_size} ranks on this node but torch sees "
                              f"{torch.cuda.device_count()} CUDA device(s): one rank per GPU; "
-                             "use --nproc <= the GPU count, or --device cpu")
+                             "use at most that many ranks, or device='cpu'")
         torch.cuda.set_device(local_rank)  # before init_process_group, so nccl binds it
         torch_device = torch.device("cuda", local_rank)
     else:
@@ -119,7 +119,7 @@ def init_distributed(device: str = "auto", backend: str = "auto",
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
     if backend == "nccl" and device != "cuda":
-        raise InputError("--backend nccl needs --device cuda; use gloo on the CPU")
+        raise InputError("backend='nccl' needs device='cuda'; use gloo on the CPU")
     if world_size == 1:
         return DistEnv(rank, local_rank, 1, 1, torch_device, None, restart_count, test_fault)
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -268,7 +268,7 @@ def fail(error: Exception, rank: int) -> int:
     so whichever rank meets it says so: a silent rank would leave nothing to read."""
     if rank == 0 or not isinstance(error, InputError):
         where = f"rank {rank}: " if rank else ""
-        names = {f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls)}
+        names = {"out", *(f.name for cls in RUN_CONFIGS for f in dataclasses.fields(cls))}
         text = as_flags(str(error), names)  # a rank's process is started with flags
         tqdm.write(f"shardmf: error: {where}{text}", file=sys.stderr)  # a line of its own
     return 2

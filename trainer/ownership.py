@@ -50,7 +50,7 @@ def user_ownership(shards: ShardSet, env: DistEnv) -> UserOwnership:
         # Largest first, one to each rank: with enough non-empty shards none goes without.
         raise InputError(f"{shards.root}: {filled} non-empty train shards for "
                          f"{env.world_size} ranks; a rank owns whole shards, so prepare with "
-                         f"--num-shards at least {env.world_size} (a multiple of it balances "
+                         f"`num_shards` at least {env.world_size} (a multiple of it balances "
                          "best), or use fewer processes")
     owners = balanced_owners([rows[n] for n in numbers], env.world_size)
     mine = frozenset(n for n, owner in zip(numbers, owners) if owner == env.rank)

@@ -251,7 +251,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
     ``out`` defaults to RUN_DIR/export; returns the folder.
     """
     if format not in EXPORT_FORMATS:
-        raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
+        raise InputError(f"format={format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
     with output_folder(folder, EXPORT_KIND, overwrite=True) as building:

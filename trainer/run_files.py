@@ -201,31 +201,31 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool =
     ``restarted``: torchrun restarted this job, so a run in the folder is its own.
     """
     if run.exists() and not run.is_dir():
-        raise InputError(f"--out {run} is a file, not a folder; choose another --out")
+        raise InputError(f"out={run} is a file, not a folder; choose another `out`")
     entries = {entry.name for entry in run.iterdir()} if run.is_dir() else set()
     marker = read_marker(run)
     is_run = (marker is not None and marker.get("kind") == RUN_KIND) or any(
         name in entries for name in RUN_EVIDENCE)
     if resume:
         if CHECKPOINT not in entries:
-            raise InputError(f"--resume: {run / CHECKPOINT} not found; start without --resume")
+            raise InputError(f"`resume`: {run / CHECKPOINT} not found; start without `resume`")
         return "resume"
     if restarted or not is_run and not entries - {SHARDS_DIR, MARKER_NAME}:
         return "new"  # empty, or holding only the shards of `shardmf run`
     if marker is not None and marker.get("kind") != RUN_KIND:
-        raise InputError(f"--out {run} holds shardmf {marker.get('kind')} output, not a run; "
-                         "choose another --out")
+        raise InputError(f"out={run} holds shardmf {marker.get('kind')} output, not a run; "
+                         "choose another `out`")
     if not is_run:
-        raise InputError(f"--out {run} is not empty and holds no shardmf run; choose another "
-                         "--out (training never writes into a foreign folder)")
+        raise InputError(f"out={run} is not empty and holds no shardmf run; choose another "
+                         "`out` (training never writes into a foreign folder)")
     if not overwrite:
         state = "a finished run" if FINAL_METRICS in entries else "a run with a checkpoint"
-        raise InputError(f"--out {run} already holds {state}; pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+        raise InputError(f"out={run} already holds {state}; pass `resume` to continue it, "
+                         "`overwrite` to replace it, or choose another `out`")
     if marker is None:
-        raise InputError(f"--overwrite {run}: it has no {MARKER_NAME} (written before runs were "
+        raise InputError(f"`overwrite`: {run} has no {MARKER_NAME} (written before runs were "
                          "marked, or not by shardmf), so it is never replaced; remove it "
-                         "yourself or choose another --out")
+                         "yourself or choose another `out`")
     return "overwrite"
 
 

@@ -44,7 +44,7 @@ def open_shards(shards_dir: str | Path, verify: str = "quick") -> ShardSet:
     checked as they are read (trainer/data.py), where the shards carry page checksums.
     """
     if verify not in VERIFY_MODES:
-        raise InputError(f"--verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+        raise InputError(f"verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     shard_set = ShardSet.load(shards_dir)
     if verify != "none":
         shard_set.check_sums()
