@@ -540,10 +540,10 @@ BAD_INPUTS = {
     "header only": ("r.csv", [HEADER], {}, {}, r": no ratings found \(only a header"),
     "missing named column": (
         "r.csv", [HEADER, *numbered_rows(3)], {"rating_col": "stars"}, {},
-        r": no column 'stars' for --rating-col; columns are user, item, rating, timestamp"),
+        r": no column 'stars' for `rating_col`; columns are user, item, rating, timestamp"),
     "position beyond the fields": (
         "r.csv", [HEADER, *numbered_rows(3)], {"time_col": "4"}, {},
-        r": --time-col 4 but rows have 4 fields"),
+        r": time_col=4 but rows have 4 fields"),
     "unknown header names fall back to positions": (
         "r.csv", ["who,what,when", "1,2,2020-01-01"], {}, {},
         r", line 2: rating '2020-01-01' is not a number"),
