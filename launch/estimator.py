@@ -226,10 +226,11 @@ class MatrixFactorization:
                  min_item_ratings: int = 0) -> dict:
         """Ranking figures on the test split beside most-popular (`trainer.evaluate_run`);
         also merged into ``metrics_``."""
-        from trainer import evaluate_run
+        from trainer.entry import EvaluateJob, run_job
 
         self._fitted()
-        figures = evaluate_run(self.run_dir_, ks, threshold, min_item_ratings)
+        figures = run_job(EvaluateJob(str(self.run_dir_), tuple(ks), threshold,
+                                      min_item_ratings))
         self.metrics_ = read_json(self.run_dir_ / FINAL_METRICS) or {}
         return figures
 

@@ -5,6 +5,7 @@ contracts both packages share (``shardmf/``) exist once and import neither torch
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,44 @@ def test_there_is_exactly_one_input_error() -> None:
                if isinstance(node, ast.ClassDef) and node.name == "InputError"]
     assert defined == ["shardmf.errors"]
     assert data_shards.InputError is InputError and trainer.InputError is InputError
+
+
+def test_every_rank_starts_in_trainer_entry() -> None:
+    """One rank entry: the launcher starts ``-m trainer`` only, and nothing in ``launch``
+    trains or evaluates on its own (it hands a job to `trainer.entry.run_job`)."""
+    assert not (ROOT / "launch" / "train_entry.py").exists()
+    assert not (ROOT / "launch" / "evaluate_entry.py").exists()
+    for name, tree in _modules("launch").items():
+        calls = {node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+                 for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and isinstance(node.func, (ast.Name, ast.Attribute))}
+        assert not calls & {"train", "evaluate_run", "init_distributed"}, name
+    torchrun = (ROOT / "launch" / "torchrun.py").read_text()
+    assert '"--module", "trainer"' in torchrun
+
+
+def _error_texts(tree: ast.Module) -> list[tuple[int, str]]:
+    """The literal text of every exception raised with a message."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            for part in ast.walk(node.exc):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    found.append((node.lineno, part.value))
+    return found
+
+
+def test_the_library_names_fields_not_flags() -> None:
+    """Below ``launch`` an error names a setting as ``name=value`` or `` `name` ``, which the
+    CLI words as ``--name value`` (shardmf.flags.as_flags); a Python user never reads about
+    a flag they did not pass. A whole command in backticks keeps its flags."""
+    offenders = []
+    for package in ("shardmf", "data_shards", "trainer"):
+        for name, tree in _modules(package).items():
+            if name == "shardmf.flags":  # the flag engine itself: its errors are about flags
+                continue
+            for line, text in _error_texts(tree):
+                outside_commands = re.sub(r"`shardmf [^`]*`", "", text)
+                if re.search(r"(^|[\s(/])--[a-z]", outside_commands):
+                    offenders.append(f"{name}:{line}: {text!r}")
+    assert not offenders, "flag wording in library errors:\n" + "\n".join(offenders)
