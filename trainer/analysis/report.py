@@ -2,7 +2,7 @@
 
 Rendering only, no file I/O: `render_all` turns a `ClusterResult` and what the run
 folder says about training (a `trainer.run_files.RunFiles`) into PNG bytes and two
-documents; `trainer.post_step` reads the run and writes what comes back. The HTML
+documents; `post_step` reads the run and writes what comes back. The HTML
 embeds its CSS and its PNGs (base64 data URIs), so it opens anywhere, with no network
 and no files beside it. Nothing here reads a clock: the same run gives the same report.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.clustering import SCORE_NAMES, ClusterResult, display_title
+from trainer.analysis.clustering import SCORE_NAMES, ClusterResult, display_title
 from trainer.run_files import (
     CLUSTERS,
     CONFIG,
