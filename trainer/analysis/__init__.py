@@ -5,7 +5,8 @@ reads and writes only the run folder, beside training rather than inside its loo
     from trainer.analysis import cluster_run
     cluster_run("runs/ml100k", ClusterConfig(clusters="auto"))
 
-`clustering` computes, `report` renders, `post_step` reads the run and writes the files.
+`clustering` computes; `report` renders the documents, `figures` the PNGs (`findings`
+holds what both read the same way); `post_step` reads the run and writes the files.
 Importing this package loads scikit-learn: only code that clusters imports it.
 """
 
