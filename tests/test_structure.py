@@ -1,6 +1,7 @@
 """Design rules checked on the source: no import circle inside ``trainer``, the library
-never imports ``launch``, the run folder's file names are spelled in one module, and the
-contracts both packages share (``shardmf/``) exist once and import neither torch nor Dask."""
+never imports ``launch``, the run folder's file names are spelled in one module, the
+contracts both packages share (``shardmf/``) exist once and import neither torch nor Dask,
+and no test module imports another (what they share is in tests/helpers.py or conftest.py)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,16 @@ def test_trainer_modules_import_no_circle() -> None:
         if name not in state:
             visit(name, [name])
     assert "trainer.analysis.post_step" in graph and "trainer.run_files" in graph
+
+
+def test_no_test_module_imports_another() -> None:
+    test_modules = {path.stem for path in (ROOT / "tests").glob("test_*.py")}
+    offenders = sorted(
+        f"{path.name} imports {name}"
+        for path in (ROOT / "tests").glob("test_*.py")
+        for name in _imports(ast.parse(path.read_text(), str(path)))
+        if name.split(".")[0] in test_modules | {"conftest"})
+    assert not offenders, "\n".join(offenders)
 
 
 def test_the_trainer_library_never_imports_launch() -> None:
