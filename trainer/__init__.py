@@ -17,7 +17,7 @@ _HOMES = {
     "run_job": "trainer.entry",
     "DistEnv": "trainer.distributed", "init_distributed": "trainer.distributed",
     "teardown": "trainer.distributed", "InputError": "shardmf.errors",
-    "cluster_run": "trainer.post_step", "TrainedRun": "trainer.run",
+    "cluster_run": "trainer.analysis", "TrainedRun": "trainer.run",
     "evaluate_run": "trainer.run", "export_run": "trainer.run", "load_run": "trainer.run",
     "train": "trainer.train",
 }

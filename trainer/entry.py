@@ -114,7 +114,7 @@ def _train(job: TrainJob, env: DistEnv) -> dict:
         if env.is_main and config.cluster is not None:
             # Imported here: scikit-learn and matplotlib take ~2 s to import, which only
             # rank 0 needs, and only once training is over.
-            from trainer.post_step import cluster_run
+            from trainer.analysis import cluster_run
 
             cluster_run(config.run_dir, config.cluster)
     return metrics
