@@ -42,13 +42,13 @@ from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
     RUN_CONFIGS,
+    RankingConfig,
     RunConfig,
     config_from_values,
     post_step_config,
 )
 from trainer.flags import (
     add_cluster_arguments,
-    add_evaluate_arguments,
     add_train_arguments,
     add_training_config_arguments,
 )
@@ -257,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training processes (default: 2)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `shardmf evaluate` (its ranks get an EvaluateJob, not flags)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    default_ks = RankingConfig.ranking_ks
+    parser.add_argument("--k", type=positive_int, nargs="+", default=list(default_ks),
+                        metavar="K", help="list lengths (default: "
+                        f"{' '.join(map(str, default_ks))})")
+    parser.add_argument("--threshold", type=float, metavar="RATING",
+                        help="a test rating at or above this is relevant (default: 75 %% "
+                        "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
+    parser.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
+                        help="recommend only items with at least N training ratings, as "
+                        "`recommend` does with 20 (default: 0, every item)")
+    default_users = RankingConfig.ranking_users
+    parser.add_argument("--users", type=int, default=default_users, metavar="N",
+                        help="a seeded sample of about N test users, the same as training's "
+                        f"(default: {default_users:,}; 0: every user)")
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,19 +85,19 @@ def test_missing_toml(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: ModelConfig(reg=0.05, dim=0), "--dim 0: expected at least 1"),
-    (lambda: ModelConfig(reg=-1.0), "--reg -1.0: expected >= 0"),
-    (lambda: OptimConfig(optimizer="rmsprop"), "--optimizer 'rmsprop': expected sgd"),
-    (lambda: OptimConfig(lr=0.0), "--lr 0.0: expected a finite number > 0"),
-    (lambda: OptimConfig(lr=float("inf")), "--lr inf: expected a finite number > 0"),
-    (lambda: OptimConfig(lr=float("nan")), "--lr nan: expected a finite number > 0"),
-    (lambda: OptimConfig(lr_decay=1.5), "--lr-decay 1.5: expected 0 < x <= 1"),
-    (lambda: TrainConfig(epochs=0), "--epochs 0: expected at least 1"),
-    (lambda: TrainConfig(batch_size=0), "--batch-size 0"),
-    (lambda: TrainConfig(device="tpu"), "--device 'tpu'"),
-    (lambda: TrainConfig(verify="some"), "--verify 'some'"),
-    (lambda: TrainConfig(timeout_s=5), "--timeout-s 5: expected at least 10"),
-    (lambda: ClusterConfig(clusters=1), "--clusters 1: expected at least 2"),
+    (lambda: ModelConfig(reg=0.05, dim=0), "dim=0: expected at least 1"),
+    (lambda: ModelConfig(reg=-1.0), "reg=-1.0: expected >= 0"),
+    (lambda: OptimConfig(optimizer="rmsprop"), "optimizer='rmsprop': expected sgd"),
+    (lambda: OptimConfig(lr=0.0), "lr=0.0: expected a finite number > 0"),
+    (lambda: OptimConfig(lr=float("inf")), "lr=inf: expected a finite number > 0"),
+    (lambda: OptimConfig(lr=float("nan")), "lr=nan: expected a finite number > 0"),
+    (lambda: OptimConfig(lr_decay=1.5), "lr_decay=1.5: expected 0 < x <= 1"),
+    (lambda: TrainConfig(epochs=0), "epochs=0: expected at least 1"),
+    (lambda: TrainConfig(batch_size=0), "batch_size=0"),
+    (lambda: TrainConfig(device="tpu"), "device='tpu'"),
+    (lambda: TrainConfig(verify="some"), "verify='some'"),
+    (lambda: TrainConfig(timeout_s=5), "timeout_s=5: expected at least 10"),
+    (lambda: ClusterConfig(clusters=1), "clusters=1: expected at least 2"),
     (lambda: TorchrunOptions(nproc=0), "--nproc 0"),
     (lambda: TorchrunOptions(nnodes=2), "--nnodes 2 needs --rdzv-endpoint"),
 ])
@@ -107,5 +107,5 @@ def test_config_validation(build, message: str) -> None:
 
 
 def test_checkpoint_every_validation() -> None:
-    with pytest.raises(ValueError, match="--checkpoint-every -1: expected >= 0"):
+    with pytest.raises(ValueError, match="checkpoint_every=-1: expected >= 0"):
         TrainConfig(checkpoint_every=-1)

@@ -302,7 +302,7 @@ def test_bad_arguments_are_refused(trainer_shards_dir: Path) -> None:
     model = _model(shards)
     with pytest.raises(InputError, match="list lengths k 0"):
         ranking_metrics(model, shards, SINGLE, ks=(0,))
-    with pytest.raises(InputError, match="--min-item-ratings -1"):
+    with pytest.raises(InputError, match="min_item_ratings=-1"):
         ranking_metrics(model, shards, SINGLE, min_item_ratings=-1)
     with pytest.raises(InputError, match="relevance threshold 9"):
         ranking_metrics(model, shards, SINGLE, threshold=9)

@@ -1,12 +1,12 @@
-"""The trainer's flags: ``python -m trainer`` (the ranks' entry) and ``shardmf train``,
-``run`` and ``evaluate`` build theirs here, from the configs' field metadata."""
+"""The trainer's flags: ``python -m trainer`` (the ranks' entry) and ``shardmf train`` and
+``run`` build theirs here, from the configs' field metadata."""
 
 from __future__ import annotations
 
 import argparse
 
-from shardmf.flags import add_config_arguments, positive_int
-from trainer.config import TRAIN_CONFIGS, ClusterConfig, RankingConfig
+from shardmf.flags import add_config_arguments
+from trainer.config import TRAIN_CONFIGS, ClusterConfig
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,22 +37,3 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, skippable: bool = Tru
     add_config_arguments(parser, ClusterConfig, skip=CLUSTER_SKIP,
                          title="item clusters (--clusters 0 skips them)" if skippable
                          else "item clusters")
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `shardmf evaluate`, which its ranks parse too (launch/train_entry.py)."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
-    default_ks = RankingConfig.ranking_ks
-    parser.add_argument("--k", type=positive_int, nargs="+", default=list(default_ks),
-                        metavar="K", help="list lengths (default: "
-                        f"{' '.join(map(str, default_ks))})")
-    parser.add_argument("--threshold", type=float, metavar="RATING",
-                        help="a test rating at or above this is relevant (default: 75 %% "
-                        "up the run's rating scale: 4 on 1-5, 3.875 on 0.5-5)")
-    parser.add_argument("--min-item-ratings", type=int, default=0, metavar="N",
-                        help="recommend only items with at least N training ratings, as "
-                        "`recommend` does with 20 (default: 0, every item)")
-    default_users = RankingConfig.ranking_users
-    parser.add_argument("--users", type=int, default=default_users, metavar="N",
-                        help="a seeded sample of about N test users, the same as training's "
-                        f"(default: {default_users:,}; 0: every user)")

@@ -175,10 +175,10 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     if split not in ("test", "val"):
         raise ValueError(f"split {split!r}: expected 'test' or 'val'")
     if min_item_ratings < 0:
-        raise InputError(f"--min-item-ratings {min_item_ratings}: expected 0 (every item) "
+        raise InputError(f"min_item_ratings={min_item_ratings}: expected 0 (every item) "
                          "or more")
     if max_users < 0:
-        raise InputError(f"--ranking-users {max_users}: expected 0 (every user) or more")
+        raise InputError(f"ranking_users={max_users}: expected 0 (every user) or more")
     if user_block < 1:
         raise ValueError(f"user_block {user_block}: expected >= 1")
     module = unwrap(model)

@@ -113,9 +113,9 @@ def cluster_items(
     n_kept = int(keep.sum())
     if config.clusters != "auto" and n_kept < config.clusters:
         raise ValueError(
-            f"--clusters {config.clusters} exceeds the number of items with at least "
+            f"clusters={config.clusters} exceeds the number of items with at least "
             f"{config.min_item_ratings} training ratings ({n_kept}); "
-            "lower --clusters or --min-item-ratings"
+            "lower `clusters` or `min_item_ratings`"
         )
     kept = pd.DataFrame(
         {
@@ -310,9 +310,9 @@ def _choose_k(x: np.ndarray, config: ClusterConfig) -> dict[str, Any]:
     k_max = min(config.k_max, len(sample) - 1)
     if k_max < config.k_min:
         raise ValueError(
-            f"--clusters auto: --k-min {config.k_min} needs at least {config.k_min + 1} items "
+            f"clusters='auto': k_min={config.k_min} needs at least {config.k_min + 1} items "
             f"with at least {config.min_item_ratings} training ratings, found {len(x)}; "
-            "lower --k-min or --min-item-ratings, or give --clusters a number"
+            "lower `k_min` or `min_item_ratings`, or give `clusters` a number"
         )
     distances = pairwise_distances(sample.astype(np.float64))
     by_k = []
@@ -328,12 +328,12 @@ def _choose_k(x: np.ndarray, config: ClusterConfig) -> dict[str, Any]:
     scored = [entry for entry in by_k if entry["silhouette"] is not None]
     if not scored:
         raise ValueError(
-            f"--clusters auto: the silhouette is undefined for every k in {config.k_min}.."
-            f"{k_max} (too few distinct embeddings); give --clusters a number"
+            f"clusters='auto': the silhouette is undefined for every k in {config.k_min}.."
+            f"{k_max} (too few distinct embeddings); give `clusters` a number"
         )
     best = max(scored, key=lambda entry: (entry["silhouette"], -entry["k"]))
     logger.info(
-        "--clusters auto: k=%d has the best silhouette (%.3f) of k=%d..%d on %d items",
+        "automatic k: k=%d has the best silhouette (%.3f) of k=%d..%d on %d items",
         best["k"],
         best["silhouette"],
         config.k_min,

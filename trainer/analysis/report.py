@@ -253,7 +253,8 @@ def _k_edge_note(selection: dict[str, Any]) -> str | None:
         return (
             "The best k is the smallest one tried: the silhouette may keep rising below "
             "it, and a flat, low curve means the embeddings have no clear cluster "
-            "structure (common for matrix factorisation); try --k-min or a fixed --clusters."
+            "structure (common for matrix factorisation); try a larger smallest k (k_min) "
+            "or a fixed number of clusters."
         )
     if chosen == selection["k_max"]:
         return "The best k is the largest one tried: the silhouette may keep rising above it."
