@@ -160,7 +160,7 @@ def read_job(path: str | Path) -> Job:
         return EvaluateJob(**{**fields, "ks": tuple(fields["ks"])})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"job file {path}: not a job shardmf wrote ({e}); start ranks with "
-                         "`shardmf train` or with SHARDS_DIR --out RUN_DIR") from e
+                         "`shardmf train` or `python -m trainer SHARDS_DIR --out RUN_DIR`") from e
 
 
 # ---------------------------------------------------------------- a process of its own
