@@ -231,6 +231,56 @@ class ClusterConfig:
             raise ValueError(f"seed={self.seed!r}: expected less than 2**32")
 
 
+OBJECTIVES = ("auto", "rating", "ranking", "both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """What the run learns: ratings (the biased MF above, by SGD), top-N lists (a second
+    pair of tables without biases, by iALS: trainer/ials.py), or both from the same shards."""
+
+    objective: str = field(default="auto", metadata={
+        "help": "rating: predict ratings (RMSE); ranking: recommend (iALS: every observed "
+        "pair pulled to 1, every unobserved pair a weak 0); both: one pair of tables for "
+        "each, from the same shards (auto: both on ratings, ranking on interactions)",
+        "choices": OBJECTIVES})
+    ranking_dim: int = field(default=64, metadata={
+        "help": "embedding dimension of the ranking tables"})
+    unobserved_weight: float = field(default=1.0, metadata={
+        "help": "weight of every unobserved (user, item) pair pulled towards 0 (iALS's "
+        "alpha0), through the tables' Gramians: no negatives are sampled"})
+    liked_weight: float = field(default=1.0, metadata={
+        "help": "extra confidence of a rating at or above the relevance threshold (a pair's "
+        "weight is 1 + this when liked, 1 otherwise)"})
+    ranking_reg: float | None = field(default=None, metadata={
+        "help": "L2 weight of the ranking tables, scaled per row by its pairs plus "
+        "unobserved_weight x the other side's rows (default: a path from 0.02 shrinking "
+        "0.8 a sweep, keeping the sweep with the best validation NDCG@10)"})
+    cg_steps: int = field(default=3, metadata={
+        "help": "conjugate-gradient steps per row update, warm-started at the current row"})
+    sweeps: int = field(default=30, metadata={
+        "help": "most ranking sweeps (each updates every user row, then every item row)"})
+    sweep_patience: int = field(default=4, metadata={
+        "help": "stop after this many sweeps without a better validation NDCG@10"})
+
+    def __post_init__(self) -> None:
+        _check(self.objective in OBJECTIVES, "objective", self.objective, " | ".join(OBJECTIVES))
+        _check(isinstance(self.ranking_dim, int) and self.ranking_dim >= 1, "ranking_dim",
+               self.ranking_dim, "at least 1")
+        _check(0 <= self.unobserved_weight < float("inf"), "unobserved_weight",
+               self.unobserved_weight, "a finite number >= 0")
+        _check(0 <= self.liked_weight < float("inf"), "liked_weight", self.liked_weight,
+               "a finite number >= 0")
+        _check(self.ranking_reg is None or 0 <= self.ranking_reg < float("inf"),
+               "ranking_reg", self.ranking_reg, "a finite number >= 0")
+        _check(isinstance(self.cg_steps, int) and self.cg_steps >= 1, "cg_steps",
+               self.cg_steps, "at least 1")
+        _check(isinstance(self.sweeps, int) and self.sweeps >= 1, "sweeps", self.sweeps,
+               "at least 1")
+        _check(isinstance(self.sweep_patience, int) and self.sweep_patience >= 0,
+               "sweep_patience", self.sweep_patience, ">= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RankingConfig:
     """The ranking evaluation of the best epoch on the test split (trainer/ranking.py)."""
@@ -254,7 +304,8 @@ class RankingConfig:
 
 
 # Every config of a training run, in the order of config.json's sections and of --help.
-TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, RankingConfig)  # what training reads
+# what training reads
+TRAIN_CONFIGS = (ModelConfig, OptimConfig, TrainConfig, ObjectiveConfig, RankingConfig)
 RUN_CONFIGS = (*TRAIN_CONFIGS, ClusterConfig)
 SKIP_CLUSTERS = 0  # clusters=0: train without the clustering post-step
 
@@ -283,6 +334,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     cluster: ClusterConfig | None = None  # None: no clustering post-step
 
@@ -293,6 +345,7 @@ class RunConfig:
                    model=config_from_values(ModelConfig, values),
                    optim=config_from_values(OptimConfig, values),
                    train=config_from_values(TrainConfig, values),
+                   objective=config_from_values(ObjectiveConfig, values),
                    ranking=config_from_values(RankingConfig, values),
                    cluster=post_step_config(values))
 
@@ -309,7 +362,7 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
-             "ranking": RankingConfig}
+             "objective": ObjectiveConfig, "ranking": RankingConfig}
 
 
 def _from_json(cls: type, values: dict):

@@ -24,6 +24,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def add_training_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag group per config that training reads (TRAIN_CONFIGS)."""
     for cls, title in zip(TRAIN_CONFIGS, ("model", "optimizer", "training",
+                                          "objective (ratings, rankings, or both)",
                                           "ranking evaluation (test split, after training)")):
         add_config_arguments(parser, cls, title=title)
 

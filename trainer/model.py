@@ -5,6 +5,8 @@ It scores only the (user, item) pairs it is given; the user x item matrix is nev
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -116,3 +118,28 @@ class SquaredErrorWithL2(torch.autograd.Function):
         grad_p = torch.addcmul(p * decay, e_column, q)
         grad_q = torch.addcmul(q * decay, e_column, p)
         return grad_p, grad_q, e + bias_decay * b_u, e + bias_decay * b_i, None, None, None, None
+
+
+class RankingMF(nn.Module):
+    """The ranking tables: score(u, i) = <w_u, h_i>, no biases and no global mean.
+
+    Trained by iALS (trainer/ials.py): every observed pair pulled towards 1, every unobserved
+    pair a weak 0, so the score orders items by how likely a user is to choose them, which a
+    rating model (how a user would rate what they chose) does not. ``sparse`` is False: the
+    tables move by whole-row solves, not by gradients.
+    """
+
+    def __init__(self, num_users: int, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.user_factors = nn.Embedding(num_users, dim)
+        self.item_factors = nn.Embedding(num_items, dim)
+        std = 0.1 / math.sqrt(dim)  # row norms ~0.1 whatever the dimension
+        for table in (self.user_factors, self.item_factors):
+            nn.init.normal_(table.weight, std=std)
+        self.requires_grad_(False)
+
+    def score_all_items(self, users: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_items) float32 scores of every item for each of ``users`` (see
+        `BiasedMF.score_all_items`)."""
+        return torch.matmul(self.user_factors(users), self.item_factors.weight.T, out=out)
