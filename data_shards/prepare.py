@@ -674,8 +674,8 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
         item_counts += entry.pop("item_counts")
     counts = {s: sum(e["rows"] for e in by_split[s]) for s in SPLITS}
     if counts["train"] == 0:
-        noun = "rating" if source.kind == "ratings" else "interaction"
-        raise InputError(f"{_all_paths(sources)}: no {noun} fell into the training split")
+        raise InputError(f"{_all_paths(sources)}: no {source.row_name} fell into the training "
+                         "split")
     held_out = {}
     for split in ("val", "test"):
         users = np.unique(np.concatenate([e.pop("distinct_users") for e in by_split[split]]))
@@ -784,7 +784,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
         items["genres"] = joined["genres"].to_numpy(dtype=object)
         matched = int(joined["item"].notna().sum())
         if matched == 0:
-            raise InputError(f"{path}: none of its item ids match the ratings' item ids "
+            raise InputError(f"{path}: none of its item ids match the {source.kind}' item ids "
                              f"(e.g. {example!r} vs {vocab[:1].tolist()[0]!r})")
         log.info("item metadata for %d of %d items from %s", matched, len(vocab), path)
     else:

@@ -80,6 +80,11 @@ class RatingSource:
         return self.layout in ("parquet", "shardmf-synth")
 
     @property
+    def row_name(self) -> str:
+        """What a row is called in messages: "rating" or "interaction"."""
+        return "rating" if self.kind == "ratings" else "interaction"
+
+    @property
     def value_name(self) -> str:
         """What a row's value is called in messages: "rating" or "weight"."""
         return "rating" if self.kind == "ratings" else "weight"
@@ -91,7 +96,8 @@ class RatingSource:
 def resolve_source(inputs: list[str], options: SourceOptions) -> RatingSource:
     """Expand paths, detect the layout and map the columns, reading only first lines."""
     if not inputs:
-        raise InputError("no input given: name at least one ratings file, folder or URL")
+        raise InputError("no input given: name at least one ratings or interactions file, "
+                         "folder or URL")
     files: list[str] = []
     layout_hint = None if options.format == "auto" else options.format
     items_path = None
@@ -170,8 +176,8 @@ def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> In
             return InputError(f"{path}: not valid {source.encoding} text ({e.reason} at byte "
                               f"{e.start}); pass `encoding` (e.g. latin-1)")
         except csv.Error as e:
-            return InputError(f"{path}, line {line_no + 1}: {e}; not one rating per line "
-                              "(check the delimiter and quoting)")
+            return InputError(f"{path}, line {line_no + 1}: {e}; not one {source.row_name} "
+                              "per line (check the delimiter and quoting)")
         except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
             return InputError(f"{path}: cannot be read to the end after line {line_no} ({e}); "
                               "is the file truncated or damaged?")
