@@ -418,7 +418,10 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
         logical = [f"field{i}" for i in range(0, width, stride)]
     else:
         logical = list(names)
-    columns, kind = _map_columns(logical, header, options, files[0])
+    rows = sample[1:] if header else sample
+    numeric = {name for name in logical if not rows or any(
+        names.index(name) < len(row) and _is_number(row[names.index(name)]) for row in rows)}
+    columns, kind = _map_columns(logical, header, options, files[0], numeric)
     scale = MOVIELENS_SCALES.get(layout) if kind == "ratings" else None
     return RatingSource(
         paths=tuple(files), layout=layout, kind=kind, columns=columns, delimiter=delimiter,
@@ -438,7 +441,8 @@ def _parquet_source(files: list[str], layout: str, options: SourceOptions,
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{files[0]}: not a readable Parquet file ({e})") from e
     names = schema.names
-    columns, kind = _map_columns(list(names), True, options, files[0])
+    numeric = {name for name in names if _is_arrow_number(schema.field(name).type)}
+    columns, kind = _map_columns(list(names), True, options, files[0], numeric)
     for role, name in columns.items():
         role = "weight" if role == "rating" and kind == "interactions" else role
         _check_parquet_type(files[0], role, name, schema.field(name).type)
@@ -461,8 +465,7 @@ def _check_parquet_type(path: str, role: str, name: str, arrow_type) -> None:
         arrow_type = arrow_type.value_type
     text = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
         pa.types.is_string_view(arrow_type))
-    number = (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
-              or pa.types.is_decimal(arrow_type))
+    number = _is_arrow_number(arrow_type)
     allowed = {"user": (number or text, "numbers or strings"),
                "item": (number or text, "numbers or strings"),
                "rating": (number, "numbers"),
@@ -473,6 +476,14 @@ def _check_parquet_type(path: str, role: str, name: str, arrow_type) -> None:
     if not ok:
         raise InputError(f"{path}: column {name!r} ({role}) holds {arrow_type}; expected "
                          f"{expected} (pass `{_field(role)}` to name another column)")
+
+
+def _is_arrow_number(arrow_type) -> bool:
+    """Integers, floats and decimals (booleans are not numbers here)."""
+    import pyarrow as pa
+
+    return (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+            or pa.types.is_decimal(arrow_type))
 
 
 def _layout_delimiter(layout: str) -> str | None:
@@ -543,15 +554,17 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _map_columns(available: list[str], named: bool, options: SourceOptions,
-                 path: str) -> tuple[dict[str, str], str]:
+def _map_columns(available: list[str], named: bool, options: SourceOptions, path: str,
+                 numeric: set[str]) -> tuple[dict[str, str], str]:
     """Logical column -> source column, and the kind of data: "ratings" | "interactions".
 
     Columns come from the fields the user names, then header aliases, then positions
     (user 0, item 1, rating 2 and, without a header, timestamp 3), never taking a column
     twice. Interactions take a weight by name only (`rating_col` or an alias such as
-    plays), never by position. With kind auto: ratings when a rating column is found,
-    interactions when only a weight column or no value column is (rows of two fields).
+    plays), never by position. With kind auto: ratings when a rating column is found (by
+    name, or a third field among the ``numeric`` columns: numbers in the first rows, or
+    in the Parquet schema), else interactions (rows of two fields, a weight column, or a
+    text third field such as an event type).
     """
     requested = {"user": options.user_col, "item": options.item_col,
                  "rating": options.rating_col, "timestamp": options.time_col}
@@ -568,6 +581,8 @@ def _map_columns(available: list[str], named: bool, options: SourceOptions,
     for position, name in enumerate(LOGICAL_COLUMNS):
         skip = (name in columns or position >= len(available)
                 or (name == "rating" and options.kind == "interactions")
+                or (name == "rating" and options.kind == "auto"
+                    and available[position] not in numeric)
                 or (name == "timestamp" and named))
         if not skip and available[position] not in columns.values():
             columns[name] = available[position]

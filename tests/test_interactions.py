@@ -125,6 +125,24 @@ def test_a_header_naming_only_ids_and_a_time_is_interactions(tmp_path: Path) -> 
     assert manifest["counts"]["ratings"]["test"] == 8  # each user's latest
 
 
+@pytest.mark.parametrize("layout", ["csv", "parquet"])
+def test_an_event_log_with_a_text_third_column_is_interactions(tmp_path: Path, shard_reader,
+                                                               layout: str) -> None:
+    frame = pd.DataFrame({"visitor": [1, 1, 2], "page": [7, 8, 7],
+                          "event": ["view", "click", "view"], "timestamp": [10, 20, 30]})
+    path = tmp_path / f"events.{layout}"
+    if layout == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    manifest = run_prepare([path], tmp_path / "out", **ALL_TRAIN)
+    assert manifest["kind"] == "interactions" and manifest["weight_column"] is None
+    assert manifest["columns"] == {"user": "visitor", "item": "page",
+                                   "timestamp": "timestamp"}
+    assert weights(shard_reader, tmp_path / "out") == {(1, 7): 1.0, (1, 8): 1.0,
+                                                       (2, 7): 1.0}
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_parquet(tmp_path: Path, shard_reader, weighted: bool) -> None:
     frame = pd.DataFrame({"user_id": ["a", "b", "a"], "item_id": [1, 2, 1]})

@@ -546,8 +546,8 @@ BAD_INPUTS = {
         "r.csv", [HEADER, *numbered_rows(3)], {"time_col": "4"}, {},
         r": time_col=4 but rows have 4 fields"),
     "unknown header names fall back to positions": (
-        "r.csv", ["who,what,when", "1,2,2020-01-01"], {}, {},
-        r", line 2: rating '2020-01-01' is not a number"),
+        "r.csv", ["who,what,when", "1,2,3", "1,3,2020-01-01"], {}, {},
+        r", line 3: rating '2020-01-01' is not a number"),
     "a header name taking the user's position": (
         "r.csv", ["rating,item,comment", "4,2,ok"], {}, {},
         r": cannot find the user column among rating, item, comment; pass `user_col`"),
