@@ -178,7 +178,7 @@ def _noun(sources: dict[str, RatingSource]) -> str:
     return sources["train"].kind
 
 
-def duplicates_policy(duplicates: str | None, kind: str) -> str:
+def _duplicates_policy(duplicates: str | None, kind: str) -> str:
     """``duplicates`` resolved for the kind of data: by default interactions add their
     weights (two plays weigh 2) and ratings stop; adding up ratings is refused."""
     if duplicates is None:
@@ -221,7 +221,7 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
                          "interactions, whose weights need only be finite and >= 0; leave "
                          "rating_range out, or pass kind='ratings'")
     config = dataclasses.replace(config,
-                                 duplicates=duplicates_policy(config.duplicates, main.kind))
+                                 duplicates=_duplicates_policy(config.duplicates, main.kind))
     # What a value may be: a weight finite and >= 0, a rating inside the declared scale.
     valid = WEIGHT_RANGE if interactions else config.rating_range or main.rating_scale
     skip = config.on_bad_rows == "skip"
