@@ -17,7 +17,8 @@ FORMATS = (
     "auto", "movielens-100k", "movielens-dat", "movielens-csv", "shardmf-synth",
     "csv", "tsv", "parquet",
 )
-DUPLICATE_POLICIES = ("error", "last", "mean")
+KINDS = ("auto", "ratings", "interactions")
+DUPLICATE_POLICIES = ("error", "last", "mean", "sum")
 SPLIT_METHODS = ("random", "temporal", "leave-last")
 BAD_ROW_POLICIES = ("error", "skip")
 TRAIN_ROWS_PER_SHARD = 2_000_000  # auto shard count: enough shards to keep each this small
@@ -43,11 +44,18 @@ class SourceOptions:
         "help": "item id column, as --user-col (default: detected, e.g. movieId, or the "
         "second field)"})
     rating_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
-        "help": "rating column, as --user-col (default: detected, e.g. rating, or the third "
-        "field)"})
+        "help": "rating column, or the weight column of interactions (plays, clicks, dwell "
+        "time), as --user-col (default: detected, e.g. rating or plays, or for ratings the "
+        "third field)"})
     time_col: str | None = field(default=None, metadata={"metavar": "NAME|N",
         "help": "timestamp column, as --user-col (default: detected, e.g. timestamp, or the "
         "fourth field when there is one; needed by --split temporal and leave-last)"})
+    kind: str = field(default="auto", metadata={
+        "help": "ratings (a score per user and item) or interactions (plays, clicks, "
+        "purchases: (user, item) pairs, with a weight >= 0 from --rating-col or a count, "
+        "plays, clicks... column, else 1 each) (auto: ratings when a rating column is "
+        "found, interactions when rows have two fields or a header names a weight column)",
+        "choices": KINDS})
     delimiter: str | None = field(default=None, metadata={"metavar": "SEP",
         "help": "field separator of text files (default: detected from the first lines)"})
     header: bool | None = field(default=None, metadata={
@@ -61,6 +69,8 @@ class SourceOptions:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise InputError(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.kind not in KINDS:
+            raise InputError(f"kind={self.kind!r}: expected one of {', '.join(KINDS)}")
         try:
             codecs.lookup(self.encoding)
         except LookupError as e:
@@ -91,8 +101,9 @@ class PrepareConfig:
         "ratings when there is one, else none)"})
     genre_sep: str | None = field(default=None, metadata={"metavar": "SEP",
         "help": "separator of genres in --items (default: detected, e.g. |)"})
-    duplicates: str = field(default="error", metadata={
-        "help": "repeated (user, item) pairs: stop, keep the last, or average them",
+    duplicates: str | None = field(default=None, metadata={
+        "help": "repeated (user, item) pairs: stop, keep the last, average them, or add "
+        "their weights (interactions only) (default: sum for interactions, error for ratings)",
         "choices": DUPLICATE_POLICIES})
     split: str = field(default="random", metadata={
         "help": "random (by hash), temporal (latest overall to val/test) or leave-last "
@@ -122,8 +133,10 @@ class PrepareConfig:
             raise InputError(f"row_group_size={self.row_group_size}: expected at least 1")
         if self.rating_range is not None and not self.rating_range[0] < self.rating_range[1]:
             raise InputError(f"rating_range={self.rating_range}: expected MIN < MAX")
-        for name, value, allowed in (("duplicates", self.duplicates, DUPLICATE_POLICIES),
-                                     ("split", self.split, SPLIT_METHODS),
+        if self.duplicates is not None and self.duplicates not in DUPLICATE_POLICIES:
+            raise InputError(f"duplicates={self.duplicates!r}: expected one of "
+                             f"{', '.join(DUPLICATE_POLICIES)} (or None: by the kind of data)")
+        for name, value, allowed in (("split", self.split, SPLIT_METHODS),
                                      ("partition_by", self.partition_by, PARTITION_SCHEMES),
                                      ("on_bad_rows", self.on_bad_rows, BAD_ROW_POLICIES)):
             if value not in allowed:

@@ -1,4 +1,9 @@
-"""Validate ratings, encode ids, split them and write Parquet shards plus a manifest.
+"""Validate ratings or interactions, encode ids, split them and write Parquet shards plus a
+manifest.
+
+Interactions (plays, clicks: no rating) go the same way: their weight (1.0 each without a
+weight column) takes the place of the rating, repeated pairs add up by default, and the
+manifest's ``kind`` says which the shards hold.
 
 The source is read twice with Dask, so memory stays bounded by partitions and distinct
 ids, never by the number of ratings:
@@ -46,10 +51,11 @@ from data_shards.config import (
 )
 from data_shards.metadata import read_item_metadata
 from data_shards.sources import (
-    BAD_ROW_REASONS,
     REJECT_COLUMNS,
+    WEIGHT_RANGE,
     RatingSource,
     SourceOptions,
+    bad_row_reasons,
     diagnose_text,
     line_numbers,
     read_ratings,
@@ -57,7 +63,7 @@ from data_shards.sources import (
     resolve_source,
 )
 from shardmf.errors import InputError
-from shardmf.manifest import MANIFEST_VERSION, SPLITS, write_manifest
+from shardmf.manifest import SPLITS, manifest_version, write_manifest
 from shardmf.outputs import is_write_fault, no_interrupts, output_folder
 
 log = logging.getLogger(__name__)
@@ -96,7 +102,8 @@ class _Plan:
 def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
             source_options: SourceOptions | None = None, *,
             val_inputs: list[str] | None = None, test_inputs: list[str] | None = None) -> dict:
-    """Write SHARDS_DIR from rating files; return its manifest. Uses the current Dask scheduler.
+    """Write SHARDS_DIR from rating or interaction files; return its manifest. Uses the
+    current Dask scheduler.
 
     ``val_inputs``/``test_inputs`` are already-split files (read like ``inputs``) that become
     the val/test shards as given; ``inputs`` then all go to train, except for a split not
@@ -112,8 +119,10 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
     for role, given in (("val", val_inputs), ("test", test_inputs)):
         if given:
             sources[role] = resolve_source(list(given), options)
+    _check_same_kind(sources)
     for role, source in sources.items():
-        log.info("reading %d %s file(s) as %s", len(source.paths), role, source.layout)
+        log.info("reading %d %s file(s) as %s %s", len(source.paths), role, source.layout,
+                 source.kind)
     read = [p for s in sources.values() for p in (*s.paths, s.items_path) if p]
     with (output_folder(out, "shards", overwrite=config.overwrite,
                         inputs=read + ([config.items] if config.items else [])) as tmp,
@@ -147,6 +156,39 @@ def _all_paths(sources: dict[str, RatingSource]) -> str:
     return ", ".join(p for s in sources.values() for p in s.paths)
 
 
+def _check_same_kind(sources: dict[str, RatingSource]) -> None:
+    """Pre-split inputs must hold what the main input holds, weighted or not alike."""
+    main = sources["train"]
+    for role, source in sources.items():
+        if (source.kind, "rating" in source.columns) != (main.kind, "rating" in main.columns):
+            raise InputError(f"{source.paths[0]} ({role}) holds {_described(source)} but "
+                             f"{main.paths[0]} holds {_described(main)}; pass `kind` (and "
+                             "`rating_col`) so that both are read alike")
+
+
+def _described(source: RatingSource) -> str:
+    if source.kind == "ratings":
+        return "ratings"
+    column = source.columns.get("rating")
+    return f"interactions weighted by {column!r}" if column else "unweighted interactions"
+
+
+def _noun(sources: dict[str, RatingSource]) -> str:
+    """What the rows are, for messages: "ratings" or "interactions" (the kind's name)."""
+    return sources["train"].kind
+
+
+def _duplicates_policy(duplicates: str | None, kind: str) -> str:
+    """``duplicates`` resolved for the kind of data: by default interactions add their
+    weights (two plays weigh 2) and ratings stop; adding up ratings is refused."""
+    if duplicates is None:
+        return "sum" if kind == "interactions" else "error"
+    if duplicates == "sum" and kind == "ratings":
+        raise InputError("duplicates='sum' adds up the weights of interactions, not ratings; "
+                         "use duplicates='last' or 'mean' (or kind='interactions')")
+    return duplicates
+
+
 def _read_all(sources: dict[str, RatingSource], scale, skip: bool):
     """One frame over every input (a ``given`` column when there are pre-split ones)."""
     frames, blocks = [], []
@@ -173,9 +215,17 @@ def _read_all(sources: dict[str, RatingSource], scale, skip: bool):
 
 def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig) -> dict:
     main = sources["train"]
-    scale = config.rating_range or main.rating_scale
+    interactions = main.kind == "interactions"
+    if interactions and config.rating_range is not None:
+        raise InputError(f"rating_range={config.rating_range}: {_all_paths(sources)} holds "
+                         "interactions, whose weights need only be finite and >= 0; leave "
+                         "rating_range out, or pass kind='ratings'")
+    config = dataclasses.replace(config,
+                                 duplicates=_duplicates_policy(config.duplicates, main.kind))
+    # What a value may be: a weight finite and >= 0, a rating inside the declared scale.
+    valid = WEIGHT_RANGE if interactions else config.rating_range or main.rating_scale
     skip = config.on_bad_rows == "skip"
-    checked, blocks, with_time = _read_all(sources, scale, skip)
+    checked, blocks, with_time = _read_all(sources, valid, skip)
     if config.split in ("temporal", "leave-last") and not with_time:
         raise InputError(f"{_all_paths(sources)}: split={config.split!r} needs a timestamp "
                          f"column and found none (columns: {', '.join(main.columns.values())}); "
@@ -183,16 +233,17 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     ratings = checked
     if skip:
         ratings = checked[checked["reason"] == 0].drop(columns=list(REJECT_COLUMNS))
-    stats = _statistics(ratings, sources, scale, config, checked if skip else None)
+    stats = _statistics(ratings, sources, valid, config, checked if skip else None)
     user_vocab = _vocabulary(stats["users"])
     item_vocab = _vocabulary(stats["items"])
-    scale = scale or (stats["min"], stats["max"])
+    # Interactions' scale is 0..the largest weight once repeats are added (in _finish).
+    scale = None if interactions else valid or (stats["min"], stats["max"])
     fillable = max(MIN_SHARDS, int(stats["rows"]))
     if config.num_shards is not None and config.num_shards > fillable:
         # Each shard costs tasks and three files however empty it is.
         raise InputError(f"num_shards={config.num_shards}: more shards than "
-                         f"{int(stats['rows']):,} ratings can fill; use at most {fillable:,} "
-                         "or leave it out for the automatic count")
+                         f"{int(stats['rows']):,} {_noun(sources)} can fill; use at most "
+                         f"{fillable:,} or leave it out for the automatic count")
     config = dataclasses.replace(
         config, partition_by=partition_scheme(config.partition_by, int(stats["rows"])))
     given = set(sources) - {"train"}
@@ -211,7 +262,7 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
         meta=_routed_meta(with_time, plan.restage),
     )
     with TqdmCallback(desc="encode and split", mininterval=1.0, leave=False):
-        _guarded(sources, scale, lambda: routed.to_parquet(
+        _guarded(sources, valid, lambda: routed.to_parquet(
             staging, partition_on=["shard"], write_index=False))
     for split in SPLITS:
         (tmp / split).mkdir()
@@ -239,7 +290,8 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
     manifest = _finish(tmp, sources, config, shards, early_duplicates, user_vocab, item_vocab,
                        scale, plan)
     manifest["bad_rows"] = {reason: int(stats["reasons"].get(code + 1, 0))
-                            for code, reason in enumerate(BAD_ROW_REASONS)} if skip else {}
+                            for code, reason in enumerate(bad_row_reasons(main.kind))
+                            } if skip else {}
     manifest["on_bad_rows"] = config.on_bad_rows
     manifest["rejects_file"] = "rejects.csv" if skip else None
     if skip and sum(manifest["bad_rows"].values()):
@@ -279,7 +331,8 @@ def _write_rejects(path: Path, rejects: pd.DataFrame, blocks: list[tuple[str, in
     frame = pd.DataFrame({
         "file": [blocks[b][0] if b >= 0 else parquet_paths for b in block_ids],
         "line": pd.array([n if n > 0 else None for n in lines], dtype="Int64"),
-        "reason": [BAD_ROW_REASONS[c - 1] for c in rejects["reason"].to_numpy()],
+        "reason": [bad_row_reasons(sources["train"].kind)[c - 1]
+                   for c in rejects["reason"].to_numpy()],
         "raw": rejects["raw"].to_numpy(dtype=object),
     })
     frame.to_csv(path, index=False)
@@ -310,12 +363,13 @@ def _diagnose(sources: dict[str, RatingSource], scale, detail: str = "") -> Inpu
         if source.is_parquet:
             continue
         error = diagnose_text(source, scale)
-        if not str(error).endswith(f"could not be parsed as {source.layout} ratings"):
+        if not str(error).endswith(f"could not be parsed as {source.layout} {source.kind}"):
             return error
         generic = generic or error
     parquet = [p for s in sources.values() if s.is_parquet for p in s.paths]
     if parquet:
-        return InputError(f"{', '.join(parquet)}: cannot be read as ratings ({detail})")
+        return InputError(f"{', '.join(parquet)}: cannot be read as {_noun(sources)} "
+                          f"({detail})")
     return generic
 
 
@@ -349,18 +403,22 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
                           lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
     if values["rows"] == 0:
         rejected = int(values["reasons"].sum()) if checked is not None else 0
-        raise InputError(f"{_all_paths(sources)}: no ratings found (" + (
+        raise InputError(f"{_all_paths(sources)}: no {_noun(sources)} found (" + (
             f"all {rejected} rows were rejected as bad; see the reasons with `on_bad_rows` "
             "error)" if rejected else "only a header, or empty files)"))
     if values["bad"] or values["missing_ids"] or values["bad_times"]:
         if all(s.is_parquet for s in sources.values()):
+            if sources["train"].kind == "interactions":
+                values_wrong, expected = "negative weight", "finite weights >= 0"
+            else:
+                values_wrong = "out-of-range rating"
+                expected = "finite ratings" + (f" in {scale[0]:g}..{scale[1]:g}" if scale
+                                               else "")
             raise InputError(
                 f"{_all_paths(sources)}: {int(values['bad'])} rows with a missing, "
-                f"non-finite or out-of-range rating, {int(values['missing_ids'])} missing "
+                f"non-finite or {values_wrong}, {int(values['missing_ids'])} missing "
                 f"ids and {int(values['bad_times'])} missing or unreadable timestamps "
-                f"(expected finite ratings" +
-                (f" in {scale[0]:g}..{scale[1]:g})" if scale else ")") +
-                "; pass on_bad_rows='skip' to drop them")
+                f"(expected {expected}); pass on_bad_rows='skip' to drop them")
         raise _diagnose(sources, scale)
     return values
 
@@ -577,11 +635,15 @@ def _resolve_duplicates(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame,
         return frame, found
     by_time = ["timestamp", "seq"] if "timestamp" in frame else ["seq"]
     ordered = frame.sort_values(by_time, kind="stable")
+    # The last row of a pair stays (its time, and its split where rows of a pair differ);
+    # mean and sum then replace its value.
     kept = ordered.drop_duplicates(["user_id", "item_id"], keep="last")
-    if policy == "mean":
-        means = ordered.groupby(["user_id", "item_id"], sort=False)["rating"].mean()
+    if policy in ("mean", "sum"):
+        values = ordered["rating"].astype(np.float64).groupby(
+            [ordered["user_id"], ordered["item_id"]], sort=False)
+        combined = values.mean() if policy == "mean" else values.sum()
         index = pd.MultiIndex.from_frame(kept[["user_id", "item_id"]])
-        kept = kept.assign(rating=means.reindex(index).to_numpy(dtype=np.float32))
+        kept = kept.assign(rating=combined.reindex(index).to_numpy(dtype=np.float32))
     return kept, found
 
 
@@ -596,6 +658,11 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
         examples = [ex for d in found for ex in d["examples"]][:3]
         shown = ", ".join(f"(user {user_vocab[u]!s}, item {item_vocab[i]!s})"
                           for u, i in examples)
+        if source.kind == "interactions":
+            raise InputError(f"{_all_paths(sources)}: {repeated} (user, item) pairs occur "
+                             f"more than once, e.g. {shown}; pass duplicates='sum' (the "
+                             "default for interactions) to add their weights, or 'last' or "
+                             "'mean'")
         raise InputError(f"{_all_paths(sources)}: {repeated} (user, item) pairs are rated "
                          f"more than once, e.g. {shown}; pass duplicates='last' or "
                          "duplicates='mean' to keep one rating per pair")
@@ -607,7 +674,8 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
         item_counts += entry.pop("item_counts")
     counts = {s: sum(e["rows"] for e in by_split[s]) for s in SPLITS}
     if counts["train"] == 0:
-        raise InputError(f"{_all_paths(sources)}: no rating fell into the training split")
+        raise InputError(f"{_all_paths(sources)}: no {source.row_name} fell into the training "
+                         "split")
     held_out = {}
     for split in ("val", "test"):
         users = np.unique(np.concatenate([e.pop("distinct_users") for e in by_split[split]]))
@@ -618,6 +686,8 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
     train_mean = sum(e["rating_sum"] for e in train) / counts["train"]
     kept_min = min(e["rating_min"] for e in shards if e["rating_min"] is not None)
     kept_max = max(e["rating_max"] for e in shards if e["rating_max"] is not None)
+    if scale is None:  # interactions: weights from 0 up to the largest, repeats added
+        scale = (0.0, kept_max)
     for entry in shards:
         for key in ("rating_sum", "rating_min", "rating_max"):
             entry.pop(key)
@@ -659,9 +729,13 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
     described = []
     for role, src in sources.items():
         described += [{**d, "split": role} if len(sources) > 1 else d for d in src.describe()]
+    kind = {"kind": source.kind}
+    if source.kind == "interactions":  # None: every interaction weighs 1
+        kind["weight_column"] = source.columns.get("rating")
     return {
-        "format_version": MANIFEST_VERSION,
+        "format_version": manifest_version(source.kind),
         "created_by": "shardmf prepare",
+        **kind,
         "sources": described,
         "item_metadata": {
             "path": config.items or items_source.items_path,
@@ -710,7 +784,7 @@ def _item_table(source: RatingSource, config: PrepareConfig, vocab: pd.Index,
         items["genres"] = joined["genres"].to_numpy(dtype=object)
         matched = int(joined["item"].notna().sum())
         if matched == 0:
-            raise InputError(f"{path}: none of its item ids match the ratings' item ids "
+            raise InputError(f"{path}: none of its item ids match the {source.kind}' item ids "
                              f"(e.g. {example!r} vs {vocab[:1].tolist()[0]!r})")
         log.info("item metadata for %d of %d items from %s", matched, len(vocab), path)
     else:

@@ -1,11 +1,14 @@
-"""Turn whatever ratings a user holds into one Dask DataFrame with a fixed schema.
+"""Turn whatever ratings or interactions a user holds into one Dask DataFrame with a fixed
+schema.
 
 Every source (the MovieLens layouts, any CSV/TSV/Parquet, a ``shardmf synth`` folder;
 local paths, globs or fsspec URLs) becomes the columns ``user`` and ``item`` (original
 ids, as strings for text files), ``rating`` (float64) and, when the source has one,
 ``timestamp`` (nullable Int64 unix seconds, <NA> where a value is no time: a bad row,
-like a bad rating). Problems a user can fix raise ``InputError`` naming
-the file and, for text files, the line.
+like a bad rating). Interactions (plays, clicks, purchases: no rating) keep the same
+schema: ``rating`` holds their weight, from a count or weight column when there is one,
+else 1.0 for every row. Problems a user can fix raise ``InputError`` naming the file and,
+for text files, the line.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ HEADER_ALIASES = {
     "timestamp": ("timestamp", "time", "ts", "date", "datetime", "unixtime",
                   "unixreviewtime", "ratedat"),
 }
+# Header names of an interaction weight: such a column (and no rating column) means
+# interactions, and its values are their weights.
+WEIGHT_ALIASES = ("weight", "weights", "count", "counts", "plays", "playcount", "clicks",
+                  "clickcount", "views", "viewcount", "quantity", "qty", "listens",
+                  "listencount", "times", "frequency", "purchases", "dwelltime", "duration")
+# An interaction weight must be finite and >= 0: checked as a range with no upper end.
+WEIGHT_RANGE = (0.0, math.inf)
 DELIMITER_CANDIDATES = ("::", "\t", ",", ";", "|")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 TEXT_BLOCKSIZE = 64 * 2**20
@@ -53,7 +63,10 @@ class RatingSource:
 
     paths: tuple[str, ...]
     layout: str  # a FORMATS entry other than "auto"
-    columns: dict[str, str]  # logical name -> column name in the (named) source columns
+    kind: str  # "ratings" | "interactions"
+    # logical name -> column name in the (named) source columns; "rating" is the weight of
+    # interactions and absent when every interaction weighs 1
+    columns: dict[str, str]
     delimiter: str | None  # text sources only
     header: bool
     field_names: tuple[str, ...]  # every field of a text row, in order
@@ -66,6 +79,16 @@ class RatingSource:
     def is_parquet(self) -> bool:
         return self.layout in ("parquet", "shardmf-synth")
 
+    @property
+    def row_name(self) -> str:
+        """What a row is called in messages: "rating" or "interaction"."""
+        return "rating" if self.kind == "ratings" else "interaction"
+
+    @property
+    def value_name(self) -> str:
+        """What a row's value is called in messages: "rating" or "weight"."""
+        return "rating" if self.kind == "ratings" else "weight"
+
     def describe(self) -> list[dict]:
         return [{"path": p, "layout": self.layout} for p in self.paths]
 
@@ -73,7 +96,8 @@ class RatingSource:
 def resolve_source(inputs: list[str], options: SourceOptions) -> RatingSource:
     """Expand paths, detect the layout and map the columns, reading only first lines."""
     if not inputs:
-        raise InputError("no input given: name at least one ratings file, folder or URL")
+        raise InputError("no input given: name at least one ratings or interactions file, "
+                         "folder or URL")
     files: list[str] = []
     layout_hint = None if options.format == "auto" else options.format
     items_path = None
@@ -89,7 +113,8 @@ def resolve_source(inputs: list[str], options: SourceOptions) -> RatingSource:
 
 
 def read_ratings(source: RatingSource) -> dd.DataFrame:
-    """Lazily read the source into the fixed schema (no validation beyond parsing)."""
+    """Lazily read the source into the fixed schema (no validation beyond parsing); the
+    ``rating`` column of interactions is their weight, 1.0 without a weight column."""
     wanted = [name for name in LOGICAL_COLUMNS if name in source.columns]
     if source.is_parquet:
         frame = dd.read_parquet(
@@ -105,7 +130,7 @@ def read_ratings(source: RatingSource) -> dd.DataFrame:
             sep=_single_char(source.delimiter),
             header=0 if source.header else None,
             names=list(source.field_names),
-            dtype=dict.fromkeys(source.field_names, "str") | {source.columns["rating"]: "float64"},
+            dtype=_text_dtypes(source),
             encoding=source.encoding,
             quoting=csv.QUOTE_MINIMAL if source.delimiter != "\t" else csv.QUOTE_NONE,
             blocksize=None if _is_compressed(source.paths[0]) else TEXT_BLOCKSIZE,
@@ -116,6 +141,14 @@ def read_ratings(source: RatingSource) -> dd.DataFrame:
     columns = {n: source.columns[n] for n in wanted}
     return frame.map_partitions(_normalise_partition, columns,
                                 meta=_normalise_partition(frame._meta, columns))
+
+
+def _text_dtypes(source: RatingSource) -> dict[str, str]:
+    """Every field as text, except the rating or weight: a number (NaN where empty)."""
+    dtypes = dict.fromkeys(source.field_names, "str")
+    if "rating" in source.columns:
+        dtypes[source.columns["rating"]] = "float64"
+    return dtypes
 
 
 def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> InputError:
@@ -135,24 +168,26 @@ def diagnose_text(source: RatingSource, scale: tuple[float, float] | None) -> In
                 for line_no, fields in enumerate(_split_lines(handle, source.delimiter), 1):
                     if line_no == 1 and source.header:
                         continue
-                    problem = _row_problem(fields, wanted, expected, stride, scale)
+                    problem = _row_problem(fields, wanted, expected, stride, scale,
+                                           source.value_name)
                     if problem:
                         return InputError(f"{path}, line {line_no}: {problem}")
         except UnicodeDecodeError as e:
             return InputError(f"{path}: not valid {source.encoding} text ({e.reason} at byte "
                               f"{e.start}); pass `encoding` (e.g. latin-1)")
         except csv.Error as e:
-            return InputError(f"{path}, line {line_no + 1}: {e}; not one rating per line "
-                              "(check the delimiter and quoting)")
+            return InputError(f"{path}, line {line_no + 1}: {e}; not one {source.row_name} "
+                              "per line (check the delimiter and quoting)")
         except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
             return InputError(f"{path}: cannot be read to the end after line {line_no} ({e}); "
                               "is the file truncated or damaged?")
     return InputError(f"{', '.join(source.paths)}: could not be parsed as "
-                      f"{source.layout} ratings")
+                      f"{source.layout} {source.kind}")
 
 
 def _row_problem(fields: list[str], wanted: dict[str, int], expected: int, stride: int,
-                 scale: tuple[float, float] | None) -> str | None:
+                 scale: tuple[float, float] | None, value_name: str) -> str | None:
+    """What is wrong with one split line, or None; ``value_name`` is "rating" or "weight"."""
     if len(fields) != expected:
         return (f"{len(fields) // stride + (len(fields) % stride > 0)} fields, expected "
                 f"{(expected - 1) // stride + 1} (a ragged line: check the delimiter and "
@@ -160,19 +195,29 @@ def _row_problem(fields: list[str], wanted: dict[str, int], expected: int, strid
     for name in ("user", "item"):
         if not fields[wanted[name]].strip():
             return f"empty {name} id"
-    raw = fields[wanted["rating"]].strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        return f"rating {raw!r} is not a number"
-    if not math.isfinite(value):
-        return f"rating {raw!r} is not a finite number"
-    if scale and not scale[0] <= value <= scale[1]:
-        return (f"rating {raw} is outside the rating range {scale[0]:g}..{scale[1]:g} "
-                f"(pass rating_range=MIN,MAX if that range is wrong)")
+    problem = _value_problem(fields[wanted["rating"]].strip(), scale, value_name) if (
+        "rating" in wanted) else None
+    if problem:
+        return problem
     if "timestamp" in wanted and not _is_time(fields[wanted["timestamp"]].strip()):
         return (f"timestamp {fields[wanted['timestamp']].strip()!r} is not a time (expected "
                 "unix seconds or a date)")
+    return None
+
+
+def _value_problem(raw: str, scale: tuple[float, float] | None, value_name: str) -> str | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return f"{value_name} {raw!r} is not a number"
+    if not math.isfinite(value):
+        return f"{value_name} {raw!r} is not a finite number"
+    if value_name == "weight" and value < 0:
+        return (f"weight {raw} is negative (expected a count or weight >= 0, e.g. plays or "
+                "clicks)")
+    if scale and not scale[0] <= value <= scale[1]:
+        return (f"rating {raw} is outside the rating range {scale[0]:g}..{scale[1]:g} "
+                f"(pass rating_range=MIN,MAX if that range is wrong)")
     return None
 
 
@@ -209,7 +254,10 @@ def _normalise_partition(frame: pd.DataFrame, columns: dict[str, str]) -> pd.Dat
             out[name] = column.astype("int64")
         else:
             out[name] = column.astype("str").str.strip().where(column.notna())
-    out["rating"] = frame[columns["rating"]].astype("float64")
+    if "rating" in columns:
+        out["rating"] = frame[columns["rating"]].astype("float64")
+    else:  # interactions without a weight column: each row weighs 1
+        out["rating"] = np.ones(len(frame), dtype=np.float64)
     if "timestamp" in columns:
         out["timestamp"] = _unix_seconds(frame[columns["timestamp"]])
     return out
@@ -344,7 +392,8 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
                  items_path: str | None) -> RatingSource:
     for path in files:
         if not _first_lines(path, options, 1):
-            raise InputError(f"{path}: the file is empty; expected one rating per line")
+            raise InputError(f"{path}: the file is empty; expected one rating or interaction "
+                             "per line")
     first = _first_lines(files[0], options, 20)
     try:
         delimiter = options.delimiter or _layout_delimiter(layout) or _sniff_delimiter(
@@ -352,8 +401,8 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
         delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
         sample = list(_split_lines(io.StringIO("\n".join(first)), delimiter))
     except csv.Error as e:  # e.g. a megabyte-long line: csv's field size limit
-        raise InputError(f"{files[0]}: {e} in the first lines; not one rating per line "
-                         "(check the file, or pass `delimiter`)") from e
+        raise InputError(f"{files[0]}: {e} in the first lines; not one rating or interaction "
+                         "per line (check the file, or pass `delimiter`)") from e
     width = len(sample[0])
     header = options.header
     if header is None:
@@ -369,10 +418,13 @@ def _text_source(files: list[str], layout: str, options: SourceOptions,
         logical = [f"field{i}" for i in range(0, width, stride)]
     else:
         logical = list(names)
-    columns = _map_columns(logical, header, options, files[0])
-    scale = MOVIELENS_SCALES.get(layout)
+    rows = sample[1:] if header else sample
+    numeric = {name for name in logical if not rows or any(
+        names.index(name) < len(row) and _is_number(row[names.index(name)]) for row in rows)}
+    columns, kind = _map_columns(logical, header, options, files[0], numeric)
+    scale = MOVIELENS_SCALES.get(layout) if kind == "ratings" else None
     return RatingSource(
-        paths=tuple(files), layout=layout, columns=columns, delimiter=delimiter,
+        paths=tuple(files), layout=layout, kind=kind, columns=columns, delimiter=delimiter,
         header=header, field_names=names, encoding=_decoding(options.encoding),
         rating_scale=scale,
         items_path=items_path, storage_options=dict(options.storage_options),
@@ -389,37 +441,49 @@ def _parquet_source(files: list[str], layout: str, options: SourceOptions,
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{files[0]}: not a readable Parquet file ({e})") from e
     names = schema.names
-    columns = _map_columns(list(names), True, options, files[0])
+    numeric = {name for name in names if _is_arrow_number(schema.field(name).type)}
+    columns, kind = _map_columns(list(names), True, options, files[0], numeric)
     for role, name in columns.items():
+        role = "weight" if role == "rating" and kind == "interactions" else role
         _check_parquet_type(files[0], role, name, schema.field(name).type)
-    scale = (1.0, 5.0) if layout == "shardmf-synth" else None
+    scale = (1.0, 5.0) if layout == "shardmf-synth" and kind == "ratings" else None
     return RatingSource(
-        paths=tuple(files), layout=layout, columns=columns, delimiter=None, header=True,
+        paths=tuple(files), layout=layout, kind=kind, columns=columns, delimiter=None,
+        header=True,
         field_names=tuple(names), encoding=options.encoding, rating_scale=scale,
         items_path=items_path, storage_options=dict(options.storage_options),
     )
 
 
-def _check_parquet_type(path: str, role: str, name: str, kind) -> None:
-    """Ids: numbers or strings; ratings: numbers (not booleans); times: numbers, times or
-    text. Anything else (lists, structs, booleans) would become ids like "[0]" or 1.0."""
+def _check_parquet_type(path: str, role: str, name: str, arrow_type) -> None:
+    """Ids: numbers or strings; ratings and weights: numbers (not booleans); times: numbers,
+    times or text. Anything else (lists, structs, booleans) would become ids like "[0]" or
+    1.0."""
     import pyarrow as pa
 
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or (
-        pa.types.is_string_view(kind))
-    number = (pa.types.is_integer(kind) or pa.types.is_floating(kind)
-              or pa.types.is_decimal(kind))
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    text = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
+        pa.types.is_string_view(arrow_type))
+    number = _is_arrow_number(arrow_type)
     allowed = {"user": (number or text, "numbers or strings"),
                "item": (number or text, "numbers or strings"),
                "rating": (number, "numbers"),
-               "timestamp": (number or text or pa.types.is_timestamp(kind)
-                             or pa.types.is_date(kind), "numbers, times or text")}
+               "weight": (number, "numbers"),
+               "timestamp": (number or text or pa.types.is_timestamp(arrow_type)
+                             or pa.types.is_date(arrow_type), "numbers, times or text")}
     ok, expected = allowed[role]
     if not ok:
-        raise InputError(f"{path}: column {name!r} ({role}) holds {kind}; expected {expected} "
-                         f"(pass `{_field(role)}` to name another column)")
+        raise InputError(f"{path}: column {name!r} ({role}) holds {arrow_type}; expected "
+                         f"{expected} (pass `{_field(role)}` to name another column)")
+
+
+def _is_arrow_number(arrow_type) -> bool:
+    """Integers, floats and decimals (booleans are not numbers here)."""
+    import pyarrow as pa
+
+    return (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+            or pa.types.is_decimal(arrow_type))
 
 
 def _layout_delimiter(layout: str) -> str | None:
@@ -429,30 +493,51 @@ def _layout_delimiter(layout: str) -> str | None:
 
 def _sniff_delimiter(lines: list[str], path: str) -> str:
     """The first candidate that splits the first line, and at least half the sampled lines,
-    into the same number (>= 3) of fields; a ragged line is left for validation to report."""
-    for candidate in DELIMITER_CANDIDATES:
-        counts = [len(list(_split_lines(io.StringIO(line), candidate))[0]) for line in lines]
-        if counts[0] >= 3 and 2 * counts.count(counts[0]) >= len(counts):
-            return candidate
-    if lines and len(lines[0].split()) >= 3:
-        return " "
+    into the same number of fields; a ragged line is left for validation to report.
+
+    Three or more fields are looked for first, and two (user, item) only when no candidate
+    gives three: "1;2;3,5" is three fields split by ";", not two by ",".
+    """
+    for least in (3, 2):
+        for candidate in DELIMITER_CANDIDATES:
+            counts = [len(list(_split_lines(io.StringIO(line), candidate))[0])
+                      for line in lines]
+            if counts[0] >= least and 2 * counts.count(counts[0]) >= len(counts):
+                return candidate
+        if lines and len(lines[0].split()) >= least:
+            return " "
     raise InputError(f"{path}: cannot tell the delimiter from the first lines "
-                     f"({lines[0][:80]!r}); pass `delimiter`")
+                     f"({lines[0][:80]!r}): expected at least a user and an item field per "
+                     "line; pass `delimiter`")
 
 
 def _looks_like_header(sample: list[list[str]], options: SourceOptions) -> bool:
+    """A header when a column is named by the user, a first-line field is a known column
+    name (userId, item, plays...), the rating field of the first line is no number, or a
+    column is a number on every later line but not on the first ("customer,product" over
+    numeric ids). Text ids under unknown names stay ambiguous: pass `header`."""
     if any(c is not None and not c.isdigit() for c in
            (options.user_col, options.item_col, options.rating_col)):
         return True
-    position = int(options.rating_col) if options.rating_col else 2
-    first = sample[0]
-    if position >= len(first):
-        return False
-    try:
-        float(first[position])
-    except ValueError:
+    first, rest = sample[0], sample[1:]
+    known = {alias for names in HEADER_ALIASES.values() for alias in names} | set(
+        WEIGHT_ALIASES)
+    if any(normalise_name(value) in known for value in first):
         return True
-    return False
+    position = int(options.rating_col) if options.rating_col else 2
+    if position < len(first) and not _is_number(first[position]):
+        return True
+    return bool(rest) and any(
+        not _is_number(value) and all(i < len(row) and _is_number(row[i]) for row in rest)
+        for i, value in enumerate(first))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -469,46 +554,69 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _map_columns(available: list[str], named: bool, options: SourceOptions,
-                 path: str) -> dict[str, str]:
-    """Logical column -> source column, from flags, header aliases or positions 0,1,2,3."""
+def _map_columns(available: list[str], named: bool, options: SourceOptions, path: str,
+                 numeric: set[str]) -> tuple[dict[str, str], str]:
+    """Logical column -> source column, and the kind of data: "ratings" | "interactions".
+
+    Columns come from the fields the user names, then header aliases, then positions
+    (user 0, item 1, rating 2 and, without a header, timestamp 3), never taking a column
+    twice. Interactions take a weight by name only (`rating_col` or an alias such as
+    plays), never by position. With kind auto: ratings when a rating column is found (by
+    name, or a third field among the ``numeric`` columns: numbers in the first rows, or
+    in the Parquet schema), else interactions (rows of two fields, a weight column, or a
+    text third field such as an event type).
+    """
     requested = {"user": options.user_col, "item": options.item_col,
                  "rating": options.rating_col, "timestamp": options.time_col}
+    aliases = dict(HEADER_ALIASES)
+    aliases["rating"] = {"ratings": HEADER_ALIASES["rating"], "interactions": WEIGHT_ALIASES,
+                         "auto": HEADER_ALIASES["rating"] + WEIGHT_ALIASES}[options.kind]
     normalised = {normalise_name(a): a for a in available}
-    columns: dict[str, str] = {}
+    columns = {name: _requested_column(spec, name, available, path)
+               for name, spec in requested.items() if spec is not None}
+    for name in LOGICAL_COLUMNS:
+        found = next((normalised[a] for a in aliases[name] if a in normalised), None)
+        if named and name not in columns and found not in (None, *columns.values()):
+            columns[name] = found
     for position, name in enumerate(LOGICAL_COLUMNS):
-        spec = requested[name]
-        if spec is not None:
-            if spec.isdigit():
-                if int(spec) >= len(available):
-                    raise InputError(f"{path}: {_field(name)}={spec} but rows have "
-                                     f"{len(available)} fields (positions count from 0)")
-                columns[name] = available[int(spec)]
-            elif spec in available:
-                columns[name] = spec
-            else:
-                raise InputError(f"{path}: no column {spec!r} for `{_field(name)}`; "
-                                 f"columns are {', '.join(available)}")
-            continue
-        if named:
-            alias = next((normalised[a] for a in HEADER_ALIASES[name] if a in normalised), None)
-            if alias is not None:
-                columns[name] = alias
-                continue
-            if name != "timestamp" and len(available) >= 3 and all(
-                    c in available for c in columns.values()) and position < len(available):
-                columns[name] = available[position]
-                continue
-        elif position < len(available):
+        skip = (name in columns or position >= len(available)
+                or (name == "rating" and options.kind == "interactions")
+                or (name == "rating" and options.kind == "auto"
+                    and available[position] not in numeric)
+                or (name == "timestamp" and named))
+        if not skip and available[position] not in columns.values():
             columns[name] = available[position]
-            continue
-        if name != "timestamp":
+    for name in ("user", "item"):
+        if name not in columns:
             raise InputError(f"{path}: cannot find the {name} column among "
                              f"{', '.join(available)}; pass `{_field(name)}`")
+    kind = options.kind
+    if kind == "auto":
+        weighted = "rating" in columns and normalise_name(columns["rating"]) in WEIGHT_ALIASES
+        kind = "ratings" if "rating" in columns and not weighted else "interactions"
+    if kind == "ratings" and "rating" not in columns:
+        raise InputError(f"{path}: cannot find the rating column among "
+                         f"{', '.join(available)}; pass `rating_col`, or kind='interactions' "
+                         "for data without ratings")
+    # in LOGICAL_COLUMNS order, as the manifest lists them
+    columns = {name: columns[name] for name in LOGICAL_COLUMNS if name in columns}
     if len(set(columns.values())) != len(columns):
         raise InputError(f"{path}: two roles map to the same column ({columns}); "
                          "pass `user_col`/`item_col`/`rating_col`")
-    return columns
+    return columns, kind
+
+
+def _requested_column(spec: str, name: str, available: list[str], path: str) -> str:
+    """The column a `*_col` field names: by name, or by 0-based position as digits."""
+    if spec.isdigit():
+        if int(spec) >= len(available):
+            raise InputError(f"{path}: {_field(name)}={spec} but rows have "
+                             f"{len(available)} fields (positions count from 0)")
+        return available[int(spec)]
+    if spec in available:
+        return spec
+    raise InputError(f"{path}: no column {spec!r} for `{_field(name)}`; "
+                     f"columns are {', '.join(available)}")
 
 
 def _field(name: str) -> str:
@@ -532,9 +640,12 @@ def _is_compressed(path: str) -> bool:
 
 # ---------------------------------------------------------------- --on-bad-rows skip
 
-# Why a row was set aside; code i + 1 in the ``reason`` column (0: a good row).
+# Why a row was set aside; code i + 1 in the ``reason`` column (0: a good row). The codes
+# are the same for both kinds; interactions name theirs for weights (finite and >= 0).
 BAD_ROW_REASONS = ("ragged_line", "non_numeric_rating", "rating_out_of_range", "missing_id",
                    "bad_timestamp")
+BAD_WEIGHT_REASONS = ("ragged_line", "non_numeric_weight", "negative_weight", "missing_id",
+                      "bad_timestamp")
 REJECT_COLUMNS = ("reason", "block", "line", "raw")
 
 
@@ -570,11 +681,16 @@ def read_ratings_checked(source: RatingSource, scale: tuple[float, float] | None
     return frame, [(p, o) for p, o, _ in blocks]
 
 
+def bad_row_reasons(kind: str) -> tuple[str, ...]:
+    """The names of the bad-row codes for "ratings" or "interactions"."""
+    return BAD_ROW_REASONS if kind == "ratings" else BAD_WEIGHT_REASONS
+
+
 def _checked_meta(source: RatingSource) -> pd.DataFrame:
     columns = dict(source.columns)
     empty = pd.DataFrame({n: pd.Series(dtype="str") for n in source.field_names})
-    empty[columns["rating"]] = empty[columns["rating"]].astype("float64")
-    return _with_reasons(_normalise_partition(empty, columns), None)
+    return _with_reasons(_normalise_partition(empty.astype(_text_dtypes(source)), columns),
+                         None)
 
 
 def _reason_codes(frame: pd.DataFrame, scale) -> np.ndarray:
@@ -627,8 +743,7 @@ def _read_text_block(spec: tuple[int, str, int, int | None], source: RatingSourc
         parsed = pd.read_csv(
             io.BytesIO(data), sep=_single_char(source.delimiter),
             header=0 if skip_header else None, names=list(source.field_names),
-            dtype=dict.fromkeys(source.field_names, "str") | {source.columns["rating"]:
-                                                              "float64"},
+            dtype=_text_dtypes(source),
             encoding=source.encoding,
             quoting=csv.QUOTE_MINIMAL if source.delimiter != "\t" else csv.QUOTE_NONE,
             keep_default_na=True)
@@ -669,9 +784,10 @@ def _read_text_block_slowly(data: bytes, index: int, skip_header: bool,
             bad_raw.append(line)
     raw = pd.DataFrame(good_rows, columns=list(source.field_names), dtype=object)
     raw = raw.where(~raw.isin(STR_NA_VALUES), None)
-    rating_col = source.columns["rating"]
-    raw[rating_col] = pd.to_numeric(raw[rating_col].astype(object).where(
-        raw[rating_col].notna(), None), errors="coerce").astype("float64")
+    if "rating" in source.columns:
+        value = source.columns["rating"]
+        raw[value] = pd.to_numeric(raw[value].astype(object).where(raw[value].notna(), None),
+                                   errors="coerce").astype("float64")
     frame = _with_reasons(_normalise_partition(raw, source.columns), scale, block=index)
     frame["line"] = np.asarray(good_lines, dtype=np.int64)
     bad = frame["reason"].to_numpy() > 0

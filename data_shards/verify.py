@@ -10,7 +10,7 @@ Two depths (``bench/verify_cost.md`` has the measured costs on a 20M-row set):
   per GB.
 - full: also decodes every page with Parquet page checksums verified (shards are written
   with ``write_page_checksum=True``) and checks every value: ids inside the vocabularies,
-  finite ratings inside the scale.
+  finite ratings inside the scale (interactions: finite weights >= 0).
 
 Readers that stream shards should open them with ``page_checksum_verification=True``
 (``pq.ParquetFile``) so that damage after this check is still caught page by page.
@@ -50,10 +50,13 @@ def _check_values(path: Path, entry: ShardFile, manifest: Manifest) -> None:
         if len(ids) and (ids.min() < 0 or ids.max() >= limit):
             raise InputError(f"shard {name}: {column} in {ids.min()}..{ids.max()}, the "
                              f"manifest counts {limit:,}")
-    ratings = table["rating"].to_numpy()
+    values = table["rating"].to_numpy()
     low, high = manifest.scale
-    bad = ~np.isfinite(ratings) | (ratings < low) | (ratings > high)
+    bad = ~np.isfinite(values) | (values < low) | (values > high)
     if bad.any():
-        value = float(ratings[np.flatnonzero(bad)[0]])
+        value = float(values[np.flatnonzero(bad)[0]])
+        if manifest.kind == "interactions":
+            raise InputError(f"shard {name}: weight {value:g} outside the manifest's "
+                             f"0..{high:g} (weights are finite and >= 0)")
         raise InputError(f"shard {name}: rating {value:g} outside the manifest's scale "
                          f"{low:g}..{high:g}")

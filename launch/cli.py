@@ -339,10 +339,11 @@ def _prepare_from_values(inputs: list[str], out: Path, values: dict) -> dict:
                            val_inputs=values.get("val_input") or None,
                            test_inputs=values.get("test_input") or None)
     counts = manifest["counts"]
-    log.info("prepared %s: %d users, %d items, ratings train %d / val %d / test %d, "
+    log.info("prepared %s: %d users, %d items, %s train %d / val %d / test %d, "
              "%d train shards, in %.1f s", out, counts["users"], counts["items"],
-             counts["ratings"]["train"], counts["ratings"]["val"], counts["ratings"]["test"],
-             manifest["partition"]["num_shards"], manifest["seconds"])
+             manifest["kind"], counts["ratings"]["train"], counts["ratings"]["val"],
+             counts["ratings"]["test"], manifest["partition"]["num_shards"],
+             manifest["seconds"])
     return manifest
 
 
@@ -355,7 +356,7 @@ def _verify(values: dict) -> int:
     checked = "sizes, rows, row groups, id ranges, sha256" + (
         ", page checksums, every value" if values["full"] else "")
     print(f"OK {values['shards_dir']}: the manifest adds up and {files} files match it "
-          f"({checked}); ratings train {counts['train']:,} / val {counts['val']:,} / "
+          f"({checked}); {manifest.kind} train {counts['train']:,} / val {counts['val']:,} / "
           f"test {counts['test']:,}")
     return 0
 

@@ -127,8 +127,10 @@ class MatrixFactorization:
         Args:
             ratings: a DataFrame with user, item and rating columns (named by
                 ``user_col``/``item_col``/``rating_col``; None: "user", "item",
-                "rating"), a ratings file or folder (any layout ``shardmf prepare`` reads),
-                or a shard folder written by ``shardmf prepare`` (used as it is).
+                "rating"; without a rating column: interactions, each weighing 1, or
+                weighted by a ``rating_col`` such as "plays"), a ratings or interactions
+                file or folder (any layout ``shardmf prepare`` reads), or a shard folder
+                written by ``shardmf prepare`` (used as it is).
         """
         from launch.torchrun import TorchrunOptions, launch_training
 
@@ -174,8 +176,12 @@ class MatrixFactorization:
                 return path
             prepare([str(path)], shards, config, config_from_values(SourceOptions, values))
             return shards
-        columns = {values["user_col"] or "user": "user", values["item_col"] or "item": "item",
-                   values["rating_col"] or "rating": "rating"}
+        columns = {values["user_col"] or "user": "user", values["item_col"] or "item": "item"}
+        # The value column keeps its name, which tells a rating from a weight (plays,
+        # clicks); a frame without one holds interactions that weigh 1 each.
+        value = values["rating_col"] or "rating"
+        if values["rating_col"] or values["kind"] == "ratings" or value in ratings.columns:
+            columns[value] = value
         if values["time_col"]:
             columns[values["time_col"]] = "timestamp"
         missing = [name for name in columns if name not in ratings.columns]
@@ -186,7 +192,8 @@ class MatrixFactorization:
         with tempfile.TemporaryDirectory(prefix="shardmf-input-") as folder:
             path = Path(folder) / "ratings.parquet"
             ratings[list(columns)].rename(columns=columns).to_parquet(path, index=False)
-            prepare([str(path)], shards, config, SourceOptions(format="parquet"))
+            prepare([str(path)], shards, config, SourceOptions(
+                format="parquet", kind=values["kind"], rating_col=values["rating_col"]))
         return shards
 
     def _load_fitted(self, run_dir: Path) -> None:

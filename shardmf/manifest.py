@@ -10,6 +10,11 @@ checks it at one of two depths before trusting it:
   footer (rows, row groups, id ranges from column statistics), and with ``sha256`` also
   every byte (about a tenth of a second per GB; ``bench/verify_cost.md``).
 
+Shards hold ratings or interactions (`Manifest.kind`); both have the same schema, with an
+interaction's weight in the ``rating`` column (1.0 each when the input had no weight column,
+`Manifest.weight_column` None) and the manifest's ``rating`` entry describing weights, whose
+``scale`` is 0..the largest weight.
+
 Uses pyarrow and the standard library only, so both packages can import it.
 """
 
@@ -27,8 +32,13 @@ from shardmf.errors import InputError
 from shardmf.outputs import write_json
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1  # what `write_manifest` writes
-SUPPORTED_MANIFEST_VERSIONS = (1,)  # what `Manifest.load` reads
+KINDS = ("ratings", "interactions")
+# What prepare writes, per kind: the oldest format whose readers read the shards right.
+# Rating shards stay 1 (a reader of 1 reads them unchanged); interaction shards are 2, so
+# that a shardmf from before interactions refuses them instead of training on weights as
+# ratings. A manifest without ``kind`` holds ratings.
+MANIFEST_VERSIONS = {"ratings": 1, "interactions": 2}
+SUPPORTED_MANIFEST_VERSIONS = (1, 2)  # what `Manifest.load` reads
 SPLITS = ("train", "val", "test")
 HASH_CHUNK = 8 * 2**20
 
@@ -55,8 +65,10 @@ class Manifest:
     num_users: int  # ids 0..num_users-1; users.parquet maps them back
     num_items: int
     split_rows: dict[str, int]  # ratings per split
-    train_mean: float  # mean training rating
-    scale: tuple[float, float]  # lowest and highest possible rating
+    train_mean: float  # mean training rating (interactions: mean weight)
+    scale: tuple[float, float]  # lowest and highest possible rating (interactions: 0..max)
+    kind: str  # "ratings" | "interactions"
+    weight_column: str | None  # interactions: the input's weight column; None: all weigh 1
     files: dict[str, tuple[ShardFile, ...]]  # per split, in manifest order
     users_file: str  # the id tables, relative to SHARDS_DIR
     items_file: str
@@ -98,11 +110,16 @@ class Manifest:
         counts, rating = data["counts"], data["rating"]
         low, high = rating["scale"]
         partition = data.get("partition", {})
+        kind = data.get("kind", "ratings")
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}, expected one of {', '.join(KINDS)}")
+        weight_column = data.get("weight_column") if kind == "interactions" else None
         return cls(
             root=root, data=data, num_users=int(counts["users"]),
             num_items=int(counts["items"]),
             split_rows={split: int(counts["ratings"][split]) for split in SPLITS},
             train_mean=float(rating["train_mean"]), scale=(float(low), float(high)),
+            kind=kind, weight_column=None if weight_column is None else str(weight_column),
             files={split: tuple(_shard_file(entry) for entry in data["files"][split])
                    for split in SPLITS},
             users_file=str(data["users_file"]), items_file=str(data["items_file"]),
@@ -121,7 +138,7 @@ class Manifest:
         return hashlib.sha256(entries).hexdigest()[:16]
 
     def rows(self, split: str) -> int:
-        """Ratings in ``split``."""
+        """Ratings (or interactions) in ``split``."""
         return self.split_rows[split]
 
     def all_files(self) -> list[ShardFile]:
@@ -188,6 +205,11 @@ class Manifest:
                 raise InputError(f"shard {name}: checksum {digest[:12]}… differs from the "
                                  f"manifest's {entry.sha256[:12]}… (corrupt or replaced)")
         return path
+
+
+def manifest_version(kind: str) -> int:
+    """The ``format_version`` of a manifest of shards holding ``kind``."""
+    return MANIFEST_VERSIONS[kind]
 
 
 def write_manifest(shards_dir: Path, data: dict[str, Any]) -> None:

@@ -350,8 +350,8 @@ def test_packages_meet_only_at_the_manifest(package: str, forbidden: str) -> Non
 
 def test_export_split_round_trips_the_ratings(trained_run: Path, tmp_path: Path) -> None:
     assert main(["export-split", str(trained_run / "shards"), "--out", str(tmp_path)]) == 0
-    parts = [pd.read_csv(tmp_path / f"{s}.tsv", sep="\t", header=None,
-                         names=["user", "item", "rating"]) for s in ("train", "val", "test")]
+    parts = [pd.read_csv(tmp_path / f"{s}.tsv", sep="\t") for s in ("train", "val", "test")]
+    assert all(list(part.columns) == ["user", "item", "rating"] for part in parts)
     exported = pd.concat(parts).sort_values(["user", "item"]).reset_index(drop=True)
     source = pd.read_csv(trained_run.parent / "u.data", sep="\t", header=None,
                          names=["user", "item", "rating"])

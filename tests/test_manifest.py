@@ -33,7 +33,9 @@ def test_load_types_what_prepare_wrote(trainer_user_shards_dir: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     (b"[1, 2]", "a JSON list, not the object `shardmf prepare` writes"),
     (b"\xff\xfe{", "not valid JSON"),
-    (b'{"format_version": 2}', r"format version 2, this shardmf reads \(1,\)"),
+    (b'{"format_version": 3}', r"format version 3, this shardmf reads \(1, 2\)"),
+    (b'{"format_version": 1, "kind": "clicks", "counts": {"users": 1}, "rating": '
+     b'{"scale": [0, 1]}}', "a required entry is missing or malformed .*kind 'clicks'"),
     (b'{"format_version": 1, "counts": {}}', "a required entry is missing or malformed"),
 ])
 def test_a_bad_manifest_is_named_the_same_by_both_packages(tmp_path: Path, content: bytes,

@@ -535,7 +535,8 @@ BAD_INPUTS = {
     "rating out of the declared range": (
         "r.csv", [HEADER, *numbered_rows(3), "7,1,6,5"], {}, {"rating_range": (1.0, 5.0)},
         r", line 5: rating 6 is outside the rating range 1\.\.5 \(pass rating_range=MIN,MAX"),
-    "empty file": ("r.csv", [], {}, {}, r": the file is empty; expected one rating per line"),
+    "empty file": ("r.csv", [], {}, {},
+                   r": the file is empty; expected one rating or interaction per line"),
     "blank lines only": ("r.csv", ["", ""], {}, {}, r": the file is empty"),
     "header only": ("r.csv", [HEADER], {}, {}, r": no ratings found \(only a header"),
     "missing named column": (
@@ -545,10 +546,13 @@ BAD_INPUTS = {
         "r.csv", [HEADER, *numbered_rows(3)], {"time_col": "4"}, {},
         r": time_col=4 but rows have 4 fields"),
     "unknown header names fall back to positions": (
-        "r.csv", ["who,what,when", "1,2,2020-01-01"], {}, {},
-        r", line 2: rating '2020-01-01' is not a number"),
-    "two roles on one column": (
+        "r.csv", ["who,what,when", "1,2,3", "1,3,2020-01-01"], {}, {},
+        r", line 3: rating '2020-01-01' is not a number"),
+    "a header name taking the user's position": (
         "r.csv", ["rating,item,comment", "4,2,ok"], {}, {},
+        r": cannot find the user column among rating, item, comment; pass `user_col`"),
+    "two roles on one column": (
+        "r.csv", [HEADER, *numbered_rows(3)], {"user_col": "item", "item_col": "item"}, {},
         r": two roles map to the same column"),
     "duplicate pairs": (
         "r.csv", [HEADER, *numbered_rows(3), "1,2,5,1", "2,3,1,1", "2,3,2,2"], {}, {},
