@@ -155,6 +155,8 @@ class PackedSparseSync:
         env: this process's rank, world size and backend.
     """
 
+    every = 1  # steps between exchanges
+
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], env: DistEnv) -> None:
         self.groups = _check_groups(groups)
         self.exchange = RowExchange([sum(int(p.shape[1]) for p in g) for g in self.groups],

@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.baseline import bias_baseline_rmse
+from trainer.cadence import Cadence
 from trainer.checkpoint import (
     Checkpointer,
     TrainState,
@@ -63,15 +65,9 @@ from trainer.ranking import ranking_metrics, relevance_threshold
 from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step, use_sparse_gradients
-from trainer.sync import PeriodicRowSync, resolve_sync
+from trainer.sync import resolve_sync
 
 log = logging.getLogger(__name__)
-
-# Ratings a rank trains between finite-loss checks, at least. Each check is a collective
-# all ranks wait at (and syncs a GPU), so under the periodic row sync checks fall on the
-# steps that exchange rows, where ranks have just met: between them, two CPU ranks spent
-# 7 % of an epoch waiting for each other at the checks.
-LOSS_CHECK_RATINGS = 131_072
 
 
 def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig,
@@ -108,9 +104,10 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
              "steps": plan.steps, "loader_workers": train_config.loader_workers}
     checkpointer = Checkpointer(run, model, optimizer, shape, env, plan.owned,
                                 identity={"shards": plan.shards.identity,
-                                          "optimizer": optim_config.optimizer})
+                                          "optimizer": optim_config.optimizer},
+                                every=train_config.checkpoint_every)
     state = checkpointer.start(train_config)
-    step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
+    train_step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
                       plan.owned, train_config.sync_every, plan.rank_batch, env)
     if env.is_main:
         config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
@@ -118,7 +115,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                   "rank_batch_size": plan.rank_batch, "steps_per_epoch": plan.steps,
                   "gradients": "sparse" if sparse else "dense", "sync": sync,
                   "user_embeddings": "owned" if plan.owned else "replicated",
-                  "step": step.kind, "chosen_from_data": {**auto.chosen, "reason": auto.reason},
+                  "step": train_step.kind,
+                  "chosen_from_data": {**auto.chosen, "reason": auto.reason},
                   "model": asdict(model_config), "optim": asdict(optim_config),
                   "train": asdict(train_config), "ranking": asdict(ranking_config),
                   **(extra_config or {})}
@@ -135,7 +133,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                  plan.shards.num_users, plan.shards.num_items, model_config.dim,
                  env.world_size, plan.steps, plan.global_batch)
 
-    train_epoch = TrainEpoch(step, plan.pieces["train"], plan.rank_batch, plan.steps,
+    train_epoch = TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
                              train_config, env, reader, checkpointer)
     for epoch in range(state.epoch, train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
@@ -147,7 +145,7 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(plan.steps * plan.global_batch / seconds, 1), "lr": lr}
-        if step.grad_sync is not None:
+        if train_step.grad_sync is not None:
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
         improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
@@ -260,93 +258,92 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
 
 
 class TrainEpoch:
-    """One epoch of steps over this rank's row groups, or its rest after a mid-epoch resume.
+    """One epoch of batches over this rank's row groups, or its rest after a mid-epoch resume.
 
-    Calls ``step`` on runs of consecutive batches (a loader item, cut where anything below
-    is due), checks the loss is finite every LOSS_CHECK_RATINGS ratings
-    or more, on a row exchange's step (agreed by all ranks), and with ``--checkpoint-every
-    N`` saves a checkpoint every N steps; the step is flushed before each checkpoint and at
-    the end, so replicas are equal whenever anything looks at them. Without a checkpointer
-    it saves nothing.
+    Hands ``train_step`` runs of consecutive batches, cut where the `Cadence` says
+    something is due: a finite-loss check (agreed by all ranks, on a row exchange's
+    batch), a mid-epoch checkpoint at the checkpointer's interval, the epoch's end. The
+    step is flushed before each checkpoint and at the end, so replicas are equal whenever
+    anything looks at them. Without a checkpointer it saves nothing.
     """
 
-    def __init__(self, step: AutogradStep | FusedSGDStep, pieces: list[Piece],
+    def __init__(self, train_step: AutogradStep | FusedSGDStep, pieces: list[Piece],
                  rank_batch: int, steps: int, config: TrainConfig, env: DistEnv,
                  reader: RowGroupReader | None = None,
                  checkpointer: Checkpointer | None = None) -> None:
-        self.step, self.pieces, self.rank_batch, self.steps = step, pieces, rank_batch, steps
+        self.train_step, self.pieces, self.rank_batch = train_step, pieces, rank_batch
         self.config, self.env, self.reader = config, env, reader
         self.checkpointer = checkpointer
+        fault = env.test_fault
+        self.cadence = Cadence(steps, rank_batch, train_step.exchange_every,
+                               checkpointer.every if checkpointer else 0,
+                               fault.step if fault else 0)
 
     def __call__(self, epoch: int, state: TrainState) -> tuple[float, float, int]:
-        """Run epoch ``epoch`` from ``state.step``; returns (mean loss over all ranks,
+        """Run epoch ``epoch`` from ``state.steps_done``; returns (mean loss over all ranks,
         epoch seconds, bytes the step's sync moved in this epoch)."""
-        env, steps, rank_batch, config = self.env, self.steps, self.rank_batch, self.config
+        env, cadence, fault = self.env, self.cadence, self.env.test_fault
         started = time.perf_counter()
-        self.step.model.train()
-        self.step.sync_bytes = state.sync_bytes  # > 0 only when resuming mid-epoch
-        first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
-        dataset = TrainBatches(self.pieces, rank_batch, steps, config.seed, epoch, env.rank,
-                               start_step=first, reader=self.reader)
-        loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda",
-                              config.prefetch)
+        self.train_step.model.train()
+        self.train_step.sync_bytes = state.sync_bytes  # > 0 only when resuming mid-epoch
+        steps_done = state.steps_done  # > 0 only in the epoch a mid-epoch checkpoint resumes
         # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
         # resumed epoch adds the same numbers in the same order as an uninterrupted one.
         # A float, or a 0-dim tensor on the device once an autograd step's loss is added
         # (summing there keeps a GPU from waiting for each step's loss).
-        total = state.loss_sums[env.rank] if state.loss_sums else 0.0
-        global_batch = rank_batch * env.world_size
-        progress = tqdm(total=steps * global_batch, unit="rating", unit_scale=True,
+        loss_sum = state.loss_sums[env.rank] if state.loss_sums else 0.0
+        global_batch = self.rank_batch * env.world_size
+        progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
-                        leave=False, dynamic_ncols=True, initial=first * global_batch)
-        every = config.checkpoint_every
-        exchange_every = (self.step.grad_sync.every
-                          if isinstance(self.step.grad_sync, PeriodicRowSync) else 1)
-        check_every = exchange_every * max(1, LOSS_CHECK_RATINGS // (rank_batch * exchange_every))
-        fault = env.test_fault
-        step = first
-        for users, items, ratings in loader:  # runs of consecutive batches (train_loader)
-            done, batches = 0, -(-len(ratings) // rank_batch)
-            while done < batches:
-                # As many batches as reach the next check, checkpoint or epoch end at once.
-                stops = [check_every - step % check_every, steps - step]
-                if every:
-                    stops.append(every - (epoch * steps + step) % every)
-                if fault is not None:
-                    stops.append(1)
-                    fault.maybe_fire(env.rank, epoch * steps + step + 1)
-                take = max(1, min(batches - done, *stops))
-                cut = slice(done * rank_batch, (done + take) * rank_batch)
-                total = self.step(users[cut], items[cut], ratings[cut], total)
-                step, done = step + take, done + take
-                if step % check_every == 0 or step == steps:
-                    self._check_finite(total, step, epoch)
-                    progress.update(min(step, steps) * global_batch - progress.n)
-                if (self.checkpointer is not None and every
-                        and (epoch * steps + step) % every == 0 and step < steps):
-                    # (the end of an epoch is checkpointed after validation, by the caller)
-                    self.step.flush()
-                    state.step, state.sync_bytes = step, self.step.sync_bytes
-                    state.loss_sums = gather_floats(float(total), env)
-                    state.epoch_seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    self.checkpointer.save(state)
+                        leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
+        for users, items, ratings in self._loader(epoch, steps_done):
+            for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
+                if fault is not None:  # tests only: fail before a chosen batch
+                    fault.maybe_fire(env.rank, cadence.batches_done(epoch, steps_done) + 1)
+                loss_sum = self.train_step(users[cut], items[cut], ratings[cut], loss_sum)
+                steps_done += batches
+                if cadence.check_due(steps_done):
+                    self._check_finite(loss_sum, steps_done, epoch)
+                    progress.update(min(steps_done, cadence.steps) * global_batch - progress.n)
+                if self.checkpointer is not None and cadence.checkpoint_due(epoch, steps_done):
+                    started = self._save_mid_epoch(state, steps_done, loss_sum, started)
         progress.close()
-        self.step.flush()
-        if step != steps:  # the other ranks would wait in a collective for the missing steps
-            raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, "
-                               f"expected {steps} like every rank")
-        mean = all_reduce([float(total), steps * rank_batch], env)
+        self.train_step.flush()
+        if steps_done != cadence.steps:  # the other ranks would wait for the missing batches
+            raise RuntimeError(f"rank {env.rank}: {steps_done} batches in epoch {epoch + 1}, "
+                               f"expected {cadence.steps} like every rank")
+        mean = all_reduce([float(loss_sum), cadence.steps * self.rank_batch], env)
         seconds = state.epoch_seconds + time.perf_counter() - started
-        return mean[0] / mean[1], seconds, self.step.sync_bytes
+        return mean[0] / mean[1], seconds, self.train_step.sync_bytes
 
-    def _check_finite(self, total: torch.Tensor | float, step: int, epoch: int) -> None:
+    def _loader(self, epoch: int, steps_done: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The epoch's batches from ``steps_done`` on, as runs of consecutive batches."""
+        config, env = self.config, self.env
+        dataset = TrainBatches(self.pieces, self.rank_batch, self.cadence.steps, config.seed,
+                               epoch, env.rank, start_step=steps_done, reader=self.reader)
+        return train_loader(dataset, config.loader_workers, env.device.type == "cuda",
+                            config.prefetch)
+
+    def _save_mid_epoch(self, state: TrainState, steps_done: int,
+                        loss_sum: torch.Tensor | float, started: float) -> float:
+        """A checkpoint ``steps_done`` batches into the epoch (collectives); returns the
+        time the epoch's clock restarts from (writing the file is not training time)."""
+        self.train_step.flush()
+        state.steps_done, state.sync_bytes = steps_done, self.train_step.sync_bytes
+        state.loss_sums = gather_floats(float(loss_sum), self.env)
+        state.epoch_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        self.checkpointer.save(state)
+        return started
+
+    def _check_finite(self, loss_sum: torch.Tensor | float, steps_done: int,
+                      epoch: int) -> None:
         # Agreed by all ranks, so every rank stops here with the same message instead of
         # the healthy ones failing later on a closed connection.
-        diverged = all_reduce([float(not math.isfinite(total))], self.env, "max")[0]
+        diverged = all_reduce([float(not math.isfinite(loss_sum))], self.env, "max")[0]
         if diverged:
-            lr = self.step.optimizer.param_groups[0]["lr"]
-            raise InputError(f"the training loss became non-finite by step {step} of "
+            lr = self.train_step.optimizer.param_groups[0]["lr"]
+            raise InputError(f"the training loss became non-finite by step {steps_done} of "
                              f"epoch {epoch + 1}; lower --lr (now {lr:g}), or use a "
                              "smaller --batch-size or --init-std")
 
