@@ -86,3 +86,28 @@ def test_run_folder_file_names_are_spelled_only_in_run_files() -> None:
                                   for file_name in names if file_name in node.value]
     assert not offenders, "RUN_DIR file names outside trainer/run_files.py:\n" + "\n".join(
         offenders)
+
+
+COLLECTIVE_MODULES = {"trainer.distributed", "trainer.sync"}  # sync: the row exchange's own
+
+
+def _names_torch_distributed(node: ast.AST) -> bool:
+    """``import torch.distributed``, ``from torch import distributed`` or ``torch.distributed``."""
+    if isinstance(node, ast.Import):
+        return any(a.name.startswith("torch.distributed") for a in node.names)
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return node.module.startswith("torch.distributed") or (
+            node.module == "torch" and any(a.name == "distributed" for a in node.names))
+    return (isinstance(node, ast.Attribute) and node.attr == "distributed"
+            and isinstance(node.value, ast.Name) and node.value.id == "torch")
+
+
+def test_collectives_are_called_only_in_the_distributed_and_sync_modules() -> None:
+    """The rest of the trainer calls trainer.distributed's helpers, never torch.distributed."""
+    offenders = [f"{name}:{node.lineno}"
+                 for name, tree in _modules("trainer").items() if name not in COLLECTIVE_MODULES
+                 for node in ast.walk(tree) if _names_torch_distributed(node)]
+    assert not offenders, "torch.distributed outside trainer/distributed.py and sync.py: " + (
+        ", ".join(offenders))
+    assert all(any(_names_torch_distributed(n) for n in ast.walk(_modules("trainer")[name]))
+               for name in COLLECTIVE_MODULES)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trainer.config import ModelConfig, TrainConfig
-from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
+from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
 from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
@@ -273,11 +273,7 @@ def _agreed(write, env: DistEnv) -> None:
         write()
     except InputError as e:
         error = str(e)
-    errors = [error]
-    if env.backend is not None and env.world_size > 1:
-        errors = [None] * env.world_size
-        torch.distributed.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for e in all_gather_objects(error, env) if e is not None), None)
     if first is not None:
         raise InputError(first)
 
@@ -321,7 +317,7 @@ def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,
     save_torch_atomic({"users": torch.from_numpy(ownership.users),
                        "user_factors": weights["user_factors.weight"],
                        "user_bias": weights["user_bias.weight"]}, part)
-    all_reduce([0.0], env)  # every part is on disk
+    barrier(env)  # every part is on disk
     if not env.is_main:
         return
     full = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model.config)
