@@ -1,25 +1,23 @@
 """The training loop: every rank streams its own shards into one shared model.
 
-    train(): plan the ranks' rows and steps, build the model, resume or start
-             for epoch: TrainEpoch (steps), evaluate, checkpoint, stop?
+    train(): plan the ranks' rows and steps, build the model and its step, resume or start
+             for epoch: TrainEpoch, evaluate, checkpoint, stop?
              test the best epoch (RMSE, ranking against most-popular), save model.pt
              and metrics.json
 
-Per step (trainer/steps.py), each rank scores its share of the global batch,
-back-propagates the summed squared error plus the per-example L2 penalty, and the
-model's replicas are kept equal (trainer/sync.py): with sparse gradients on gloo
-(``--sync packed``, the default there) every touched row goes into one all-gather per
-step, so communication grows with the batch, not the tables, and ``--sync-every N`` lets
-ranks step alone between exchanges of the rows they changed; dense gradients go through
-DDP's all-reduce. On shards partitioned by user, each rank owns its users' rows
-(trainer/ownership.py) and only item rows are exchanged. After each epoch all ranks
+By default on CPUs each rank trains with the fused SGD step (trainer/fused_step.py); on
+shards partitioned by user each rank owns its users' rows (trainer/ownership.py), and
+every ``--sync-every`` steps the ranks exchange the rows they changed over gloo
+(trainer/sync.py), so a rank's memory and its traffic shrink with the world size. The
+autograd step (trainer/steps.py) is the reference, and the path for GPUs (DDP over nccl)
+and other optimizers. `TrainEpoch` hands the step runs of consecutive batches, cut where
+a loss check or a checkpoint is due (trainer/cadence.py); after each epoch all ranks
 evaluate their share of the validation rows and reduce sums and counts.
 
-Checkpoints (trainer/checkpoint.py) come after every epoch and, with
-``--checkpoint-every N``, every N steps within one (rank 0 writes them; with owned users
-every rank writes its slice); a checkpoint holds the exact data position, so ``--resume``
-(or a restart by ``torchrun --max-restarts``) continues mid-epoch without repeating or
-skipping a batch, and finishes with the same figures as a run never interrupted.
+A checkpoint (trainer/checkpoint.py) follows every epoch and every ``--checkpoint-every
+N`` steps; it holds the exact data position, so ``--resume`` (or a restart by ``torchrun
+--max-restarts``) continues mid-epoch and finishes with the same figures as a run never
+interrupted.
 """
 
 from __future__ import annotations
@@ -107,8 +105,8 @@ def train(shards_dir: str | Path, run_dir: str | Path, model_config: ModelConfig
                                           "optimizer": optim_config.optimizer},
                                 every=train_config.checkpoint_every)
     state = checkpointer.start(train_config)
-    train_step = build_step(train_config.step, model, optimizer, optim_config.optimizer, sync,
-                      plan.owned, train_config.sync_every, plan.rank_batch, env)
+    train_step = build_step(train_config.step, model, optimizer, optim_config.optimizer,
+                            sync, plan.owned, train_config.sync_every, plan.rank_batch, env)
     if env.is_main:
         config = {"shards_dir": str(Path(shards_dir).resolve()), "world_size": env.world_size,
                   "backend": env.backend, "device": str(env.device),
