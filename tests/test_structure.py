@@ -104,10 +104,7 @@ def _names_torch_distributed(node: ast.AST) -> bool:
 
 def test_collectives_are_called_only_in_the_distributed_and_sync_modules() -> None:
     """The rest of the trainer calls trainer.distributed's helpers, never torch.distributed."""
-    offenders = [f"{name}:{node.lineno}"
-                 for name, tree in _modules("trainer").items() if name not in COLLECTIVE_MODULES
-                 for node in ast.walk(tree) if _names_torch_distributed(node)]
-    assert not offenders, "torch.distributed outside trainer/distributed.py and sync.py: " + (
-        ", ".join(offenders))
-    assert all(any(_names_torch_distributed(n) for n in ast.walk(_modules("trainer")[name]))
-               for name in COLLECTIVE_MODULES)
+    users = {name for name, tree in _modules("trainer").items()
+             if any(_names_torch_distributed(node) for node in ast.walk(tree))}
+    assert users == COLLECTIVE_MODULES, "torch.distributed outside trainer/distributed.py " \
+        f"and sync.py: {sorted(users - COLLECTIVE_MODULES)}"
