@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_shards.prepare import SHARD_WRITE_OPTIONS
-from data_shards.verify import file_sha256, verify_shards
+from data_shards.verify import verify_shards
+from shardmf.manifest import file_sha256
 
 ROW_GROUP = 65_536
 NUM_USERS, NUM_ITEMS = 1_000_000, 50_000
@@ -68,7 +69,7 @@ def write_set(root: Path, rows: int, files: int, checksums: bool) -> tuple[list[
     manifest = {"format_version": 1,
                 "counts": {"users": NUM_USERS, "items": NUM_ITEMS,
                            "ratings": {"train": rows, "val": 0, "test": 0}},
-                "rating": {"scale": [0.5, 5.0]},
+                "rating": {"scale": [0.5, 5.0], "train_mean": 2.75},
                 "files": {"train": entries, "val": [], "test": []},
                 "users_file": "users.parquet", "items_file": "items.parquet"}
     (root / "manifest.json").write_text(json.dumps(manifest))

@@ -10,7 +10,7 @@ import sys
 import types
 
 _HOMES = {
-    "InputError": "data_shards.errors", "PrepareConfig": "data_shards.config",
+    "InputError": "shardmf.errors", "PrepareConfig": "data_shards.config",
     "SourceOptions": "data_shards.config", "SynthConfig": "data_shards.config",
     "fetch_movielens": "data_shards.movielens", "movielens_path": "data_shards.movielens",
     "prepare": "data_shards.prepare", "synthesize": "data_shards.synth",

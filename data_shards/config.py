@@ -11,7 +11,7 @@ import codecs
 import math
 from dataclasses import dataclass, field
 
-from data_shards.errors import InputError
+from shardmf.errors import InputError
 
 FORMATS = (
     "auto", "movielens-100k", "movielens-dat", "movielens-csv", "shardmf-synth",

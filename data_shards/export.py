@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from data_shards.errors import InputError
-from data_shards.outputs import output_folder
-
-SPLITS = ("train", "val", "test")
+from shardmf.manifest import SPLITS, Manifest
+from shardmf.outputs import output_folder
 
 
 def export_split(shards_dir: str | Path, out_dir: str | Path,
@@ -24,21 +21,17 @@ def export_split(shards_dir: str | Path, out_dir: str | Path,
     replaced (``overwrite``) only when it is an earlier export-split.
     """
     root = Path(shards_dir)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; is {root} the output of "
-                         "`shardmf prepare`?")
-    manifest = json.loads(manifest_path.read_text())
-    users = pd.read_parquet(root / manifest["users_file"])["original_user_id"].to_numpy()
-    items = pd.read_parquet(root / manifest["items_file"])["original_item_id"].to_numpy()
+    manifest = Manifest.load(root)
+    users = pd.read_parquet(root / manifest.users_file)["original_user_id"].to_numpy()
+    items = pd.read_parquet(root / manifest.items_file)["original_item_id"].to_numpy()
     written = {}
     with output_folder(out_dir, "export-split", overwrite=overwrite,
                        inputs=[str(root)]) as tmp:
         for split in SPLITS:
             rows = 0
             with (tmp / f"{split}.tsv").open("w", newline="") as handle:
-                for entry in manifest["files"][split]:
-                    frame = pq.read_table(root / entry["path"]).to_pandas()
+                for entry in manifest.files[split]:
+                    frame = pq.read_table(root / entry.path).to_pandas()
                     frame["user_id"] = users[frame["user_id"].to_numpy()]
                     frame["item_id"] = items[frame["item_id"].to_numpy()]
                     frame.to_csv(handle, sep="\t", header=False, index=False,

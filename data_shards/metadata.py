@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 import fsspec
 import pandas as pd
 
-from data_shards.errors import InputError
+from shardmf.errors import InputError
 
 # The 19 genre flags of MovieLens-100K's u.item, in file order (from the dataset's README).
 ML100K_GENRES = (

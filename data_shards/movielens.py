@@ -22,7 +22,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from data_shards.errors import InputError
+from shardmf.errors import InputError
 
 log = logging.getLogger(__name__)
 

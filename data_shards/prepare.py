@@ -20,10 +20,8 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,9 +44,7 @@ from data_shards.config import (
     USER_PARTITION_RATINGS,
     PrepareConfig,
 )
-from data_shards.errors import InputError
 from data_shards.metadata import read_item_metadata
-from data_shards.outputs import is_write_fault, no_interrupts, output_folder
 from data_shards.sources import (
     BAD_ROW_REASONS,
     REJECT_COLUMNS,
@@ -60,11 +56,12 @@ from data_shards.sources import (
     read_ratings_checked,
     resolve_source,
 )
+from shardmf.errors import InputError
+from shardmf.manifest import MANIFEST_VERSION, SPLITS, write_manifest
+from shardmf.outputs import is_write_fault, no_interrupts, output_folder
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val", "test")
 # Page checksums let a reader find a damaged page as it reads it
 # (page_checksum_verification=True); bench/verify_cost.md measures their cost.
 SHARD_WRITE_OPTIONS = {"compression": "snappy", "write_page_checksum": True}
@@ -123,7 +120,7 @@ def prepare(inputs: list[str], out_dir: str | Path, config: PrepareConfig,
           tasks_end_before_cleanup()):
         manifest = _prepare_into(tmp, sources, config)
         manifest["seconds"] = round(time.perf_counter() - started, 3)
-        _write_json(tmp / "manifest.json", manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 
@@ -732,8 +729,3 @@ def _id_type(vocab: pd.Index) -> str:
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
 
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from data_shards.config import SourceOptions
-from data_shards.errors import InputError
 from data_shards.metadata import normalise_name
+from shardmf.errors import InputError
 
 LOGICAL_COLUMNS = ("user", "item", "rating", "timestamp")
 # Published scales; a declared scale turns an out-of-range rating into an error.

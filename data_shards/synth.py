@@ -39,8 +39,8 @@ from dask.callbacks import Callback
 from tqdm import tqdm
 
 from data_shards.config import SynthConfig
-from data_shards.outputs import output_folder
 from data_shards.prepare import tasks_end_before_cleanup
+from shardmf.outputs import output_folder
 
 logger = logging.getLogger(__name__)
 

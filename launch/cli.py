@@ -42,6 +42,7 @@ from launch.torchrun import (
     launch_evaluation,
     launch_training,
 )
+from shardmf.outputs import shardmf_version
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardmf", description="Matrix factorisation on rating sets too large for one "
         "process: Dask shards, torch.distributed training, item clusters.")
-    parser.add_argument("--version", action="version", version=f"shardmf {_version()}")
+    parser.add_argument("--version", action="version", version=f"shardmf {shardmf_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, text: str) -> argparse.ArgumentParser:
@@ -249,15 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("shardmf")
-    except PackageNotFoundError:
-        return "(not installed; run from a source tree)"
-
-
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--val-input", nargs="+", default=[], metavar="FILE",
@@ -330,8 +322,8 @@ def _verify(values: dict) -> int:
     from data_shards.verify import verify_shards
 
     manifest = verify_shards(values["shards_dir"], full=values["full"])
-    files = sum(len(entries) for entries in manifest["files"].values())
-    counts = manifest["counts"]["ratings"]
+    files = len(manifest.all_files())
+    counts = manifest.split_rows
     checked = "sizes, rows, row groups, id ranges, sha256" + (
         ", page checksums, every value" if values["full"] else "")
     print(f"OK {values['shards_dir']}: the manifest adds up and {files} files match it "

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from data_shards import PrepareConfig, SourceOptions
+from shardmf.manifest import is_shard_folder
+from shardmf.outputs import write_json
 from trainer.config import MIN_ITEM_RATINGS, SKIP_CLUSTERS, TRAIN_CONFIGS, config_from_values
 from trainer.run_files import (
     CHECKPOINT,
@@ -40,7 +42,6 @@ from trainer.run_files import (
     SHARDS_DIR,
     checkpoint_slice_pattern,
     read_json,
-    write_json,
 )
 
 log = logging.getLogger("shardmf")
@@ -165,7 +166,7 @@ class MatrixFactorization:
             "num_shards": values["num_shards"] or (self.n_jobs if self.n_jobs > 1 else None)})
         if not isinstance(ratings, pd.DataFrame):
             path = Path(ratings)
-            if (path / "manifest.json").is_file():
+            if is_shard_folder(path):
                 return path
             prepare([str(path)], shards, config, config_from_values(SourceOptions, values))
             return shards

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import tomllib
 
+from shardmf.errors import InputError
 from trainer.config import TRAIN_CONFIGS, ClusterConfig, RankingConfig
-from trainer.errors import InputError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type,

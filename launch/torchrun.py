@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.options import add_config_arguments
+from shardmf.errors import InputError
 from trainer.config import TRAIN_CONFIGS, TrainConfig, config_from_values
-from trainer.errors import InputError
 from trainer.run_files import precheck_run_target
 
 log = logging.getLogger(__name__)

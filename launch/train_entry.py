@@ -37,6 +37,7 @@ from launch.options import (
     add_train_arguments,
     apply_config_file,
 )
+from shardmf.errors import InputError
 from trainer.config import (
     RUN_CONFIGS,
     ModelConfig,
@@ -53,7 +54,6 @@ from trainer.distributed import (
     on_main_then_broadcast,
     teardown,
 )
-from trainer.errors import InputError
 from trainer.run import evaluate_run
 from trainer.run_files import claim_run_folder
 from trainer.train import train

@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_sync import spawn_ranks
 
+from shardmf.errors import InputError
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce
-from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
 from trainer.model import BiasedMF
 from trainer.optim import RowSGD

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from data_shards import InputError, PrepareConfig, prepare
-from data_shards.outputs import MARKER_NAME, read_marker
 from launch.cli import main
+from shardmf.outputs import MARKER_NAME, read_marker
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -360,7 +360,7 @@ def test_ctrl_c_during_a_checkpoint_write_stays_an_interruption(tmp_path: Path) 
     pos") on its way out; the run must still see a Ctrl-C, and keep no temporary file."""
     import torch
 
-    from trainer.run_files import replace_atomically
+    from shardmf.outputs import replace_atomically
     payload = {"table": torch.zeros(1000, 8)}
     with pytest.raises(KeyboardInterrupt):
         replace_atomically(tmp_path / "checkpoint.pt",

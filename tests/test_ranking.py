@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_sync import spawn_ranks
 
+from shardmf.errors import InputError
 from trainer.config import ModelConfig
 from trainer.distributed import DistEnv
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.ownership import user_ownership
 from trainer.ranking import (
@@ -193,8 +193,8 @@ def _model(shards: ShardSet) -> BiasedMF:
 
 
 def _ratings(shards: ShardSet, split: str) -> pd.DataFrame:
-    return pd.concat([pq.read_table(shards.root / entry["path"]).to_pandas()
-                      for entry in shards.manifest["files"][split]], ignore_index=True)
+    return pd.concat([pq.read_table(shards.root / entry.path).to_pandas()
+                      for entry in shards.files[split]], ignore_index=True)
 
 
 def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],

@@ -27,8 +27,8 @@ from test_distributed import ROOT, SHARDMF, error_lines, finish_job
 from test_trainer_unit import SINGLE, SMALL, run_train
 
 from launch.cli import main as cli_main
+from shardmf.errors import InputError
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
-from trainer.errors import InputError
 from trainer.shards import open_shards
 from trainer.train import train
 

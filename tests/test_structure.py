@@ -1,10 +1,15 @@
 """Design rules checked on the source: no import circle inside ``trainer``, the library
-never imports ``launch``, and the run folder's file names are spelled in one module."""
+never imports ``launch``, the run folder's file names are spelled in one module, and the
+contracts both packages share (``shardmf/``) exist once and import neither torch nor Dask."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from trainer import run_files
 
@@ -86,6 +91,36 @@ def test_run_folder_file_names_are_spelled_only_in_run_files() -> None:
                                   for file_name in names if file_name in node.value]
     assert not offenders, "RUN_DIR file names outside trainer/run_files.py:\n" + "\n".join(
         offenders)
+
+
+SHARED = sorted(f"shardmf.{path.stem}" for path in (ROOT / "shardmf").glob("*.py")
+                if path.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", ["shardmf", *SHARED])
+def test_shared_contracts_import_neither_torch_nor_dask(module: str) -> None:
+    """Both packages import these, so they may pull in neither package's engine (nor the
+    packages themselves: that would be a circle)."""
+    forbidden = ("torch", "dask", "data_shards", "trainer", "launch")
+    code = (f"import sys, {module}; "
+            f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & {set(forbidden)})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"{module} imports {done.stdout.strip()}"
+
+
+def test_there_is_exactly_one_input_error() -> None:
+    import data_shards
+    import trainer
+    from shardmf.errors import InputError
+
+    defined = [name for package in ("shardmf", "data_shards", "trainer", "launch")
+               for name, tree in _modules(package).items()
+               for node in ast.walk(tree)
+               if isinstance(node, ast.ClassDef) and node.name == "InputError"]
+    assert defined == ["shardmf.errors"]
+    assert data_shards.InputError is InputError and trainer.InputError is InputError
 
 
 COLLECTIVE_MODULES = {"trainer.distributed", "trainer.sync"}  # sync: the row exchange's own

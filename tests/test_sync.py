@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shardmf.errors import InputError
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, TestFault, teardown, wrap_model
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.steps import sparse_tables

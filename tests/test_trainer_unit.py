@@ -24,6 +24,7 @@ from launch.options import add_config_arguments, apply_config_file
 from launch.torchrun import TorchrunOptions
 from launch.train_entry import build_parser
 from launch.train_entry import main as trainer_main
+from shardmf.errors import InputError
 from trainer.baseline import bias_baseline_rmse
 from trainer.checkpoint import load_trusted
 from trainer.config import (
@@ -46,7 +47,6 @@ from trainer.data import (
     train_loader,
 )
 from trainer.distributed import DistEnv, TestFault
-from trainer.errors import InputError
 from trainer.model import BiasedMF, SquaredErrorWithL2
 from trainer.optim import RowSGD
 from trainer.ownership import resolve_user_embeddings, user_ownership

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardmf.errors import InputError
+from shardmf.outputs import copy_atomic, write_atomic
 from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
@@ -35,10 +36,8 @@ from trainer.run_files import (
     USERS,
     checkpoint_slice,
     checkpoint_slice_pattern,
-    copy_atomic,
     model_part,
     save_torch_atomic,
-    write_atomic,
 )
 from trainer.shards import ShardSet
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.errors import InputError
+from shardmf.errors import InputError
 
 T = TypeVar("T")
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from shardmf.errors import InputError
 from trainer.config import STEPS
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
 from trainer.sync import PeriodicRowSync

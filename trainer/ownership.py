@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from shardmf.errors import InputError
 from trainer.config import USER_EMBEDDINGS
 from trainer.distributed import DistEnv
-from trainer.errors import InputError
 from trainer.shards import Piece, ShardSet, balanced_owners
 
 
@@ -48,7 +48,7 @@ def resolve_user_embeddings(choice: str, shards: ShardSet, env: DistEnv,
     if choice not in USER_EMBEDDINGS:
         raise InputError(f"--user-embeddings {choice!r}: expected one of "
                          f"{' | '.join(USER_EMBEDDINGS)}")
-    partitioned = shards.manifest.get("partition", {}).get("scheme") == "user"
+    partitioned = shards.partition_scheme == "user"
     if choice == "auto":
         wanted = (partitioned and env.world_size > 1 and env.backend == "gloo"
                   and gradients != "dense")
@@ -71,11 +71,11 @@ def resolve_user_embeddings(choice: str, shards: ShardSet, env: DistEnv,
 
 def user_ownership(shards: ShardSet, env: DistEnv) -> UserOwnership:
     """Whole train shards to ranks, balanced by rows; a rank owns the users of its shards."""
-    entries = shards.manifest["files"]["train"]
-    if any("shard" not in entry for entry in entries):
+    entries = shards.files["train"]
+    if any(entry.shard is None for entry in entries):
         raise InputError(f"{shards.root}: the manifest does not number its shards (made by an "
                          "older shardmf); prepare the shards again to own users by rank")
-    rows = {int(entry["shard"]): int(entry["rows"]) for entry in entries}
+    rows = {entry.shard: entry.rows for entry in entries}
     numbers = sorted(rows)
     filled = sum(1 for n in numbers if rows[n] > 0)
     if filled < env.world_size:
@@ -86,9 +86,8 @@ def user_ownership(shards: ShardSet, env: DistEnv) -> UserOwnership:
                          "best), or use fewer processes")
     owners = balanced_owners([rows[n] for n in numbers], env.world_size)
     mine = frozenset(n for n, owner in zip(numbers, owners) if owner == env.rank)
-    column = shards.manifest["partition"].get("users_file_column", "shard")
-    user_shards = pq.read_table(shards.root / shards.manifest["users_file"],
-                                columns=[column]).column(0).to_numpy()
+    user_shards = pq.read_table(shards.root / shards.users_file,
+                                columns=[shards.users_file_column]).column(0).to_numpy()
     users = np.flatnonzero(np.isin(user_shards, list(mine)))
     local_rows = np.full(len(user_shards), -1, dtype=np.int32)
     local_rows[users] = np.arange(len(users), dtype=np.int32)

@@ -29,9 +29,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardmf.errors import InputError
+from shardmf.outputs import write_atomic, write_json
 from trainer.clustering import ClusterResult, cluster_items
 from trainer.config import ClusterConfig
-from trainer.errors import InputError
 from trainer.run import load_run
 from trainer.run_files import (
     CLUSTERS,
@@ -43,8 +44,6 @@ from trainer.run_files import (
     REPORTS,
     read_json,
     read_run_files,
-    write_atomic,
-    write_json,
 )
 
 logger = logging.getLogger(__name__)

@@ -50,10 +50,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from shardmf.errors import InputError
 from trainer.config import RankingConfig
 from trainer.data import read_piece
 from trainer.distributed import DistEnv, all_reduce, all_reduce_tensor, unwrap
-from trainer.errors import InputError
 from trainer.model import BiasedMF
 from trainer.ownership import UserOwnership
 from trainer.shards import Piece, ShardSet

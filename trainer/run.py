@@ -20,10 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardmf.errors import InputError
+from shardmf.manifest import is_shard_folder
+from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
-from trainer.errors import InputError
 from trainer.run_files import (
     EXPORT_DIR,
+    EXPORT_KIND,
     EXPORT_SUMMARY,
     FINAL_METRICS,
     ITEMS,
@@ -33,10 +36,7 @@ from trainer.run_files import (
     USERS,
     export_names,
     is_ranking_key,
-    owned_output_folder,
     read_json,
-    write_atomic,
-    write_json,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def shards_of(run_dir: Path, payload: dict) -> Path:
     """The run's shards: RUN_DIR/shards when there (`shardmf run`, a saved estimator: they
     move with the folder), else the folder it was trained on."""
     inside = run_dir / SHARDS_DIR
-    return inside if (inside / "manifest.json").is_file() else Path(payload["shards_dir"])
+    return inside if is_shard_folder(inside) else Path(payload["shards_dir"])
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -254,7 +254,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
         raise InputError(f"--format {format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
-    with owned_output_folder(folder, "export") as building:
+    with output_folder(folder, EXPORT_KIND, overwrite=True) as building:
         for side, frame in (("items", run.item_embeddings()),
                             ("users", run.user_embeddings())):
             id_column = f"original_{side[:-1]}_id"

@@ -3,13 +3,12 @@
 Training writes ``config.json`` first, then ``metrics.jsonl`` (one record per epoch),
 ``checkpoint.pt`` (with owned users, plus one slice per rank), and at the end
 ``model.pt``, the id maps and ``metrics.json``; the rank-0 post-step adds the cluster
-files and the two reports, reports last. Every file goes through `write_atomic`: a
-crash leaves the previous complete file or none, never a half-written one that looks
-complete. No other module spells these names.
+files and the two reports, reports last. Every file goes through `write_atomic`
+(``shardmf/outputs.py``): a crash leaves the previous complete file or none, never a
+half-written one that looks complete. No other module spells these names.
 
-A run folder is owned like every folder shardmf writes, by the on-disk convention of
-``data_shards/outputs.py`` (trainer cannot import it, so the two are kept in step by
-hand; the marker's name and format must stay identical)::
+A run folder is owned like every folder shardmf writes, by the convention of
+``shardmf/outputs.py`` (the same marker, lock and atomic writes as a shard folder)::
 
     RUN/.shardmf-output.json   {"tool": "shardmf", "kind": "run", "version": ...}
     PARENT/.RUN.lock           flock()ed by the one process writing RUN, removed after
@@ -25,21 +24,26 @@ what it created. Write faults (disk full, permission denied) become one `InputEr
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
-import os
-import re
-import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from trainer.errors import InputError
+from shardmf.errors import InputError
+from shardmf.outputs import (
+    MARKER_NAME,
+    create_folders,
+    folder_lock,
+    read_marker,
+    refuse_files_on_the_way,
+    remove_dead_temporaries,
+    remove_empty,
+    replace_atomically,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,7 @@ EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 
-# Ownership (the same convention and names as data_shards/outputs.py).
-MARKER = ".shardmf-output.json"
+# Ownership (the convention of shardmf/outputs.py).
 RUN_KIND = "run"
 EXPORT_KIND = "export"
 # What one run writes, removed by --overwrite (with the checkpoint slices and model parts).
@@ -80,15 +83,6 @@ RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, FINAL_METRICS, CHECKPOINT, MODEL
                ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE, *OPTIONAL_FIGURES)
 # Files whose presence makes a folder a run (an older run has them but no marker).
 RUN_EVIDENCE = (CONFIG, CHECKPOINT, MODEL, FINAL_METRICS)
-# The temporary name of `replace_atomically`: .NAME.PID.HEX.tmp
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
-# Errors only a write can cause, and what to do about each.
-_WRITE_FAULT_HINTS = {errno.ENOSPC: "free some space or choose another --out",
-                      errno.EDQUOT: "free some space or choose another --out",
-                      errno.EFBIG: "free some space or choose another --out",
-                      errno.EACCES: "fix the permissions or choose another --out",
-                      errno.EPERM: "fix the permissions or choose another --out",
-                      errno.EROFS: "choose a writable --out"}
 
 
 def is_ranking_key(key: str) -> bool:
@@ -121,96 +115,10 @@ def export_names(side: str) -> dict[str, str]:
 # --- writing ------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see `replace_atomically`)."""
-    replace_atomically(path, lambda handle: handle.write(data))
-
-
-def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write`` on a file under a unique temporary name beside ``path``, fsync, rename.
-
-    The one atomic-write idiom of the run folder. The temporary name is unique per process
-    and call, so two writers never share one; it is removed on any failure. ``write``
-    streams (torch.save, a file copy) without holding the whole file in memory.
-    ``open(..., "xb")`` honours the umask, where ``tempfile.mkstemp``'s 0600 mode would
-    make reports unreadable to others.
-    """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    recorder = None
-    try:
-        with open(temp, "xb") as handle:
-            recorder = _WriteRecorder(handle)
-            write(recorder)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException as error:
-        temp.unlink(missing_ok=True)
-        interrupt = _interrupt_behind(error)
-        if interrupt is not None and interrupt is not error:
-            # torch.save's zip writer turns a Ctrl-C mid-write into "unexpected pos" on its
-            # way out: the run must still stop as interrupted, in one line.
-            raise interrupt from None
-        # torch.save reports a failed write as "unexpected pos": the recorder kept the cause.
-        cause = recorder.error if recorder is not None and recorder.error else error
-        if isinstance(cause, OSError) and cause.errno in _WRITE_FAULT_HINTS:
-            raise write_fault(cause, path) from error
-        raise
-
-
-def _interrupt_behind(error: BaseException | None) -> KeyboardInterrupt | None:
-    """The Ctrl-C that ``error`` was raised while handling, if any (or ``error`` itself)."""
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            return error
-        error = error.__context__
-    return None
-
-
-class _WriteRecorder:
-    """A file handle that remembers the OS error of a failed write."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle, self.error = handle, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.handle.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def write_fault(error: OSError, path: Path) -> InputError:
-    """One line for a failed write: the path, the OS's cause and what to do."""
-    hint = _WRITE_FAULT_HINTS.get(error.errno, "choose another --out")
-    return InputError(f"{path}: {error.strerror or error} while writing it; {hint}")
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Strict, indented JSON (NaN refused: readers of the run folder expect standard JSON)."""
-    write_atomic(path, (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Replace ``path`` with one JSON object per line."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-
-
 def save_torch_atomic(payload: Any, path: Path) -> None:
     """``torch.save`` of ``payload`` to ``path``, atomically."""
     import torch  # here: the command line reads this module's names without torch
     replace_atomically(path, lambda handle: torch.save(payload, handle))
-
-
-def copy_atomic(source: Path, path: Path) -> None:
-    """A copy of ``source`` at ``path``, atomically, streamed."""
-    with open(source, "rb") as reading:
-        replace_atomically(path, lambda handle: shutil.copyfileobj(reading, handle))
 
 
 # --- reading ------------------------------------------------------------------
@@ -287,103 +195,6 @@ def read_run_files(run_dir: Path, metrics: dict[str, Any] | None = None) -> RunF
 # --- ownership: marker, lock, claim -----------------------------------------------
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    """Mark ``folder`` as shardmf's; the format of data_shards/outputs.py's write_marker."""
-    payload = {"tool": "shardmf", "kind": kind, "version": _version()}
-    write_atomic(folder / MARKER, (json.dumps(payload) + "\n").encode("utf-8"))
-
-
-def read_marker(folder: Path) -> dict | None:
-    """The marker of ``folder``, or None when it has none (or not a shardmf one)."""
-    try:
-        payload = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) and payload.get("tool") == "shardmf" else None
-
-
-def _version() -> str:
-    try:
-        return metadata.version("shardmf")
-    except metadata.PackageNotFoundError:  # a source tree that is not installed
-        return "unknown"
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """flock() on PARENT/.NAME.lock for the block; a second writer fails at once.
-
-    The file holds the holder's pid, for the message. The holder unlinks it while still
-    locked, so a waiter that opened the old file must lock the one now at the path.
-    """
-    path = folder.parent / f".{folder.name}.lock"
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise InputError(f"{path}: {e.strerror} while locking {folder}; "
-                             f"{_WRITE_FAULT_HINTS.get(e.errno, 'choose another --out')}"
-                             ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise InputError(f"{folder}: another shardmf process (pid {holder}) is writing "
-                             "it; wait for it to end (or stop it), or choose another --out"
-                             ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def owned_output_folder(folder: Path, kind: str) -> Iterator[Path]:
-    """Build an output folder aside and swap it in whole, as data_shards/outputs.py does.
-
-    Yields a temporary folder beside ``folder`` to write into; on success it is marked as
-    ``kind`` and replaces ``folder``. Only an empty folder or one marked with the same kind
-    is ever replaced; the temporary folder never outlives a failure; an OS error is one
-    InputError line naming the path.
-    """
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a folder; choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and \
-            (read_marker(folder) or {}).get("kind") != kind:
-        raise InputError(f"{folder}: not empty and not an earlier {kind} shardmf wrote "
-                         "(it has no matching .shardmf-output.json); choose another --out")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with folder_lock(folder):
-            token = f"{os.getpid()}-{secrets.token_hex(4)}"
-            building = folder.with_name(f".{folder.name}.tmp-{token}")
-            building.mkdir()
-            try:
-                yield building
-                write_marker(building, kind)
-                old = folder.with_name(f".{folder.name}.old-{token}")
-                if folder.exists():
-                    os.replace(folder, old)
-                os.replace(building, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            finally:
-                shutil.rmtree(building, ignore_errors=True)
-    except OSError as e:
-        raise write_fault(e, folder) from e
-
-
 def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool = False) -> str:
     """What training into ``run`` would do: "new", "resume" or "overwrite"; or InputError.
 
@@ -399,7 +210,7 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool =
         if CHECKPOINT not in entries:
             raise InputError(f"--resume: {run / CHECKPOINT} not found; start without --resume")
         return "resume"
-    if restarted or not is_run and not entries - {SHARDS_DIR, MARKER}:
+    if restarted or not is_run and not entries - {SHARDS_DIR, MARKER_NAME}:
         return "new"  # empty, or holding only the shards of `shardmf run`
     if marker is not None and marker.get("kind") != RUN_KIND:
         raise InputError(f"--out {run} holds shardmf {marker.get('kind')} output, not a run; "
@@ -412,7 +223,7 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool =
         raise InputError(f"--out {run} already holds {state}; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
     if marker is None:
-        raise InputError(f"--overwrite {run}: it has no {MARKER} (written before runs were "
+        raise InputError(f"--overwrite {run}: it has no {MARKER_NAME} (written before runs were "
                          "marked, or not by shardmf), so it is never replaced; remove it "
                          "yourself or choose another --out")
     return "overwrite"
@@ -438,19 +249,11 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
     checkpoint the run stays, for ``--resume``.
     """
     run = Path(run)
-    if run.exists() and not run.is_dir():
-        raise InputError(f"--out {run} is a file, not a folder; choose another --out")
-    created = [p for p in (run, *run.parents) if not p.exists()]
-    try:
-        for folder in reversed(created):
-            folder.mkdir(exist_ok=True)  # exist_ok: another writer may create a parent too
-    except OSError as e:
-        _remove_empty(created)
-        raise InputError(f"{e.filename}: {e.strerror} while creating the run folder; "
-                         f"{_WRITE_FAULT_HINTS.get(e.errno, 'choose another --out')}") from e
+    refuse_files_on_the_way(run)
+    created = create_folders(run)
     try:
         with folder_lock(run):
-            _remove_dead_temporaries(run)
+            remove_dead_temporaries(run)
             action = check_run_target(run, resume, overwrite, restarted)
             if action == "overwrite":
                 clear_run(run)
@@ -464,10 +267,10 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
                     for name in (CONFIG, EPOCH_METRICS):
                         (run / name).unlink(missing_ok=True)
                     if run in created:
-                        (run / MARKER).unlink(missing_ok=True)
+                        (run / MARKER_NAME).unlink(missing_ok=True)
                 raise
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
 
 
@@ -481,30 +284,3 @@ def clear_run(run: Path) -> None:
     marker = read_marker(export)
     if marker is not None and marker.get("kind") == EXPORT_KIND:
         shutil.rmtree(export)
-
-
-def _remove_dead_temporaries(run: Path) -> None:
-    """Temporary files of writers killed mid-write (their pid is gone); the lock is held."""
-    if not run.is_dir():
-        return
-    for entry in run.iterdir():
-        match = _TEMPORARY.fullmatch(entry.name)
-        if match and not _alive(int(match["pid"])):
-            entry.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """rmdir (never rmtree) the folders this process created, deepest first."""
-    for folder in folders:
-        with contextlib.suppress(OSError):  # another writer's files keep it
-            folder.rmdir()

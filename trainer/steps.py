@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from shardmf.errors import InputError
 from trainer.distributed import DistEnv, wrap_model
-from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep, load_fused_kernel, resolve_step
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer

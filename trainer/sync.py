@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardmf.errors import InputError
 from trainer.config import SYNCS
 from trainer.distributed import DistEnv
-from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shardmf.errors import InputError
+from shardmf.outputs import write_json, write_jsonl
 from trainer.baseline import bias_baseline_rmse
 from trainer.cadence import Cadence
 from trainer.checkpoint import (
@@ -54,13 +56,12 @@ from trainer.data import (
 )
 from trainer.defaults import ranks_cannot_pay, resolve_defaults
 from trainer.distributed import DistEnv, all_reduce, gather_floats, unwrap
-from trainer.errors import InputError
 from trainer.fused_step import FusedSGDStep
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, resolve_user_embeddings
 from trainer.ranking import ranking_metrics, relevance_threshold
-from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, write_json, write_jsonl
+from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step, use_sparse_gradients
 from trainer.sync import resolve_sync

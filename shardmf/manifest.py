@@ -1,0 +1,224 @@
+"""SHARDS_DIR/manifest.json: the one contract between ``data_shards`` and its readers.
+
+``data_shards.prepare`` builds the JSON object and writes it last (`write_manifest`);
+everyone else reads it through `Manifest.load`, which names the file on any problem, and
+checks it at one of two depths before trusting it:
+
+- `Manifest.check_sums`: the manifest agrees with itself (ratings per split against its
+  per-file rows, rows against row groups, users and items against the id tables' rows);
+- `Manifest.check_file`: one shard against its entry, from the file's size and Parquet
+  footer (rows, row groups, id ranges from column statistics), and with ``sha256`` also
+  every byte (about a tenth of a second per GB; ``bench/verify_cost.md``).
+
+Uses pyarrow and the standard library only, so both packages can import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from shardmf.errors import InputError
+from shardmf.outputs import write_json
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1  # what `write_manifest` writes
+SUPPORTED_MANIFEST_VERSIONS = (1,)  # what `Manifest.load` reads
+SPLITS = ("train", "val", "test")
+HASH_CHUNK = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One Parquet shard as the manifest lists it."""
+
+    path: str  # relative to SHARDS_DIR, e.g. "train/part-00003.parquet"
+    rows: int
+    row_groups: tuple[int, ...]  # rows per row group, in file order
+    bytes: int  # file size
+    sha256: str  # hex digest of the whole file
+    shard: int | None  # the partition number (None in manifests of an older shardmf)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard folder's manifest, read and typed; `data` keeps the JSON object as written
+    (provenance such as sources, split and config has no accessor of its own)."""
+
+    root: Path  # SHARDS_DIR
+    data: dict[str, Any] = field(repr=False)
+    num_users: int  # ids 0..num_users-1; users.parquet maps them back
+    num_items: int
+    split_rows: dict[str, int]  # ratings per split
+    train_mean: float  # mean training rating
+    scale: tuple[float, float]  # lowest and highest possible rating
+    files: dict[str, tuple[ShardFile, ...]]  # per split, in manifest order
+    users_file: str  # the id tables, relative to SHARDS_DIR
+    items_file: str
+    partition_scheme: str | None  # "random" | "user" (None: an older shardmf)
+    users_file_column: str  # with partition "user": the users_file column naming the shard
+
+    @classmethod
+    def load(cls, shards_dir: str | Path) -> Manifest:
+        """Read SHARDS_DIR/manifest.json; InputError naming it when missing or malformed."""
+        root = Path(shards_dir)
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            hint = (f" (a folder without {MANIFEST_NAME} is an unfinished or foreign folder)"
+                    if root.is_dir() else "")
+            raise InputError(f"{path}: not found{hint}; create shards with "
+                             "`shardmf prepare INPUT --out SHARDS_DIR`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise InputError(f"{path}: not readable ({e.strerror or e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: a JSON {type(data).__name__}, not the object "
+                             "`shardmf prepare` writes; re-create the shards")
+        version = data.get("format_version")
+        if version not in SUPPORTED_MANIFEST_VERSIONS:
+            raise InputError(f"{path}: format version {version!r}, this shardmf reads "
+                             f"{SUPPORTED_MANIFEST_VERSIONS}; re-create the shards with this "
+                             "version")
+        try:
+            return cls._parse(root, data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path}: a required entry is missing or malformed ({e!r}); "
+                             "re-create the shards") from e
+
+    @classmethod
+    def _parse(cls, root: Path, data: dict[str, Any]) -> Manifest:
+        counts, rating = data["counts"], data["rating"]
+        low, high = rating["scale"]
+        partition = data.get("partition", {})
+        return cls(
+            root=root, data=data, num_users=int(counts["users"]),
+            num_items=int(counts["items"]),
+            split_rows={split: int(counts["ratings"][split]) for split in SPLITS},
+            train_mean=float(rating["train_mean"]), scale=(float(low), float(high)),
+            files={split: tuple(_shard_file(entry) for entry in data["files"][split])
+                   for split in SPLITS},
+            users_file=str(data["users_file"]), items_file=str(data["items_file"]),
+            partition_scheme=partition.get("scheme"),
+            users_file_column=partition.get("users_file_column", "shard"))
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def identity(self) -> str:
+        """A short hash of the file entries (paths, sizes, rows, SHA-256s): equal for the
+        same shards wherever they lie, different for another split or data set."""
+        entries = json.dumps(self.data["files"], sort_keys=True).encode("utf-8")
+        return hashlib.sha256(entries).hexdigest()[:16]
+
+    def rows(self, split: str) -> int:
+        """Ratings in ``split``."""
+        return self.split_rows[split]
+
+    def all_files(self) -> list[ShardFile]:
+        """Every shard, split by split."""
+        return [entry for split in SPLITS for entry in self.files[split]]
+
+    def check_sums(self) -> None:
+        """The counts must follow from the file entries and the id tables, so an edited
+        count is named here, not an IndexError in the middle of training."""
+        for split in SPLITS:
+            for entry in self.files[split]:
+                if sum(entry.row_groups) != entry.rows:
+                    raise InputError(f"{self.path}: {entry.path} has {entry.rows:,} rows "
+                                     f"but row groups of {sum(entry.row_groups):,}")
+            listed = sum(entry.rows for entry in self.files[split])
+            if listed != self.rows(split):
+                raise InputError(f"{self.path}: counts.ratings.{split} is "
+                                 f"{self.rows(split):,} but its files hold {listed:,} rows "
+                                 "(the manifest was edited or is damaged)")
+        for side, name, count in (("users", self.users_file, self.num_users),
+                                  ("items", self.items_file, self.num_items)):
+            path = self.root / name
+            if not path.is_file():
+                raise InputError(f"{path}: missing; the manifest lists it (re-run `shardmf "
+                                 "prepare` or restore the file)")
+            rows = _footer(path, str(path)).num_rows
+            if rows != count:
+                raise InputError(f"{self.path}: counts.{side} is {count:,} but {name} has "
+                                 f"{rows:,} rows (the manifest was edited or is damaged)")
+
+    def check_file(self, entry: ShardFile, *, sha256: bool) -> Path:
+        """``entry``'s file against it: size, footer rows, row groups and id ranges, and
+        with ``sha256`` its checksum too. Returns the file's path."""
+        name = entry.path
+        path = self.root / name
+        if not path.is_file():
+            raise InputError(f"shard {name}: missing from {self.root}; the manifest lists it "
+                             "(re-run `shardmf prepare` or restore the file)")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise InputError(f"shard {name}: {size:,} bytes, manifest says {entry.bytes:,} "
+                             "(the file changed after prepare)")
+        metadata = _footer(path, f"shard {name}")
+        if metadata.num_rows != entry.rows:
+            raise InputError(f"shard {name}: {metadata.num_rows:,} rows, manifest says "
+                             f"{entry.rows:,}")
+        groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+        if groups != entry.row_groups:
+            raise InputError(f"shard {name}: row groups {list(groups)} differ from the "
+                             f"manifest's {list(entry.row_groups)}")
+        limits = {"user_id": self.num_users, "item_id": self.num_items}
+        for group in range(metadata.num_row_groups):  # id ranges from the column statistics
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                limit, stats = limits.get(chunk.path_in_schema), chunk.statistics
+                if limit is None or stats is None or not stats.has_min_max:
+                    continue
+                if stats.min < 0 or stats.max >= limit:
+                    raise InputError(f"shard {name}: {chunk.path_in_schema} in "
+                                     f"{stats.min}..{stats.max}, the manifest counts {limit:,}")
+        if sha256:
+            digest = file_sha256(path)
+            if digest != entry.sha256:
+                raise InputError(f"shard {name}: checksum {digest[:12]}… differs from the "
+                                 f"manifest's {entry.sha256[:12]}… (corrupt or replaced)")
+        return path
+
+
+def write_manifest(shards_dir: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` (built by ``data_shards.prepare``) as SHARDS_DIR/manifest.json."""
+    write_json(Path(shards_dir) / MANIFEST_NAME, data)
+
+
+def is_shard_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a manifest (a finished shard folder, or a damaged one)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shard_file(entry: dict[str, Any]) -> ShardFile:
+    shard = entry.get("shard")
+    return ShardFile(path=str(entry["path"]), rows=int(entry["rows"]),
+                     row_groups=tuple(int(rows) for rows in entry["row_groups"]),
+                     bytes=int(entry["bytes"]), sha256=str(entry["sha256"]),
+                     shard=None if shard is None else int(shard))
+
+
+def _footer(path: Path, what: str) -> pq.FileMetaData:
+    try:
+        return pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+        raise InputError(f"{what}: not a readable Parquet file ({e})") from e
