@@ -191,7 +191,7 @@ def _run(values: dict, rank: int) -> int:
         if env.is_main and post is not None:
             # Imported here: scikit-learn and matplotlib take ~2 s to import, which only
             # rank 0 needs, and only once training is over.
-            from trainer.post_step import cluster_run
+            from trainer.analysis import cluster_run
 
             cluster_run(values["out"], post)
     return 0

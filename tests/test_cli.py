@@ -314,8 +314,8 @@ def test_export_folders_are_owned_and_replaced_whole(trained_run: Path, tmp_path
 @pytest.mark.timeout(240)
 def test_permission_denied_in_train_and_export_is_one_line(trained_run: Path,
                                                            tmp_path: Path) -> None:
-    """A real read-only folder (test_output_safety.read_only_folder)."""
-    from test_output_safety import ENV, ROOT, read_only_folder
+    """A real read-only folder (helpers.read_only_folder)."""
+    from helpers import ENV, ROOT, read_only_folder
 
     locked = tmp_path / "locked"
     commands = {

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.options import add_config_arguments
-from trainer import clustering
-from trainer.clustering import ClusterResult, cluster_items
+from trainer.analysis import clustering
+from trainer.analysis.clustering import ClusterResult, cluster_items
+from trainer.analysis.post_step import write_cluster_outputs
 from trainer.config import ClusterConfig
-from trainer.post_step import write_cluster_outputs
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Western"]
 OUTPUTS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sync import spawn_ranks
+from helpers import spawn_ranks
 
 from trainer.checkpoint import TrainState
 from trainer.config import ModelConfig, OptimConfig, TrainConfig

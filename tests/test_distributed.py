@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,26 +19,23 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    NO_CLUSTERS,
+    ROOT,
+    RUN_TIMEOUT_S,
+    SETTINGS,
+    SHARDMF,
+    TORCHRUN,
+    error_lines,
+    final,
+    finish_job,
+    history,
+)
 
 from trainer.shards import open_shards, pieces_for_rank
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SHARDMF = str(BIN / "shardmf")
-TORCHRUN = str(BIN / "torchrun")
-RUN_TIMEOUT_S = 150  # one job; a healthy one takes 10-25 s on 2 busy cores
-
-# One rank per core, small model; a collective stuck for 60 s fails the job instead of
-# hanging it. --batch-size is global: each of 2 ranks takes 128 ratings per step.
-# Exact per-step synchronisation (--sync-every 1), the optimisation one rank runs: these
-# tests compare ranks with one rank and with uninterrupted runs bit for bit. The default
-# periodic exchange of several ranks is tested in test_defaults.py and test_sync.py.
-SETTINGS = ["--threads", "1", "--dim", "16", "--batch-size", "256", "--reg", "0.02",
-            "--optimizer", "sgd", "--lr", "0.03", "--seed", "0", "--timeout-s", "60",
-            "--sync-every", "1"]
-NO_CLUSTERS = ["--clusters", "0"]
 CLUSTERS = ["--clusters", "4", "--min-item-ratings", "5", "--baseline-shuffles", "2"]
 
 EPOCH_KEYS = {"epoch", "train_loss", "val_rmse", "val_mae", "seconds", "ratings_per_s"}
@@ -57,23 +53,6 @@ def run_job(args: list[str], expect: int | None = 0,
     return finish_job(proc, expect, timeout)
 
 
-def finish_job(proc: subprocess.Popen, expect: int | None = 0,
-               timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Wait for a job or kill its whole process group (torchrun and every rank it started)."""
-    command = " ".join(map(str, proc.args))
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"no exit within {timeout:.0f} s (hang?): {command}\n"
-                    f"--- stdout\n{out}\n--- stderr\n{err}")
-    if expect is not None and proc.returncode != expect:
-        pytest.fail(f"exit code {proc.returncode}, expected {expect}: {command}\n"
-                    f"--- stdout\n{out}\n--- stderr\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def shardmf_train(shards: Path, run: Path, nproc: int, *extra: str,
                   expect: int | None = 0) -> subprocess.CompletedProcess:
     return run_job([SHARDMF, "train", shards, "--out", run, "--nproc", str(nproc),
@@ -84,18 +63,6 @@ def torchrun_train(shards: Path, run: Path, *extra: str,
                    expect: int | None = 0) -> subprocess.CompletedProcess:
     return run_job([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "trainer", shards,
                     "--out", run, *SETTINGS, *extra], expect=expect)
-
-
-def history(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def final(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "shardmf: error:" in line]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (
+from helpers import (
     NO_CLUSTERS,
     ROOT,
     RUN_TIMEOUT_S,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sync import spawn_ranks
+from helpers import spawn_ranks
 
 from shardmf.errors import InputError
 from trainer.config import ModelConfig, OptimConfig, TrainConfig

@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ENV, ROOT, read_only_folder
 
 from data_shards import InputError, PrepareConfig, prepare
 from launch.cli import main
 from shardmf.outputs import MARKER_NAME, read_marker
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-# A light writer process: the library call the CLI makes, without the CLI's torch imports.
 PREPARE = ("import sys; from data_shards import PrepareConfig, prepare; "
            "prepare([sys.argv[1]], sys.argv[2], PrepareConfig(num_shards=4))")
 
@@ -286,22 +282,6 @@ def test_disk_full_is_named_as_such_and_leaves_nothing(tmp_path: Path) -> None:
             assert "No space left on device" in line and str(args[-1]) in line, line
             assert "could not be parsed" not in line
             assert list(full.iterdir()) == []
-
-
-@contextlib.contextmanager
-def read_only_folder(folder: Path) -> Iterator[list[str]]:
-    """A real read-only ``folder`` for the block; yields the command prefix that makes
-    root obey it (setpriv drops root's permission override), empty for other users."""
-    if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("root without setpriv: permissions cannot be enforced")
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        yield (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-                "--bounding-set=-dac_override,-dac_read_search", "--"]
-               if os.geteuid() == 0 else [])
-    finally:
-        folder.chmod(0o755)
 
 
 def test_permission_denied_is_one_line(tmp_path: Path) -> None:

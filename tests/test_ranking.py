@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import spawn_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_sync import spawn_ranks
 
 from shardmf.errors import InputError
 from trainer.config import ModelConfig

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.clustering import cluster_items
+from trainer.analysis.clustering import cluster_items
+from trainer.analysis.post_step import write_cluster_outputs
 from trainer.config import ClusterConfig
-from trainer.post_step import write_cluster_outputs
 from trainer.run_files import read_epochs
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western"]
@@ -246,7 +246,8 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
 
 
 def test_lifts_of_small_clusters_are_not_findings() -> None:
-    from trainer.report import distinctive_genres, legend_label
+    from trainer.analysis.figures import legend_label
+    from trainer.analysis.findings import distinctive_genres
 
     summary = {"cluster": 0, "size": 6, "genres": [{"genre": "Horror", "share": 0.5,
                                                     "lift": 4.0}]}

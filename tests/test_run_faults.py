@@ -23,8 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_distributed import ROOT, SHARDMF, error_lines, finish_job
-from test_trainer_unit import SINGLE, SMALL, run_train
+from helpers import ROOT, SHARDMF, SINGLE, SMALL, error_lines, finish_job, run_train
 
 from launch.cli import main as cli_main
 from shardmf.errors import InputError

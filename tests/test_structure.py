@@ -1,6 +1,7 @@
 """Design rules checked on the source: no import circle inside ``trainer``, the library
-never imports ``launch``, the run folder's file names are spelled in one module, and the
-contracts both packages share (``shardmf/``) exist once and import neither torch nor Dask."""
+never imports ``launch``, the run folder's file names are spelled in one module, the
+contracts both packages share (``shardmf/``) exist once and import neither torch nor Dask,
+and no test module imports another (what they share is in tests/helpers.py or conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ ENTRY_POINTS = {"trainer.__main__"}  # run, never imported
 
 
 def _modules(package: str) -> dict[str, ast.Module]:
-    return {f"{package}.{path.stem}": ast.parse(path.read_text(), str(path))
-            for path in sorted((ROOT / package).glob("*.py"))}
+    """Every module of `package` and its subpackages by dotted name (an ``__init__.py`` by
+    its package's)."""
+    modules = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = ast.parse(path.read_text(), str(path))
+    return modules
 
 
 def _imports(tree: ast.Module) -> set[str]:
@@ -54,7 +61,17 @@ def test_trainer_modules_import_no_circle() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
-    assert "trainer.post_step" in graph and "trainer.run_files" in graph
+    assert "trainer.analysis.post_step" in graph and "trainer.run_files" in graph
+
+
+def test_no_test_module_imports_another() -> None:
+    test_modules = {path.stem for path in (ROOT / "tests").glob("test_*.py")}
+    offenders = sorted(
+        f"{path.name} imports {name}"
+        for path in (ROOT / "tests").glob("test_*.py")
+        for name in _imports(ast.parse(path.read_text(), str(path)))
+        if name.split(".")[0] in test_modules | {"conftest"})
+    assert not offenders, "\n".join(offenders)
 
 
 def test_the_trainer_library_never_imports_launch() -> None:

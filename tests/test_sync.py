@@ -8,19 +8,16 @@ has a timeout, and a failing rank's traceback is reported. Never mocks torch.dis
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import multiprocessing
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers import spawn_ranks
 
 from shardmf.errors import InputError
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
-from trainer.distributed import DistEnv, TestFault, teardown, wrap_model
+from trainer.distributed import DistEnv, TestFault, wrap_model
 from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.steps import sparse_tables
@@ -29,45 +26,8 @@ from trainer.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
-JOB_TIMEOUT_S = 120
 # measured, so never equal between runs ("ranks" holds each rank's peak memory)
 TIMING = {"train_seconds", "train_ratings_per_s", "seconds", "ratings_per_s", "ranks"}
-
-
-def _rank_main(rank: int, world_size: int, folder: str, job, args: tuple) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=60))
-        env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"), "gloo")
-        job(env, *args)
-    except BaseException:
-        Path(folder, f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        teardown()
-
-
-def spawn_ranks(job, *args, folder: Path, world_size: int = 2) -> None:
-    """Run ``job(env, *args)`` on ``world_size`` gloo ranks; fail with each rank's traceback."""
-    folder.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_rank_main, args=(rank, world_size, str(folder), job, args))
-             for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOB_TIMEOUT_S)
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for rank in hung:
-        procs[rank].kill()
-        procs[rank].join(10)
-    failed = {rank: proc.exitcode for rank, proc in enumerate(procs) if proc.exitcode != 0}
-    if hung or failed:
-        errors = "\n".join(f"--- rank {r}\n{p.read_text()}"
-                           for r in range(world_size)
-                           if (p := folder / f"error-{r}.txt").is_file())
-        pytest.fail(f"ranks hung {hung}, exit codes {failed}\n{errors}")
 
 
 # ---------------------------------------------------------------- the sync on its own

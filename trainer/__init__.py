@@ -15,7 +15,7 @@ _HOMES = {
     "RankingConfig": "trainer.config", "TrainConfig": "trainer.config",
     "DistEnv": "trainer.distributed", "init_distributed": "trainer.distributed",
     "teardown": "trainer.distributed", "InputError": "shardmf.errors",
-    "cluster_run": "trainer.post_step", "TrainedRun": "trainer.run",
+    "cluster_run": "trainer.analysis", "TrainedRun": "trainer.run",
     "evaluate_run": "trainer.run", "export_run": "trainer.run", "load_run": "trainer.run",
     "train": "trainer.train",
 }

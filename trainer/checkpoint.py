@@ -159,8 +159,8 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     # Right after an epoch that improved (most epochs of a run still gaining), the best
-    # weights are the current ones: written once, not twice (a checkpoint of a 100k x 20k
-    # model took 0.2-0.5 s, a third of an epoch).
+    # weights are the current ones: written once, not twice (a checkpoint of a large model
+    # costs a good part of an epoch: bench/train_throughput.md).
     best_is_model = state.steps_done == 0 and state.best_epoch == state.epoch > 0
     local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
              "best_model": None if best_is_model else state.best_model,

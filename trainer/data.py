@@ -69,7 +69,7 @@ class RowGroupReader:
     """A rank's row groups as localised columns, decoded once and kept up to a byte budget.
 
     Reading a row group again every epoch (Parquet decoding, page checksums, id
-    localisation) cost two ranks on 2 cores as much as a third of their training steps;
+    localisation) would cost a large share of the training steps (bench/train_throughput.md);
     kept decoded (and, for training, shuffled once), an epoch only reorders blocks of
     them. Row groups beyond the budget are read every time, so a rank's memory stays
     bounded whatever the number of ratings.
@@ -118,13 +118,12 @@ class TrainBatches(IterableDataset):
     batches are cut. A row group's rows are permuted once per run, by (seed, rank, row
     group), and each visit takes its blocks of BLOCK_ROWS rows in its own seeded order:
     the stream is shuffled anew every epoch, yet a kept row group is only sliced, never
-    permuted and gathered row by row again (that was 15 % of two ranks' epoch on 2 cores;
-    LIBMF too shuffles once and reorders blocks). Against a full shuffle every visit, test
-    RMSE on ML-100K was the same to 0.0002 over 3 seeds. That plan is a function of
-    (seed, epoch, rank) alone: with ``num_workers`` > 0 every DataLoader worker cuts its
-    own contiguous run of the same batches, reading only the row groups that run covers, so
-    workers yield exactly the batches of a single-process loader (each rating once per
-    pass), in the DataLoader's deterministic round-robin order.
+    permuted and gathered row by row again (LIBMF too shuffles once and reorders blocks;
+    what that saves, at the RMSE of a full shuffle every visit: bench/train_throughput.md).
+    That plan is a function of (seed, epoch, rank) alone: with ``num_workers`` > 0 every
+    DataLoader worker cuts its own contiguous run of the same batches, reading only the row
+    groups that run covers, so workers yield exactly the batches of a single-process loader
+    (each rating once per pass), in the DataLoader's deterministic round-robin order.
 
     An item is one batch, or with ``batches_per_item`` k > 1 up to k consecutive batches
     laid end to end, which a step takes at once (trainer/steps.py): the DataLoader's own
@@ -226,12 +225,13 @@ def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
     takes at once (trainer/steps.py); batches are whole tensors already, so the DataLoader
     only moves them (batch_size=None).
 
-    Without worker processes a run is BATCHES_PER_ITEM batches: the DataLoader's per-item
-    cost (tens of microseconds), and a step call's, were a third of a fused step of 512
-    ratings. ``prefetch`` > 0 then cuts that many runs ahead in a thread: reading a row
-    group (and its one shuffle) and cutting runs go on beside the steps (the fused kernel
-    and torch's ops release the GIL), on a core the rank would leave idle, instead of
-    between them. Worker processes hand over one batch at a time, round robin.
+    Without worker processes a run is BATCHES_PER_ITEM batches, so the DataLoader's per-item
+    cost and a step call's are paid once per run, not once per batch of a fused step
+    (bench/train_throughput.md). ``prefetch`` > 0 then cuts that many runs ahead in a
+    thread: reading a row group (and its one shuffle) and cutting runs go on beside the
+    steps (the fused kernel and torch's ops release the GIL), on a core the rank would
+    leave idle, instead of between them. Worker processes hand over one batch at a time,
+    round robin.
     """
     if not workers:
         dataset = dataset.grouped(BATCHES_PER_ITEM)

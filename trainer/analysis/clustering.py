@@ -7,8 +7,8 @@ it. Every genre score is quoted beside a shuffled-label baseline so that
 
 `cluster_items` takes embeddings and the item table and returns a `ClusterResult`
 (K-Means or MiniBatchKMeans from scikit-learn, k given or chosen by silhouette); it
-reads and writes no file. `trainer.post_step` turns the result into the run folder's
-cluster files and reports.
+reads and writes no file. `post_step` turns the result into the run folder's cluster
+files and reports.
 """
 
 from __future__ import annotations

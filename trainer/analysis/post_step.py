@@ -2,9 +2,9 @@
 
     cluster_run("runs/ml100k", ClusterConfig(clusters="auto"))
 
-`trainer.clustering` computes (embeddings in, `ClusterResult` out), `trainer.report`
-renders (bytes and text out); this module is the only one of the three that touches
-the run folder. Written into RUN_DIR, each file atomically:
+`clustering` computes (embeddings in, `ClusterResult` out), `report` renders (bytes and
+text out); this module is the only one of the three that touches the run folder.
+Written into RUN_DIR, each file atomically:
 
 - ``item_clusters.parquet``: one row per clustered item (original_item_id, item_id,
   title, genres, cluster int32, distance float32).
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from shardmf.errors import InputError
 from shardmf.outputs import write_atomic, write_json
-from trainer.clustering import ClusterResult, cluster_items
+from trainer.analysis.clustering import ClusterResult, cluster_items
 from trainer.config import ClusterConfig
 from trainer.run import load_run
 from trainer.run_files import (
@@ -80,7 +80,7 @@ def write_cluster_outputs(
         The clusters.json document.
     """
     # Imported here: matplotlib is needed only by rank 0, and only at this point.
-    from trainer.report import render_all
+    from trainer.analysis.report import render_all
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

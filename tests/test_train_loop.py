@@ -1,0 +1,68 @@
+"""trainer/train.py in one process: evaluation, a diverging loss, early stopping.
+Resuming is in test_checkpoint.py, real ranks in test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import SINGLE, SMALL
+
+from shardmf.errors import InputError
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.model import BiasedMF
+from trainer.shards import Piece, open_shards
+from trainer.train import evaluate, train
+
+
+def test_evaluate_known_rmse_and_mae(tmp_path: Path) -> None:
+    path = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([0, 1, 2, 3], pa.int64()),
+                             "item_id": pa.array([0, 1, 0, 1], pa.int64()),
+                             "rating": pa.array([1.0, 2.0, 4.0, 5.0], pa.float32())}), path)
+    pieces = [Piece(path, 0, 4)]
+    model = BiasedMF(4, 2, 3.0, ModelConfig(reg=0.05, dim=2))
+    with torch.no_grad():
+        model.user_factors.weight.zero_()  # predictions are exactly the global mean
+    config = TrainConfig(eval_batch_size=3)  # two evaluation batches
+    rmse, mae = evaluate(model, pieces, (1.0, 5.0), config, SINGLE)
+    assert rmse == pytest.approx(math.sqrt((4 + 1 + 1 + 4) / 4))
+    assert mae == pytest.approx(1.5)
+    with torch.no_grad():
+        model.global_mean.fill_(9.0)  # clamped to 5 stars before scoring
+    rmse, mae = evaluate(model, pieces, (1.0, 5.0), config, SINGLE)
+    assert rmse == pytest.approx(math.sqrt((16 + 9 + 1 + 0) / 4))
+    assert mae == pytest.approx(2.0)
+    assert evaluate(model, [], (1.0, 5.0), config, SINGLE) == (None, None)
+
+
+def test_a_diverging_loss_is_one_clear_error(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower --lr "
+                                         r"\(now 1e\+06\)"):
+        train(trainer_shards_dir, tmp_path / "run", ModelConfig(reg=0.05, dim=8, init_std=1.0),
+              OptimConfig(lr=1e6), TrainConfig(**SMALL, epochs=1), SINGLE)
+
+
+def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path: Path) -> None:
+    """Patience 1 without lr decay: validation RMSE turns up after a few epochs (epoch 5 of
+    this data and seed), training stops one epoch later and the model kept is the best."""
+    run = tmp_path / "run"
+    metrics = train(trainer_shards_dir, run, ModelConfig(dim=8, reg=0.02),
+                    OptimConfig(optimizer="sgd", lr=0.03, lr_decay=1.0),
+                    TrainConfig(**{**SMALL, "patience": 1}, epochs=8), SINGLE)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda h: h["val_rmse"])
+    assert metrics["best_epoch"] == best["epoch"] < metrics["epochs"] == len(history) < 8
+    assert metrics["epochs"] == best["epoch"] + 1
+    assert metrics["val_rmse"] == best["val_rmse"]
+    shards = open_shards(trainer_shards_dir)
+    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
+                     ModelConfig(reg=0.05, dim=8))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
+    rmse, _ = evaluate(model, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
+    assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)
