@@ -180,3 +180,25 @@ def test_the_library_names_fields_not_flags() -> None:
                 if re.search(r"(^|[\s(/])--[a-z]", outside_commands):
                     offenders.append(f"{name}:{line}: {text!r}")
     assert not offenders, "flag wording in library errors:\n" + "\n".join(offenders)
+
+
+COLLECTIVE_MODULES = {"trainer.distributed", "trainer.sync"}  # sync: the row exchange's own
+
+
+def _names_torch_distributed(node: ast.AST) -> bool:
+    """``import torch.distributed``, ``from torch import distributed`` or ``torch.distributed``."""
+    if isinstance(node, ast.Import):
+        return any(a.name.startswith("torch.distributed") for a in node.names)
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return node.module.startswith("torch.distributed") or (
+            node.module == "torch" and any(a.name == "distributed" for a in node.names))
+    return (isinstance(node, ast.Attribute) and node.attr == "distributed"
+            and isinstance(node.value, ast.Name) and node.value.id == "torch")
+
+
+def test_collectives_are_called_only_in_the_distributed_and_sync_modules() -> None:
+    """The rest of the trainer calls trainer.distributed's helpers, never torch.distributed."""
+    users = {name for name, tree in _modules("trainer").items()
+             if any(_names_torch_distributed(node) for node in ast.walk(tree))}
+    assert users == COLLECTIVE_MODULES, "torch.distributed outside trainer/distributed.py " \
+        f"and sync.py: {sorted(users - COLLECTIVE_MODULES)}"

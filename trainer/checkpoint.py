@@ -24,7 +24,7 @@ import torch
 from shardmf.errors import InputError
 from shardmf.outputs import copy_atomic, write_atomic
 from trainer.config import ModelConfig, TrainConfig
-from trainer.distributed import DistEnv, all_reduce, on_main_then_broadcast
+from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
@@ -49,7 +49,7 @@ class TrainState:
     """What a checkpoint must restore to continue exactly where it was written."""
 
     epoch: int = 0  # epochs completed; the one in progress is this (0-based)
-    step: int = 0  # steps completed in the epoch in progress (0: at an epoch boundary)
+    steps_done: int = 0  # steps completed in the epoch in progress (0: at an epoch boundary)
     loss_sums: list[float] | None = None  # each rank's loss sum over those steps
     epoch_seconds: float = 0.0  # training seconds spent on those steps
     sync_bytes: int = 0  # bytes the packed sync moved in those steps (same on all ranks)
@@ -68,7 +68,7 @@ class TrainState:
         since the last such gain resets the early-stopping count, so a decaying learning
         rate stops once its gains become negligible.
         """
-        self.step, self.loss_sums, self.epoch_seconds, self.sync_bytes = 0, None, 0.0, 0
+        self.steps_done, self.loss_sums, self.epoch_seconds, self.sync_bytes = 0, None, 0.0, 0
         self.history.append(record)
         improved = val_rmse is None or val_rmse < self.best_val - 1e-6
         if improved:
@@ -84,16 +84,22 @@ class TrainState:
         return improved
 
 
-STATE_KEYS = tuple(f.name for f in fields(TrainState))
+# TrainState field -> its key in checkpoint.pt. The data position keeps the key "step"
+# it was first written under, so checkpoints from before the rename still resume.
+STATE_KEYS = {f.name: "step" if f.name == "steps_done" else f.name for f in fields(TrainState)}
 
 
 class Checkpointer:
     """Saves and restores one run's training state; every rank holds one and calls it."""
 
     def __init__(self, run: Path, model: BiasedMF, optimizer: Optimizer,
-                 shape: dict, env: DistEnv, owned: bool, identity: dict | None = None) -> None:
+                 shape: dict, env: DistEnv, owned: bool, identity: dict | None = None,
+                 every: int = 0) -> None:
         self.run, self.model, self.optimizer = run, model, optimizer
         self.shape, self.env, self.owned = shape, env, owned
+        # Steps between mid-epoch checkpoints, counted over the run (0: at epoch ends only);
+        # the loop cuts its runs of batches there.
+        self.every = every
         # What a resumed run must share with this one: {"shards": ShardSet.identity,
         # "optimizer": its name}; recorded in the checkpoint, compared on --resume.
         self.identity = identity or {}
@@ -106,7 +112,7 @@ class Checkpointer:
                                     self.owned, self.identity)
             if env.is_main:
                 log.info("resuming from %s: %d epoch(s) done, then %d of %d steps",
-                         run / CHECKPOINT, state.epoch, state.step, self.shape["steps"])
+                         run / CHECKPOINT, state.epoch, state.steps_done, self.shape["steps"])
             return state
         if env.is_main and (run / CHECKPOINT).is_file():
             # A fresh run: a checkpoint left by an earlier run in this folder must not be
@@ -155,17 +161,18 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     # Right after an epoch that improved (most epochs of a run still gaining), the best
     # weights are the current ones: written once, not twice (a checkpoint of a large model
     # costs a good part of an epoch: bench/train_throughput.md).
-    best_is_model = state.step == 0 and state.best_epoch == state.epoch > 0
+    best_is_model = state.steps_done == 0 and state.best_epoch == state.epoch > 0
     local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
              "best_model": None if best_is_model else state.best_model,
              "best_is_model": best_is_model}
     shared = {"shape": shape, "identity": identity or {},
-              **{key: getattr(state, key) for key in STATE_KEYS if key != "best_model"}}
+              **{key: getattr(state, name) for name, key in STATE_KEYS.items()
+                 if name != "best_model"}}
     if not owned:
         _agreed(lambda: save_torch_atomic({**shared, **local}, run / CHECKPOINT)
                 if env.is_main else None, env)
         return
-    tag = f"{state.epoch}-{state.step}"
+    tag = f"{state.epoch}-{state.steps_done}"
     mine = run / checkpoint_slice(tag, env.rank)
     _agreed(lambda: save_torch_atomic(local, mine), env)  # every slice is on disk before
     _agreed(lambda: save_torch_atomic(  # checkpoint.pt names them
@@ -201,11 +208,11 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
                              "(restore it, or start without --resume)")
         local = load_trusted(slice_path)
     state = TrainState()
-    for key in STATE_KEYS:
-        setattr(state, key, payload.get(key, getattr(state, key)))  # older: epoch ends only
+    for name, key in STATE_KEYS.items():
+        setattr(state, name, payload.get(key, getattr(state, name)))  # older: epoch ends only
     state.best_model = local.get("best_model")
     saved = payload.get("shape")
-    if state.step and saved != shape:
+    if state.steps_done and saved != shape:
         # The data position is a step of this rank's plan: another world size or batch
         # size has another plan. At an epoch boundary any shape can continue.
         raise InputError(f"--resume: {path} was written mid-epoch by a run with "
@@ -265,11 +272,7 @@ def _agreed(write, env: DistEnv) -> None:
         write()
     except InputError as e:
         error = str(e)
-    errors = [error]
-    if env.backend is not None and env.world_size > 1:
-        errors = [None] * env.world_size
-        torch.distributed.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for e in all_gather_objects(error, env) if e is not None), None)
     if first is not None:
         raise InputError(first)
 
@@ -313,7 +316,7 @@ def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,
     save_torch_atomic({"users": torch.from_numpy(ownership.users),
                        "user_factors": weights["user_factors.weight"],
                        "user_bias": weights["user_bias.weight"]}, part)
-    all_reduce([0.0], env)  # every part is on disk
+    barrier(env)  # every part is on disk
     if not env.is_main:
         return
     full = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model.config)

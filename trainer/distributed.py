@@ -1,4 +1,6 @@
-"""Everything about processes, devices and collectives lives here, and only here.
+"""Processes, devices and collectives: every torch.distributed call of the trainer is made
+here, but for the row exchange's own (trainer/sync.py). Other modules call the helpers
+below, each a collective every rank must reach.
 
 Nothing below this module reads the environment: rank and world size are arguments, so a
 test can build "rank 1 of 2" in one process.
@@ -225,6 +227,21 @@ def all_reduce_tensor(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     moved = tensor.to(env.device) if env.backend == "nccl" else tensor
     dist.all_reduce(moved)
     return moved.cpu()
+
+
+def all_gather_objects(value: T, env: DistEnv) -> list[T]:
+    """Each rank's picklable value, by rank, on every rank (for a few small objects)."""
+    if env.backend is None:
+        return [value]
+    values: list = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(env: DistEnv) -> None:
+    """Return once every rank has reached this point."""
+    if env.backend is not None:
+        dist.barrier()
 
 
 def on_main_then_broadcast(action: Callable[[], T], env: DistEnv) -> T:

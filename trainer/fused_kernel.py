@@ -112,7 +112,7 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     count = len(ratings)
     dim = user_factors.shape[1]
     mean32 = np.float32(mean)
-    step = np.float32(-lr)
+    neg_lr = np.float32(-lr)
     decay = np.float32(2.0 * reg)
     bias_decay = np.float32(2.0 * bias_reg)
     two = np.float32(2.0)
@@ -147,11 +147,11 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
         user, item = users[b], items[b]
         gradient = two * errors[b]
         for j in range(dim):
-            user_factors[user, j] += step * (old_users[b, j] * decay + gradient * old_items[b, j])
+            user_factors[user, j] += neg_lr * (old_users[b, j] * decay + gradient * old_items[b, j])
         for j in range(dim):
-            item_factors[item, j] += step * (old_items[b, j] * decay + gradient * old_users[b, j])
-        user_bias[user] += step * (gradient + bias_decay * old_biases[b, 0])
-        item_bias[item] += step * (gradient + bias_decay * old_biases[b, 1])
+            item_factors[item, j] += neg_lr * (old_items[b, j] * decay + gradient * old_users[b, j])
+        user_bias[user] += neg_lr * (gradient + bias_decay * old_biases[b, 0])
+        item_bias[item] += neg_lr * (gradient + bias_decay * old_biases[b, 1])
         if flag_users:
             touched_users[user] = True
         if flag_items:

@@ -88,6 +88,8 @@ class FusedSGDStep:
             raise ValueError("the fused step needs contiguous float32 CPU tables")
         self.model, self.optimizer, self.grad_sync, self.owned = model, optimizer, grad_sync, owned
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
+        # Steps between row exchanges: the loop meets the other ranks only on those.
+        self.exchange_every = grad_sync.every if grad_sync is not None else 1
         self.user_factors, self.item_factors = (t.detach().numpy() for t in tables[:2])
         self.user_bias, self.item_bias = (t.detach().numpy().reshape(-1) for t in tables[2:])
         # The sync's per-row "changed" flags, as numpy views the kernel sets (empty: none

@@ -45,6 +45,8 @@ class AutogradStep:
         self.model, self.optimizer, self.grad_sync, self.scale = model, optimizer, grad_sync, scale
         self.batch_size = batch_size
         self.sync_bytes = 0  # bytes the row sync moved since the caller last reset this
+        # Steps between row exchanges: the loop meets the other ranks only on those.
+        self.exchange_every = grad_sync.every if grad_sync is not None else 1
 
     def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
                  total: torch.Tensor | float) -> torch.Tensor:

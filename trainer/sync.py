@@ -1,29 +1,20 @@
-"""Keeping replicas equal: DDP, one packed all-gather of sparse rows per step, or a
-periodic exchange of the rows each rank changed (``--sync-every N``, PeriodicRowSync).
+"""Keeping replicas equal (``--sync``, ``--sync-every``), three ways:
 
-DDP issues one sparse all-reduce per embedding parameter (4 per step, each several gloo
-collectives with a ~2 ms floor); ``packed`` sends every touched row of the step in one
-``all_gather``:
+- `PeriodicRowSync`, the default with several CPU ranks (under the fused step): each rank
+  steps alone, and every N steps (``--sync-every``, chosen from the data) every row a rank
+  changed is set to snapshot + the mean of the ranks' changes. With users owned by rank,
+  only item rows are exchanged.
+- `PackedSparseSync` (``--sync-every 1``, autograd step): every step, all ranks' sparse
+  gradient rows summed, exactly the step of one process on the global batch.
+- DDP's all-reduce (trainer/distributed.py's ``wrap_model``): dense gradients, nccl.
 
-1. each rank sums its sparse gradient rows per touched id (duplicates added) for each
-   group of tables looked up with the same ids (a user's factors and bias share one index)
-   and packs, for all groups, the row counts, the row ids (int32 bit patterns) and the
-   values into ONE flat float32 buffer;
-2. one 8-byte ``all_reduce(MAX)`` agrees on the buffer length; each rank pads to it;
-3. one ``all_gather`` of the padded buffers;
-4. every rank unpacks all ranks' parts in rank order and builds, per parameter, the
-   coalesced sum over ranks, which becomes ``.grad`` before ``optimizer.step()``.
-
-Every rank runs the same arithmetic on the same bytes in the same order, so replicas stay
-bit-identical. The result is the sum over ranks of each rank's gradient: the caller must
-not scale the loss by the world size (DDP averages, so the DDP path does).
-
-Communication is the padded buffer x world size: 4 (d + 2) bytes per unique touched row
-(id, d factors, bias) per rank, growing with the batch and never with the tables.
-
-On 2 shared cores even that costs as much as the step's arithmetic (bench/
-train_throughput.md), so ``--sync-every N`` trades exactness for fewer exchanges: ranks
-step alone and every N steps agree on the mean change of each row (local SGD).
+Touched rows travel in one float32 buffer per exchange (`RowExchange`: an 8-byte
+all-reduce agrees on its length, one all-gather moves it, 4 (d + 2) bytes per row and
+rank); the periodic sync sends a table with few rows for the ratings between exchanges
+whole, in one all-reduce. Every rank does the same arithmetic on the same bytes in the
+same order, so replicas stay bit-identical, and communication is bounded by the ratings
+trained between exchanges, never by the tables. The measurements behind each choice are
+in bench/scaling.md.
 """
 
 from __future__ import annotations
@@ -112,6 +103,9 @@ def _check_groups(groups: Sequence[Sequence[nn.Parameter]]) -> list[list[nn.Para
 class PackedSparseSync:
     """Sum the sparse gradients of some embedding tables over all ranks, one all-gather a step.
 
+    The result is the sum of the ranks' gradients: the caller must not scale the loss by
+    the world size (DDP averages, so the DDP path does).
+
     Args:
         groups: groups of embedding weights looked up with the same ids (a user's factors
             and bias): one set of row indices serves the group, its values travel side by
@@ -119,6 +113,8 @@ class PackedSparseSync:
             rows that one rank owns).
         env: this process's rank, world size and backend.
     """
+
+    every = 1  # steps between exchanges
 
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], env: DistEnv) -> None:
         self.groups = _check_groups(groups)
@@ -180,7 +176,7 @@ class PeriodicRowSync:
     the ranks that changed it, computed in the same order everywhere: replicas are
     bit-identical again. Each rank's change is already a whole step towards what its own
     ratings want; summing the changes of several ranks would overshoot once a row moves
-    far between exchanges (measured: unstable at 32 steps of 8,192 ratings). A row only one
+    far between exchanges (bench/scaling.md). A row only one
     rank touched keeps that rank's change in full: with users owned by rank, user rows are
     never exchanged at all. The snapshot doubles the memory of the tables synced.
 
@@ -247,8 +243,8 @@ class PeriodicRowSync:
     def _flush_dense(self, groups: list) -> int:
         """One all-reduce of every table's change and touched flags, laid end to end.
 
-        Each block is written in place into one flat buffer (no per-table temporaries to
-        concatenate): on 2 cores this flush was a sixth of the time between exchanges.
+        Each block is written in place into one flat buffer, with no per-table temporaries
+        to concatenate (bench/scaling.md: those made the flush slow).
         """
         total = sum(sum(p.numel() for p in group) + len(touched)
                     for group, _, touched, _ in groups)

@@ -1,25 +1,23 @@
 """The training loop: every rank streams its own shards into one shared model.
 
-    train(): plan the ranks' rows and steps, build the model, resume or start
-             for epoch: TrainEpoch (steps), evaluate, checkpoint, stop?
+    train(): plan the ranks' rows and steps, build the model and its step, resume or start
+             for epoch: TrainEpoch, evaluate, checkpoint, stop?
              test the best epoch (RMSE, ranking against most-popular), save model.pt
              and metrics.json
 
-Per step (trainer/steps.py), each rank scores its share of the global batch,
-back-propagates the summed squared error plus the per-example L2 penalty, and the
-model's replicas are kept equal (trainer/sync.py): with sparse gradients on gloo
-(``--sync packed``, the default there) every touched row goes into one all-gather per
-step, so communication grows with the batch, not the tables, and ``--sync-every N`` lets
-ranks step alone between exchanges of the rows they changed; dense gradients go through
-DDP's all-reduce. On shards partitioned by user, each rank owns its users' rows
-(trainer/ownership.py) and only item rows are exchanged. After each epoch all ranks
+By default on CPUs each rank trains with the fused SGD step (trainer/fused_step.py); on
+shards partitioned by user each rank owns its users' rows (trainer/ownership.py), and
+every ``--sync-every`` steps the ranks exchange the rows they changed over gloo
+(trainer/sync.py), so a rank's memory and its traffic shrink with the world size. The
+autograd step (trainer/steps.py) is the reference, and the path for GPUs (DDP over nccl)
+and other optimizers. `TrainEpoch` hands the step runs of consecutive batches, cut where
+a loss check or a checkpoint is due (trainer/cadence.py); after each epoch all ranks
 evaluate their share of the validation rows and reduce sums and counts.
 
-Checkpoints (trainer/checkpoint.py) come after every epoch and, with
-``--checkpoint-every N``, every N steps within one (rank 0 writes them; with owned users
-every rank writes its slice); a checkpoint holds the exact data position, so ``--resume``
-(or a restart by ``torchrun --max-restarts``) continues mid-epoch without repeating or
-skipping a batch, and finishes with the same figures as a run never interrupted.
+A checkpoint (trainer/checkpoint.py) follows every epoch and every ``--checkpoint-every
+N`` steps; it holds the exact data position, so ``--resume`` (or a restart by ``torchrun
+--max-restarts``) continues mid-epoch and finishes with the same figures as a run never
+interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tqdm import tqdm
 from shardmf.errors import InputError
 from shardmf.outputs import write_json, write_jsonl
 from trainer.baseline import bias_baseline_rmse
+from trainer.cadence import Cadence
 from trainer.checkpoint import (
     Checkpointer,
     TrainState,
@@ -66,15 +66,8 @@ from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
-from trainer.sync import PeriodicRowSync
 
 log = logging.getLogger(__name__)
-
-# Ratings a rank trains between finite-loss checks, at least. Each check is a collective
-# all ranks wait at (and syncs a GPU), so under the periodic row sync checks fall on the
-# steps that exchange rows, where ranks have just met: between them, two CPU ranks spent
-# 7 % of an epoch waiting for each other at the checks.
-LOSS_CHECK_RATINGS = 131_072
 
 
 def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dict:
@@ -106,9 +99,10 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
              "steps": plan.steps, "loader_workers": train_config.loader_workers}
     checkpointer = Checkpointer(run, model, optimizer, shape, env, plan.owned,
                                 identity={"shards": plan.shards.identity,
-                                          "optimizer": optim_config.optimizer})
+                                          "optimizer": optim_config.optimizer},
+                                every=train_config.checkpoint_every)
     state = checkpointer.start(train_config)
-    step = build_step(strategy, model, optimizer, plan.rank_batch, env)
+    train_step = build_step(strategy, model, optimizer, plan.rank_batch, env)
     if env.is_main:
         record = {"shards_dir": str(Path(config.shards_dir).resolve()),
                   "world_size": env.world_size, "backend": env.backend,
@@ -120,7 +114,7 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
         _start_run_folder(run, record, state)
         _log_start(plan, strategy, auto, model_config, env)
 
-    train_epoch = TrainEpoch(step, plan.pieces["train"], plan.rank_batch, plan.steps,
+    train_epoch = TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
                              train_config, env, reader, checkpointer)
     for epoch in range(state.epoch, train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
@@ -132,7 +126,7 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(plan.steps * plan.global_batch / seconds, 1), "lr": lr}
-        if step.grad_sync is not None:
+        if train_step.grad_sync is not None:
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
         improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
@@ -275,93 +269,92 @@ def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
 
 
 class TrainEpoch:
-    """One epoch of steps over this rank's row groups, or its rest after a mid-epoch resume.
+    """One epoch of batches over this rank's row groups, or its rest after a mid-epoch resume.
 
-    Calls ``step`` on runs of consecutive batches (a loader item, cut where anything below
-    is due), checks the loss is finite every LOSS_CHECK_RATINGS ratings
-    or more, on a row exchange's step (agreed by all ranks), and with ``--checkpoint-every
-    N`` saves a checkpoint every N steps; the step is flushed before each checkpoint and at
-    the end, so replicas are equal whenever anything looks at them. Without a checkpointer
-    it saves nothing.
+    Hands ``train_step`` runs of consecutive batches, cut where the `Cadence` says
+    something is due: a finite-loss check (agreed by all ranks, on a row exchange's
+    batch), a mid-epoch checkpoint at the checkpointer's interval, the epoch's end. The
+    step is flushed before each checkpoint and at the end, so replicas are equal whenever
+    anything looks at them. Without a checkpointer it saves nothing.
     """
 
-    def __init__(self, step: AutogradStep | FusedSGDStep, pieces: list[Piece],
+    def __init__(self, train_step: AutogradStep | FusedSGDStep, pieces: list[Piece],
                  rank_batch: int, steps: int, config: TrainConfig, env: DistEnv,
                  reader: RowGroupReader | None = None,
                  checkpointer: Checkpointer | None = None) -> None:
-        self.step, self.pieces, self.rank_batch, self.steps = step, pieces, rank_batch, steps
+        self.train_step, self.pieces, self.rank_batch = train_step, pieces, rank_batch
         self.config, self.env, self.reader = config, env, reader
         self.checkpointer = checkpointer
+        fault = env.test_fault
+        self.cadence = Cadence(steps, rank_batch, train_step.exchange_every,
+                               checkpointer.every if checkpointer else 0,
+                               fault.step if fault else 0)
 
     def __call__(self, epoch: int, state: TrainState) -> tuple[float, float, int]:
-        """Run epoch ``epoch`` from ``state.step``; returns (mean loss over all ranks,
+        """Run epoch ``epoch`` from ``state.steps_done``; returns (mean loss over all ranks,
         epoch seconds, bytes the step's sync moved in this epoch)."""
-        env, steps, rank_batch, config = self.env, self.steps, self.rank_batch, self.config
+        env, cadence, fault = self.env, self.cadence, self.env.test_fault
         started = time.perf_counter()
-        self.step.model.train()
-        self.step.sync_bytes = state.sync_bytes  # > 0 only when resuming mid-epoch
-        first = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
-        dataset = TrainBatches(self.pieces, rank_batch, steps, config.seed, epoch, env.rank,
-                               start_step=first, reader=self.reader)
-        loader = train_loader(dataset, config.loader_workers, env.device.type == "cuda",
-                              config.prefetch)
+        self.train_step.model.train()
+        self.train_step.sync_bytes = state.sync_bytes  # > 0 only when resuming mid-epoch
+        steps_done = state.steps_done  # > 0 only in the epoch a mid-epoch checkpoint resumes
         # Each rank's own running sum, restored exactly (float64) from the checkpoint, so a
         # resumed epoch adds the same numbers in the same order as an uninterrupted one.
         # A float, or a 0-dim tensor on the device once an autograd step's loss is added
         # (summing there keeps a GPU from waiting for each step's loss).
-        total = state.loss_sums[env.rank] if state.loss_sums else 0.0
-        global_batch = rank_batch * env.world_size
-        progress = tqdm(total=steps * global_batch, unit="rating", unit_scale=True,
+        loss_sum = state.loss_sums[env.rank] if state.loss_sums else 0.0
+        global_batch = self.rank_batch * env.world_size
+        progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
-                        leave=False, dynamic_ncols=True, initial=first * global_batch)
-        every = config.checkpoint_every
-        exchange_every = (self.step.grad_sync.every
-                          if isinstance(self.step.grad_sync, PeriodicRowSync) else 1)
-        check_every = exchange_every * max(1, LOSS_CHECK_RATINGS // (rank_batch * exchange_every))
-        fault = env.test_fault
-        step = first
-        for users, items, ratings in loader:  # runs of consecutive batches (train_loader)
-            done, batches = 0, -(-len(ratings) // rank_batch)
-            while done < batches:
-                # As many batches as reach the next check, checkpoint or epoch end at once.
-                stops = [check_every - step % check_every, steps - step]
-                if every:
-                    stops.append(every - (epoch * steps + step) % every)
-                if fault is not None:
-                    stops.append(1)
-                    fault.maybe_fire(env.rank, epoch * steps + step + 1)
-                take = max(1, min(batches - done, *stops))
-                cut = slice(done * rank_batch, (done + take) * rank_batch)
-                total = self.step(users[cut], items[cut], ratings[cut], total)
-                step, done = step + take, done + take
-                if step % check_every == 0 or step == steps:
-                    self._check_finite(total, step, epoch)
-                    progress.update(min(step, steps) * global_batch - progress.n)
-                if (self.checkpointer is not None and every
-                        and (epoch * steps + step) % every == 0 and step < steps):
-                    # (the end of an epoch is checkpointed after validation, by the caller)
-                    self.step.flush()
-                    state.step, state.sync_bytes = step, self.step.sync_bytes
-                    state.loss_sums = gather_floats(float(total), env)
-                    state.epoch_seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    self.checkpointer.save(state)
+                        leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
+        for users, items, ratings in self._loader(epoch, steps_done):
+            for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
+                if fault is not None:  # tests only: fail before a chosen batch
+                    fault.maybe_fire(env.rank, cadence.batches_done(epoch, steps_done) + 1)
+                loss_sum = self.train_step(users[cut], items[cut], ratings[cut], loss_sum)
+                steps_done += batches
+                if cadence.check_due(steps_done):
+                    self._check_finite(loss_sum, steps_done, epoch)
+                    progress.update(min(steps_done, cadence.steps) * global_batch - progress.n)
+                if self.checkpointer is not None and cadence.checkpoint_due(epoch, steps_done):
+                    started = self._save_mid_epoch(state, steps_done, loss_sum, started)
         progress.close()
-        self.step.flush()
-        if step != steps:  # the other ranks would wait in a collective for the missing steps
-            raise RuntimeError(f"rank {env.rank}: {step} batches in epoch {epoch + 1}, "
-                               f"expected {steps} like every rank")
-        mean = all_reduce([float(total), steps * rank_batch], env)
+        self.train_step.flush()
+        if steps_done != cadence.steps:  # the other ranks would wait for the missing batches
+            raise RuntimeError(f"rank {env.rank}: {steps_done} batches in epoch {epoch + 1}, "
+                               f"expected {cadence.steps} like every rank")
+        mean = all_reduce([float(loss_sum), cadence.steps * self.rank_batch], env)
         seconds = state.epoch_seconds + time.perf_counter() - started
-        return mean[0] / mean[1], seconds, self.step.sync_bytes
+        return mean[0] / mean[1], seconds, self.train_step.sync_bytes
 
-    def _check_finite(self, total: torch.Tensor | float, step: int, epoch: int) -> None:
+    def _loader(self, epoch: int, steps_done: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The epoch's batches from ``steps_done`` on, as runs of consecutive batches."""
+        config, env = self.config, self.env
+        dataset = TrainBatches(self.pieces, self.rank_batch, self.cadence.steps, config.seed,
+                               epoch, env.rank, start_step=steps_done, reader=self.reader)
+        return train_loader(dataset, config.loader_workers, env.device.type == "cuda",
+                            config.prefetch)
+
+    def _save_mid_epoch(self, state: TrainState, steps_done: int,
+                        loss_sum: torch.Tensor | float, started: float) -> float:
+        """A checkpoint ``steps_done`` batches into the epoch (collectives); returns the
+        time the epoch's clock restarts from (writing the file is not training time)."""
+        self.train_step.flush()
+        state.steps_done, state.sync_bytes = steps_done, self.train_step.sync_bytes
+        state.loss_sums = gather_floats(float(loss_sum), self.env)
+        state.epoch_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        self.checkpointer.save(state)
+        return started
+
+    def _check_finite(self, loss_sum: torch.Tensor | float, steps_done: int,
+                      epoch: int) -> None:
         # Agreed by all ranks, so every rank stops here with the same message instead of
         # the healthy ones failing later on a closed connection.
-        diverged = all_reduce([float(not math.isfinite(total))], self.env, "max")[0]
+        diverged = all_reduce([float(not math.isfinite(loss_sum))], self.env, "max")[0]
         if diverged:
-            lr = self.step.optimizer.param_groups[0]["lr"]
-            raise InputError(f"the training loss became non-finite by step {step} of "
+            lr = self.train_step.optimizer.param_groups[0]["lr"]
+            raise InputError(f"the training loss became non-finite by step {steps_done} of "
                              f"epoch {epoch + 1}; lower --lr (now {lr:g}), or use a "
                              "smaller --batch-size or --init-std")
 
