@@ -34,7 +34,7 @@ def test_train_resume_equals_uninterrupted(trainer_shards_dir: Path, tmp_path: P
 
 
 def test_resume_without_checkpoint(trainer_shards_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"--resume: .*checkpoint\.pt not found"):
+    with pytest.raises(InputError, match=r"`resume`: .*checkpoint\.pt not found"):
         run_train(trainer_shards_dir, tmp_path / "run", epochs=1, resume=True)
 
 

@@ -312,8 +312,8 @@ def test_resume_refuses_other_shards_and_another_optimizer(trainer_shards_dir: P
                                          r", SHARDS_DIR has [0-9a-f]{16}\)"):
         run_train(trainer_user_shards_dir, run, epochs=2, resume=True,
                   user_embeddings="replicated")
-    with pytest.raises(InputError, match="trained with --optimizer sgd; this run has "
-                                         "--optimizer adam. Resume with --optimizer sgd"):
+    with pytest.raises(InputError, match="trained with optimizer='sgd'; this run has "
+                                         "optimizer='adam'. Resume with optimizer='sgd'"):
         train(run_config(trainer_shards_dir, run,
                          ModelConfig(dim=8, reg=0.02),
                          OptimConfig(optimizer="adam", lr=0.03),

@@ -96,7 +96,7 @@ def test_checksum_only_checked_in_full_mode(trainer_shards_dir: Path, tmp_path: 
 
 
 def test_unknown_verify_mode(trainer_shards_dir: Path) -> None:
-    with pytest.raises(InputError, match="--verify 'fast'"):
+    with pytest.raises(InputError, match="verify='fast'"):
         open_shards(trainer_shards_dir, "fast")
 
 

@@ -277,7 +277,7 @@ def test_owned_user_rows_match_replicated_and_resume_bit_identically(
 
     # A checkpoint of owned rows continues only as it was written.
     one = _configs(resume=True, epochs=13)
-    with pytest.raises(InputError, match="--user-embeddings owned"):
+    with pytest.raises(InputError, match="user_embeddings='owned'"):
         train(run_config(trainer_user_shards_dir, tmp_path / "owned", *one), single)
     owned_one = _configs(resume=True, epochs=13, user_embeddings="owned")
     with pytest.raises(InputError, match="resume with 2 processes"):

@@ -42,7 +42,7 @@ def test_evaluate_known_rmse_and_mae(tmp_path: Path) -> None:
 
 
 def test_a_diverging_loss_is_one_clear_error(trainer_shards_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower --lr "
+    with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower `lr` "
                                          r"\(now 1e\+06\)"):
         train(run_config(trainer_shards_dir, tmp_path / "run",
                          ModelConfig(reg=0.05, dim=8, init_std=1.0),

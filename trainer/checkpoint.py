@@ -189,23 +189,23 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     """Every rank reads checkpoint.pt (the run folder is on storage all ranks share)."""
     path = run / CHECKPOINT
     if not path.is_file():
-        raise InputError(f"--resume: {path} not found; start without --resume")
+        raise InputError(f"`resume`: {path} not found; start without `resume`")
     payload = load_trusted(path)
     _check_identity(path, payload.get("identity") or {}, identity or {})
     if owned != ("slices" in payload):
         written = "owned" if "slices" in payload else "replicated"
-        raise InputError(f"--resume: {path} was written with --user-embeddings {written}; "
-                         f"resume with --user-embeddings {written}")
+        raise InputError(f"`resume`: {path} was written with user_embeddings={written!r}; "
+                         f"resume with user_embeddings={written!r}")
     local = payload
     if owned:
         if payload["world_size"] != env.world_size:
-            raise InputError(f"--resume: {path} holds users split over "
-                             f"{payload['world_size']} ranks (--user-embeddings owned); "
+            raise InputError(f"`resume`: {path} holds users split over "
+                             f"{payload['world_size']} ranks (user_embeddings='owned'); "
                              f"resume with {payload['world_size']} processes")
         slice_path = run / checkpoint_slice(payload["slices"], env.rank)
         if not slice_path.is_file():
-            raise InputError(f"--resume: {slice_path} not found; {CHECKPOINT} names it "
-                             "(restore it, or start without --resume)")
+            raise InputError(f"`resume`: {slice_path} not found; {CHECKPOINT} names it "
+                             "(restore it, or start without `resume`)")
         local = load_trusted(slice_path)
     state = TrainState()
     for name, key in STATE_KEYS.items():
@@ -215,9 +215,9 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     if state.steps_done and saved != shape:
         # The data position is a step of this rank's plan: another world size or batch
         # size has another plan. At an epoch boundary any shape can continue.
-        raise InputError(f"--resume: {path} was written mid-epoch by a run with "
+        raise InputError(f"`resume`: {path} was written mid-epoch by a run with "
                          f"{_describe(saved)}; this run has {_describe(shape)}. Resume with "
-                         "the same number of ranks and --batch-size")
+                         "the same number of ranks and `batch_size`")
     model.load_state_dict(local["model"])
     if local.get("best_is_model"):
         state.best_model = copy.deepcopy(model.state_dict())
@@ -239,26 +239,26 @@ def load_trusted(path: Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
             AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise InputError(f"--resume: {path} is not a checkpoint shardmf wrote (damaged, cut "
+        raise InputError(f"`resume`: {path} is not a checkpoint shardmf wrote (damaged, cut "
                          "short, or holding objects it refuses to load); restore it or start "
-                         "without --resume") from e
+                         "without `resume`") from e
     if not isinstance(payload, dict):
-        raise InputError(f"--resume: {path} holds a {type(payload).__name__}, not a shardmf "
-                         "checkpoint; restore it or start without --resume")
+        raise InputError(f"`resume`: {path} holds a {type(payload).__name__}, not a shardmf "
+                         "checkpoint; restore it or start without `resume`")
     return payload
 
 
 def _check_identity(path: Path, saved: dict, current: dict) -> None:
     """--resume continues the same training: same shards, same optimizer."""
     if saved.get("shards") and current.get("shards") and saved["shards"] != current["shards"]:
-        raise InputError(f"--resume: {path} was trained on other shards (identity "
+        raise InputError(f"`resume`: {path} was trained on other shards (identity "
                          f"{saved['shards']}, SHARDS_DIR has {current['shards']}); resume with "
-                         "the shards it was trained on, or start without --resume")
+                         "the shards it was trained on, or start without `resume`")
     if saved.get("optimizer") and current.get("optimizer") and (
             saved["optimizer"] != current["optimizer"]):
-        raise InputError(f"--resume: {path} was trained with --optimizer {saved['optimizer']}; "
-                         f"this run has --optimizer {current['optimizer']}. Resume with "
-                         f"--optimizer {saved['optimizer']}")
+        raise InputError(f"`resume`: {path} was trained with optimizer={saved['optimizer']!r}; "
+                         f"this run has optimizer={current['optimizer']!r}. Resume with "
+                         f"optimizer={saved['optimizer']!r}")
 
 
 def _agreed(write, env: DistEnv) -> None:

@@ -355,8 +355,8 @@ class TrainEpoch:
         if diverged:
             lr = self.train_step.optimizer.param_groups[0]["lr"]
             raise InputError(f"the training loss became non-finite by step {steps_done} of "
-                             f"epoch {epoch + 1}; lower --lr (now {lr:g}), or use a "
-                             "smaller --batch-size or --init-std")
+                             f"epoch {epoch + 1}; lower `lr` (now {lr:g}), or use a "
+                             "smaller `batch_size` or `init_std`")
 
 
 @torch.no_grad()
