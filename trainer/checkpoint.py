@@ -25,7 +25,7 @@ from shardmf.errors import InputError
 from shardmf.outputs import copy_atomic, write_atomic
 from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
-from trainer.model import BiasedMF
+from trainer.model import BiasedMF, RankingMF
 from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
 from trainer.run_files import (
@@ -277,59 +277,120 @@ def _agreed(write, env: DistEnv) -> None:
         raise InputError(first)
 
 
-def save_model(path: Path, model: BiasedMF, shards: ShardSet) -> None:
-    """The kept (best-epoch) weights plus what is needed to use them without the shards,
-    at ``path`` (model.pt) and as arrays beside it (model.npz: `trainer.run` reads those,
-    so recommending from a run does not wait seconds for torch to import)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"state_dict": state, "model_config": asdict(model.config),
-               "scale": list(shards.scale), "shards_dir": str(shards.root.resolve())}
+RANKING_PREFIX = "ranking_"  # the ranking tables' keys in model.pt and model.npz
+
+
+@dataclass
+class Tables:
+    """What a finished run keeps: the rating model, the ranking tables, or both."""
+
+    rating: BiasedMF | None
+    ranking: RankingMF | None
+    kind: str = "ratings"  # the shards': "ratings" | "interactions"
+
+    @property
+    def objective(self) -> str:
+        return "both" if self.rating and self.ranking else "rating" if self.rating else "ranking"
+
+    @property
+    def lists(self) -> BiasedMF | RankingMF:
+        """The model whose scores order recommendations: the ranking tables when trained."""
+        return self.ranking if self.ranking is not None else self.rating
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every table on the CPU; the ranking tables' keys start with RANKING_PREFIX."""
+        state = {}
+        for prefix, model in (("", self.rating), (RANKING_PREFIX, self.ranking)):
+            if model is not None:
+                state.update({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return state
+
+
+def save_model(path: Path, tables: Tables, shards: ShardSet) -> None:
+    """The kept weights plus what is needed to use them without the shards, at ``path``
+    (model.pt) and as arrays beside it (model.npz: `trainer.run` reads those, so
+    recommending from a run does not wait seconds for torch to import)."""
+    state = tables.state_dict()
+    ranking = tables.ranking
+    payload = {"state_dict": state,
+               "model_config": asdict(tables.rating.config) if tables.rating else None,
+               "ranking_dim": ranking.item_factors.embedding_dim if ranking else None,
+               "scale": list(shards.scale), "shards_dir": str(shards.root.resolve()),
+               "objective": tables.objective, "kind": tables.kind}
     save_torch_atomic(payload, path)
     buffer = io.BytesIO()
     np.savez(buffer, **{name: tensor.numpy() for name, tensor in state.items()},
              scale=np.array(shards.scale, dtype=np.float64),
-             shards_dir=np.array(payload["shards_dir"]))
+             shards_dir=np.array(payload["shards_dir"]),
+             objective=np.array(tables.objective), kind=np.array(tables.kind))
     write_atomic(Path(path).with_name(MODEL_ARRAYS), buffer.getvalue())
 
 
-def load_model(path: Path) -> tuple[BiasedMF, dict]:
-    """A model saved by `save_model` (on the CPU) and its payload (scale, shards_dir, ...)."""
+def load_model(path: Path) -> tuple[Tables, dict]:
+    """The tables saved by `save_model` (on the CPU) and the payload (scale, shards_dir, ...).
+
+    A run written before the ranking objective holds the rating model alone."""
     if not Path(path).is_file():
         raise InputError(f"{path}: not found; train a run first (`shardmf train SHARDS_DIR "
                          "--out RUN_DIR`)")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     state = payload["state_dict"]
-    model = BiasedMF(state["user_factors.weight"].shape[0], state["item_factors.weight"].shape[0],
-                     float(state["global_mean"]), ModelConfig(**payload["model_config"]))
-    model.load_state_dict(state)
-    return model, payload
+    rating = ranking = None
+    if payload.get("model_config") is not None:
+        rating = BiasedMF(state["user_factors.weight"].shape[0],
+                          state["item_factors.weight"].shape[0], float(state["global_mean"]),
+                          ModelConfig(**payload["model_config"]))
+        rating.load_state_dict({k: v for k, v in state.items()
+                                if not k.startswith(RANKING_PREFIX)})
+    if payload.get("ranking_dim") is not None:
+        users = state[RANKING_PREFIX + "user_factors.weight"]
+        items = state[RANKING_PREFIX + "item_factors.weight"]
+        ranking = RankingMF(users.shape[0], items.shape[0], payload["ranking_dim"])
+        ranking.load_state_dict({k[len(RANKING_PREFIX):]: v for k, v in state.items()
+                                 if k.startswith(RANKING_PREFIX)})
+    return Tables(rating, ranking, payload.get("kind", "ratings")), payload
 
 
-def save_owned_model(run: Path, model: BiasedMF, ownership: UserOwnership,
-                      shards: ShardSet, env: DistEnv) -> None:
+def save_owned_model(run: Path, tables: Tables, ownership: UserOwnership,
+                     shards: ShardSet, env: DistEnv) -> None:
     """model.pt with every user: each rank writes its users' rows, rank 0 assembles them.
 
-    Rank 0 holds the whole user table once, here, as anyone using the model will.
+    Rank 0 holds the whole user tables once, here, as anyone using the model will.
     """
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = tables.state_dict()
     part = run / model_part(env.rank)
     save_torch_atomic({"users": torch.from_numpy(ownership.users),
-                       "user_factors": weights["user_factors.weight"],
-                       "user_bias": weights["user_bias.weight"]}, part)
+                       **{k: v for k, v in weights.items() if _is_user_table(k)}}, part)
     barrier(env)  # every part is on disk
     if not env.is_main:
         return
-    full = BiasedMF(shards.num_users, shards.num_items, shards.train_mean, model.config)
+    rating = ranking = None
+    if tables.rating is not None:
+        rating = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
+                          tables.rating.config)
+    if tables.ranking is not None:
+        ranking = RankingMF(shards.num_users, shards.num_items,
+                            tables.ranking.item_factors.embedding_dim)
+    full = Tables(rating, ranking, tables.kind)
     state = full.state_dict()
-    state.update({k: v for k, v in weights.items() if not k.startswith("user_")})
+    state.update({k: v for k, v in weights.items() if not _is_user_table(k)})
     for rank in range(env.world_size):
         path = run / model_part(rank)
         rows = torch.load(path, map_location="cpu", weights_only=True)
-        state["user_factors.weight"][rows["users"]] = rows["user_factors"]
-        state["user_bias.weight"][rows["users"]] = rows["user_bias"]
+        for key, values in rows.items():
+            if key != "users":
+                state[key][rows["users"]] = values
         path.unlink()
-    full.load_state_dict(state)
+    for prefix, model in (("", rating), (RANKING_PREFIX, ranking)):
+        if model is not None:
+            model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                   if k.startswith(prefix) and (prefix or
+                                                                not k.startswith(RANKING_PREFIX))})
     save_model(run / MODEL, full, shards)
+
+
+def _is_user_table(key: str) -> bool:
+    return key.removeprefix(RANKING_PREFIX).startswith("user_")
 
 
 def copy_id_maps(shards_dir: Path, run_dir: Path) -> None:

@@ -66,15 +66,18 @@ POPULAR_PREFIX = "popular_"
 NO_ITEM = -1  # a top-k slot left empty: fewer than k unseen items
 
 
-def relevance_threshold(scale: tuple[float, float], threshold: float | None = None) -> float:
+def relevance_threshold(scale: tuple[float, float], threshold: float | None = None,
+                        interactions: bool = False) -> float:
     """The rating at or above which a test item counts as relevant.
 
     Default ``lo + 0.75 (hi - lo)``: 4 on a 1..5 scale, the same place on any other scale.
-    An explicit threshold outside the scale would make nothing (or everything) relevant.
+    On interaction data (plays, clicks: ``scale`` is 0..largest weight) every held-out
+    interaction is relevant by default (0). An explicit threshold outside the scale would
+    make nothing (or everything) relevant.
     """
     low, high = scale
     if threshold is None:
-        return low + RELEVANT_FRACTION * (high - low)
+        return low if interactions else low + RELEVANT_FRACTION * (high - low)
     if not low < threshold <= high:
         raise InputError(f"relevance threshold {threshold:g}: outside the rating scale "
                          f"({low:g}, {high:g}]; choose a rating a liked item gets, e.g. "
@@ -186,7 +189,7 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     if module.item_factors.num_embeddings != num_items:
         raise ValueError(f"the model has {module.item_factors.num_embeddings} items, the "
                          f"shards {num_items}")
-    cutoff = relevance_threshold(shards.scale, threshold)
+    cutoff = relevance_threshold(shards.scale, threshold, shards.kind == "interactions")
     rows_of = _row_map(env, ownership)
     pieces = {name: ownership.pieces(shards, name) if ownership else shards.pieces(name)
               for name in ("train", split)}

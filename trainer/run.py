@@ -301,7 +301,8 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     from trainer.shards import open_shards
 
     run = Path(run_dir)
-    model, payload = load_model(run / MODEL)
+    tables, payload = load_model(run / MODEL)
+    model = tables.lists  # the ranking tables when the run trained them
     shards = open_shards(shards_of(run, payload))
     if env is None:
         env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,

@@ -42,12 +42,13 @@ from trainer.baseline import bias_baseline_rmse
 from trainer.cadence import Cadence
 from trainer.checkpoint import (
     Checkpointer,
+    Tables,
     TrainState,
     copy_id_maps,
     save_model,
     save_owned_model,
 )
-from trainer.config import ModelConfig, RankingConfig, RunConfig, TrainConfig
+from trainer.config import ModelConfig, RunConfig, TrainConfig
 from trainer.data import (
     RowGroupReader,
     TrainBatches,
@@ -66,6 +67,7 @@ from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
+from trainer.sweeps import RankingResult, train_ranking
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +78,63 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
     launcher has just checked the shards (``config.train.verify``), so ranks trust them."""
     run = Path(config.run_dir)
     plan = _plan(config, env, shards_verified)
+    objectives = resolve_objectives(config.objective.objective, plan.shards.kind)
     auto = resolve_defaults(config.model, config.optim, config.train,
                             train_ratings=plan.shards.rows("train"),
                             world_size=env.world_size,
                             periodic_exchange=env.world_size > 1 and plan.strategy.sync_every > 1,
                             spare_core=len(os.sched_getaffinity(0)) > env.local_world_size,
                             memory_per_rank=_machine_memory() // env.local_world_size)
-    strategy, ranking_config = plan.strategy, config.ranking
     # The config as it runs: every auto field filled, the strategy's choices included.
-    model_config, optim_config = auto.model, auto.optim
-    train_config = dataclasses.replace(auto.train, **dataclasses.asdict(strategy))
+    train_config = dataclasses.replace(auto.train, **dataclasses.asdict(plan.strategy))
+    config = dataclasses.replace(config, model=auto.model, optim=auto.optim, train=train_config)
     reader = RowGroupReader(plan.local_rows, train_config.cache_mb * 2**20)
     # A threshold outside the data's scale fails now, not after the last epoch.
-    relevance_threshold(plan.shards.scale, ranking_config.ranking_threshold)
+    relevance_threshold(plan.shards.scale, config.ranking.ranking_threshold,
+                        plan.shards.kind == "interactions")
+    rating = ranking = None
+    if "rating" in objectives:
+        rating = _train_rating(run, config, plan, auto, env, reader)
+    elif env.is_main:
+        _start_run_folder(run, _config_record(config, plan, auto, env), TrainState())
+    if "ranking" in objectives:
+        ranking = train_ranking(plan.shards, plan.pieces["train"], plan.ownership, reader,
+                                config.objective, config.ranking, train_config.seed, env)
+    return _finish(run, rating, ranking, plan, config, env, reader)
+
+
+def resolve_objectives(choice: str, kind: str) -> tuple[str, ...]:
+    """What the run learns: ("rating",), ("ranking",) or ("rating", "ranking").
+
+    auto: rankings on interaction data, which has no ratings to predict; ratings on rating
+    data (``objective="both"`` adds the ranking tables, measured in bench/).
+    """
+    if choice == "auto":
+        return ("ranking",) if kind == "interactions" else ("rating",)
+    if kind == "interactions" and choice != "ranking":
+        raise InputError(f"objective={choice!r} predicts ratings, but the shards hold "
+                         "interactions (no ratings); use objective='ranking' (the default "
+                         "for them)")
+    return {"rating": ("rating",), "ranking": ("ranking",),
+            "both": ("rating", "ranking")}[choice]
+
+
+@dataclass
+class _RatingResult:
+    """The rating model at its best epoch, with the epochs that led there."""
+
+    model: BiasedMF
+    state: TrainState
+
+
+def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env: DistEnv,
+                  reader: RowGroupReader) -> _RatingResult:
+    """The rating objective: epochs of SGD on the biased MF, kept at the best validation
+    RMSE, checkpointed so ``resume`` continues mid-epoch."""
+    strategy, train_config, optim_config = plan.strategy, config.train, config.optim
     torch.manual_seed(train_config.seed)
     num_users = len(plan.ownership.users) if plan.owned else plan.shards.num_users
-    model = BiasedMF(num_users, plan.shards.num_items, plan.shards.train_mean, model_config,
+    model = BiasedMF(num_users, plan.shards.num_items, plan.shards.train_mean, config.model,
                      sparse=strategy.sparse)
     model.to(env.device)
     optimizer = build_optimizer(model, optim_config)
@@ -104,15 +147,8 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
     state = checkpointer.start(train_config)
     train_step = build_step(strategy, model, optimizer, plan.rank_batch, env)
     if env.is_main:
-        record = {"shards_dir": str(Path(config.shards_dir).resolve()),
-                  "world_size": env.world_size, "backend": env.backend,
-                  "device": str(env.device), "rank_batch_size": plan.rank_batch,
-                  "steps_per_epoch": plan.steps, **dataclasses.asdict(strategy),
-                  "chosen_from_data": {**auto.chosen, "reason": auto.reason},
-                  **dataclasses.replace(config, model=model_config, optim=optim_config,
-                                        train=train_config).to_dict()}
-        _start_run_folder(run, record, state)
-        _log_start(plan, strategy, auto, model_config, env)
+        _start_run_folder(run, _config_record(config, plan, auto, env), state)
+        _log_start(plan, strategy, auto, config.model, env)
 
     train_epoch = TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
                              train_config, env, reader, checkpointer)
@@ -137,7 +173,18 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
                 log.info("stopping: validation RMSE gained less than %g in %d epochs",
                          max(train_config.min_delta, 1e-6), train_config.patience)
             break
-    return _finish(run, model, state, plan, train_config, ranking_config, env, reader)
+    model.load_state_dict(state.best_model)
+    return _RatingResult(model, state)
+
+
+def _config_record(config: RunConfig, plan: _Plan, auto: Resolved, env: DistEnv) -> dict:
+    """config.json: the config as it runs, with the facts and choices behind it."""
+    return {"shards_dir": str(Path(config.shards_dir).resolve()),
+            "world_size": env.world_size, "backend": env.backend,
+            "device": str(env.device), "rank_batch_size": plan.rank_batch,
+            "steps_per_epoch": plan.steps, **dataclasses.asdict(plan.strategy),
+            "chosen_from_data": {**auto.chosen, "reason": auto.reason},
+            **config.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -226,46 +273,67 @@ def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> No
     write_jsonl(run / EPOCH_METRICS, state.history)
 
 
-def _finish(run: Path, model: BiasedMF, state: TrainState, plan: _Plan,
-            config: TrainConfig, ranking: RankingConfig, env: DistEnv,
-            reader: RowGroupReader) -> dict:
-    """Test the best epoch's weights, save the model and the final metrics."""
-    shards = plan.shards
-    model.load_state_dict(state.best_model)
-    test_rmse, test_mae = evaluate(model, plan.pieces["test"], shards.scale, config, env,
-                                   reader)
-    baseline = bias_baseline_rmse(shards, env)
-    train_seconds = sum(h["seconds"] for h in state.history)
-    trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
-    metrics = {
-        "test_rmse": test_rmse, "test_mae": test_mae,
-        "val_rmse": None if math.isinf(state.best_val) else state.best_val,
-        "best_epoch": state.best_epoch, "epochs": state.epoch,
-        "world_size": env.world_size, "train_seconds": round(train_seconds, 3),
-        "train_ratings_per_s": round(trained / train_seconds, 1) if train_seconds else None,
-        "baseline_test_rmse": baseline,
-        "train_ratings": shards.rows("train"), "num_users": shards.num_users,
-        "num_items": shards.num_items, "dim": model.config.dim,
-        "user_embeddings": "owned" if plan.owned else "replicated",
-        "ranks": _rank_memory(model, env),
-    }
-    metrics.update(ranking_metrics(model, shards, env, ownership=plan.ownership,
-                                   ks=ranking.ranking_ks, threshold=ranking.ranking_threshold,
-                                   max_users=ranking.ranking_users))
+def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | None,
+            plan: _Plan, config: RunConfig, env: DistEnv, reader: RowGroupReader) -> dict:
+    """Test the kept tables, save them and the final metrics. The lists are the ranking
+    tables' when there are any (they rank better: bench/ranking_objective.md)."""
+    shards, ranks = plan.shards, config.ranking
+    metrics: dict = {"world_size": env.world_size, "train_ratings": shards.rows("train"),
+                     "num_users": shards.num_users, "num_items": shards.num_items,
+                     "user_embeddings": "owned" if plan.owned else "replicated",
+                     "objective": "both" if rating and ranking else
+                     "rating" if rating else "ranking", "kind": shards.kind}
+    if rating is not None:
+        metrics.update(_rating_figures(rating, plan, config.train, env, reader))
+    if ranking is not None:
+        metrics.update({"ranking_dim": ranking.model.item_factors.embedding_dim,
+                         "ranking_best_sweep": ranking.best_sweep,
+                         "ranking_sweeps": len(ranking.history),
+                         "ranking_reg": ranking.best_reg,
+                         "ranking_seconds": round(ranking.seconds, 3),
+                         "ranking_history": ranking.history})
+    metrics["ranks"] = _rank_memory([r.model for r in (rating, ranking) if r], env)
+    lists = ranking.model if ranking is not None else rating.model
+    metrics.update(ranking_metrics(lists, shards, env, ownership=plan.ownership,
+                                   ks=ranks.ranking_ks, threshold=ranks.ranking_threshold,
+                                   max_users=ranks.ranking_users))
+    tables = Tables(rating.model if rating else None, ranking.model if ranking else None,
+                    kind=shards.kind)
     if plan.owned:
-        save_owned_model(run, model, plan.ownership, shards, env)
+        save_owned_model(run, tables, plan.ownership, shards, env)
     elif env.is_main:
-        save_model(run / MODEL, model, shards)
+        save_model(run / MODEL, tables, shards)
     if env.is_main:
         copy_id_maps(shards.root, run)
         write_json(run / FINAL_METRICS, metrics)
-        log.info("test RMSE %s (bias-only baseline %s), MAE %s", _fmt(test_rmse),
-                 _fmt(baseline), _fmt(test_mae))
-        k = ranking.ranking_ks[0]
-        log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)", k,
+        if rating is not None:
+            log.info("test RMSE %s (bias-only baseline %s), MAE %s",
+                     _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
+                     _fmt(metrics["test_mae"]))
+        k = ranks.ranking_ks[0]
+        log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)%s", k,
                  _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
-                 _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]))
+                 _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]),
+                 "" if ranking is not None else " (lists of the rating model; "
+                 "objective='both' adds ranking tables)")
     return metrics
+
+
+def _rating_figures(rating: _RatingResult, plan: _Plan, config: TrainConfig, env: DistEnv,
+                    reader: RowGroupReader) -> dict:
+    """Test RMSE of the best epoch, the bias-only baseline, and the epochs' speed."""
+    state, shards = rating.state, plan.shards
+    test_rmse, test_mae = evaluate(rating.model, plan.pieces["test"], shards.scale, config,
+                                   env, reader)
+    train_seconds = sum(h["seconds"] for h in state.history)
+    trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
+    return {"test_rmse": test_rmse, "test_mae": test_mae,
+            "val_rmse": None if math.isinf(state.best_val) else state.best_val,
+            "best_epoch": state.best_epoch, "epochs": state.epoch,
+            "train_seconds": round(train_seconds, 3),
+            "train_ratings_per_s": round(trained / train_seconds, 1) if train_seconds else None,
+            "baseline_test_rmse": bias_baseline_rmse(shards, env),
+            "dim": rating.model.config.dim}
 
 
 class TrainEpoch:
@@ -388,12 +456,14 @@ def _machine_memory() -> int:
         return 0
 
 
-def _rank_memory(model: BiasedMF, env: DistEnv) -> list[dict]:
-    """Per rank: rows and bytes of its user and item tables, and its peak resident memory."""
-    user_rows = model.user_factors.weight.shape[0]
-    table_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    user_bytes = sum(t.weight.numel() * t.weight.element_size()
-                     for t in (model.user_factors, model.user_bias))
+def _rank_memory(models: list[torch.nn.Module], env: DistEnv) -> list[dict]:
+    """Per rank: rows and bytes of its user tables and of every table, and its peak
+    resident memory."""
+    user_rows = models[0].user_factors.weight.shape[0]
+    tables = [t for m in models for t in m.modules() if isinstance(t, torch.nn.Embedding)]
+    table_bytes = sum(t.weight.numel() * t.weight.element_size() for t in tables)
+    user_bytes = sum(t.weight.numel() * t.weight.element_size() for m in models
+                     for name, t in m.named_children() if name.startswith("user_"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     columns = [gather_floats(float(v), env) for v in (user_rows, user_bytes, table_bytes, peak)]
     return [{"user_rows": int(rows), "user_table_bytes": int(users),
