@@ -112,7 +112,8 @@ class ImplicitALS:
 
     Updates the two tables in place, through numpy views of their storage (they are the
     ``nn.Embedding`` weights the rest of the trainer checkpoints and exports; the trainer
-    only ever changes them in place). The CG state is float64; the tables stay float32.
+    only ever changes them in place). The CG state and the Gramians are float64; the tables
+    and the passes over the pairs are float32.
 
     Call ``count`` once on the training pairs, then ``sweep`` as often as wanted; ``loss``
     is for tests and logging. Every rank must make the same calls in the same order (each
@@ -178,7 +179,7 @@ class ImplicitALS:
             counts[:user_rows] += np.bincount(users, minlength=user_rows)
             counts[user_rows:] += np.bincount(items, minlength=num_items)
         if self._users_owned:  # a user's pairs are all here: only item counts are partial
-            counts[user_rows:] = self._sum_across_ranks(counts[user_rows:].copy())
+            counts[user_rows:] = self._sum_across_ranks(counts[user_rows:])
         else:
             counts = self._sum_across_ranks(counts)
         self._user_reg_weight = counts[:user_rows] + self._alpha0 * num_items
@@ -232,24 +233,18 @@ class ImplicitALS:
         are summed across ranks, one collective per pass (step 0 sends b with A x).
         """
         target = self._users if users_side else self._items
-        source = self._items if users_side else self._users
         scaled_gram = self._alpha0 * gram
         solution = target.astype(np.float64)
-        # step 0: products = observed A x and residual = b, summed together
-        first = np.zeros((2, *target.shape))
-        self._accumulate(chunks, users_side, source, solution, first[0], first[1])
-        if summed:
-            first = self._sum_across_ranks(first)
-        products, residual = first
+        # step 0: the observed part of A x and b, from one pass and one collective
+        products, residual = self._observed_products(chunks, users_side, target,
+                                                     with_right_side=True, summed=summed)
         residual -= products + _dense_part(solution, scaled_gram, diagonal)
         direction = residual.copy()
         residual_norm = _row_norms(residual)
-        no_right_side = np.zeros((0, target.shape[1]))
         for step in range(self._cg_steps):
-            products.fill(0.0)
-            self._accumulate(chunks, users_side, source, direction, products, no_right_side)
-            if summed:
-                products = self._sum_across_ranks(products)
+            (products,) = self._observed_products(chunks, users_side,
+                                                  direction.astype(np.float32),
+                                                  with_right_side=False, summed=summed)
             products += _dense_part(direction, scaled_gram, diagonal)
             curvature = np.einsum("rd,rd->r", direction, products)
             step_size = np.divide(residual_norm, curvature, out=np.zeros_like(curvature),
@@ -266,14 +261,27 @@ class ImplicitALS:
             residual_norm = new_norm
         target[...] = solution
 
-    def _accumulate(self, chunks: Chunks, users_side: bool, source: np.ndarray,
-                    direction: np.ndarray, products: np.ndarray, right_side: np.ndarray) -> None:
-        """One pass over the pairs into ``products`` (and ``right_side`` if it has rows)."""
+    def _observed_products(self, chunks: Chunks, users_side: bool, direction: np.ndarray, *,
+                           with_right_side: bool, summed: bool) -> np.ndarray:
+        """One pass over the pairs: each target row's ``sum c y y^T direction`` and, with
+        ``with_right_side``, its ``sum c y``, as float64 (1 or 2, rows, d).
+
+        The pass accumulates in float32, as the tables are: with float64 sums a sweep ran
+        1.5-2.3x slower (bench/ials_sweep.md), and the rounding of a row's
+        sum is far below what 3 CG steps leave unsolved. ``summed``: partial on each rank,
+        summed across ranks in one collective.
+        """
+        sums = np.zeros((2 if with_right_side else 1, *direction.shape), dtype=np.float32)
+        right_side = sums[1] if with_right_side else np.zeros((0, direction.shape[1]), np.float32)
+        source = self._items if users_side else self._users
         for chunk in chunks():
             users, items, weights = self._as_arrays(chunk)
             targets, sources = (users, items) if users_side else (items, users)
             self._kernels.add_pair_products(targets, sources, weights, source, direction,
-                                            products, right_side)
+                                            sums[0], right_side)
+        if summed:
+            sums = self._sum_across_ranks(sums)
+        return sums.astype(np.float64)
 
     @staticmethod
     def _as_arrays(chunk: Chunk) -> Chunk:
@@ -282,7 +290,7 @@ class ImplicitALS:
                 np.asarray(weights, dtype=np.float32))
 
     def _sum_across_ranks(self, array: np.ndarray) -> np.ndarray:
-        """``array`` summed over ranks (float64, one collective); itself in one process."""
+        """``array`` summed over ranks (one collective); itself in one process."""
         return all_reduce_tensor(torch.from_numpy(array), self._env).numpy()
 
 

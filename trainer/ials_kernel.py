@@ -30,9 +30,9 @@ def add_pair_products(targets: np.ndarray, sources: np.ndarray, confidence: np.n
             ``source_table``.
         confidence: (n,) float32.
         source_table: (rows, d) float32, the fixed side.
-        direction: (target rows, d) float64, the vector each row's matrix multiplies.
-        products: (target rows, d) float64, accumulated into.
-        right_side: (target rows, d) float64 accumulated into, or (0, d) to skip.
+        direction: (target rows, d) float32, the vector each row's matrix multiplies.
+        products: (target rows, d) float32, accumulated into.
+        right_side: (target rows, d) float32 accumulated into, or (0, d) to skip.
     """
     count = len(targets)
     dim = source_table.shape[1]
@@ -40,8 +40,8 @@ def add_pair_products(targets: np.ndarray, sources: np.ndarray, confidence: np.n
     for k in range(count):
         if k + PREFETCH_AHEAD < count:
             prefetch_row(source_table, sources[k + PREFETCH_AHEAD])
-        target, source, weight = targets[k], sources[k], np.float64(confidence[k])
-        dot = 0.0
+        target, source, weight = targets[k], sources[k], confidence[k]
+        dot = np.float32(0.0)
         for j in range(dim):
             dot += source_table[source, j] * direction[target, j]
         scale = weight * dot
