@@ -267,7 +267,7 @@ class ImplicitALS:
         ``with_right_side``, its ``sum c y``, as float64 (1 or 2, rows, d).
 
         The pass accumulates in float32, as the tables are: with float64 sums a sweep ran
-        1.5-2.3x slower (bench/ials_sweep.md), and the rounding of a row's
+        1.4-2.4x slower (bench/ials_sweep.md), and the rounding of a row's
         sum is far below what 3 CG steps leave unsolved. ``summed``: partial on each rank,
         summed across ranks in one collective.
         """
