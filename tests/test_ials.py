@@ -10,6 +10,8 @@ owned or replicated) against one process, and recovery of planted tastes.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,6 +171,31 @@ def test_converged_and_empty_rows_never_divide_by_zero() -> None:
             model.sweep(chunks, 0.0)
     assert torch.isfinite(users).all() and torch.isfinite(items).all()
     assert users[0].abs().max() == 0
+
+
+def test_a_rebuilt_model_resumes_bit_for_bit() -> None:
+    """Tables and counts are the whole state: a model built afresh from the tables after
+    one sweep (a resumed run) ends where an uninterrupted one does, to the bit."""
+    pairs = _pairs(seed=7)
+    users, items = _tables(seed=7)
+    model, chunks = _model(users, items, pairs, chunk_size=6)
+    for _ in range(2):
+        model.sweep(chunks, REG)
+    resumed_users, resumed_items = _tables(seed=7)
+    first, chunks = _model(resumed_users, resumed_items, pairs, chunk_size=6)
+    first.sweep(chunks, REG)
+    resumed_users, resumed_items = resumed_users.clone(), resumed_items.clone()
+    second, chunks = _model(resumed_users, resumed_items, pairs, chunk_size=6)
+    second.sweep(chunks, REG)
+    assert torch.equal(resumed_users, users) and torch.equal(resumed_items, items)
+
+
+def test_importing_the_module_leaves_numba_unloaded() -> None:
+    code = "import sys, trainer.ials; print('numba' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
 
 
 def _distributed_job(env: DistEnv, users_owned: bool, start: tuple, out: str) -> None:
