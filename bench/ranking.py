@@ -70,7 +70,8 @@ def main() -> None:
     env = init_distributed("cpu")
     try:
         if args.command == "run":
-            model, payload = load_model(args.run_dir / MODEL)
+            tables, payload = load_model(args.run_dir / MODEL)
+            model = tables.lists
             shards_dir = payload["shards_dir"]
         else:
             shards_dir = args.shards_dir
