@@ -72,7 +72,7 @@ def train_ranking(shards: ShardSet, pieces: list[Piece], ownership: UserOwnershi
         for piece in pieces:
             users, items, values = reader(piece)
             yield users, items, confidence(values, interactions=interactions,
-                                           threshold=threshold,
+                                           threshold=None if interactions else threshold,
                                            liked_weight=config.liked_weight)
 
     num_users = len(ownership.users) if ownership else shards.num_users

@@ -106,11 +106,14 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
 def resolve_objectives(choice: str, kind: str) -> tuple[str, ...]:
     """What the run learns: ("rating",), ("ranking",) or ("rating", "ranking").
 
-    auto: rankings on interaction data, which has no ratings to predict; ratings on rating
-    data (``objective="both"`` adds the ranking tables, measured in bench/).
+    auto: rankings on interaction data, which has no ratings to predict; both on rating
+    data, each from its own pair of tables: one pair cannot serve both (fitting ranking into
+    the rating tables cost 0.018 test RMSE on ML-100K, bench/ranking_objective.md), and
+    rating predictions make weak lists (they rank what a user would rate highly among what
+    they chose, not what they would choose).
     """
     if choice == "auto":
-        return ("ranking",) if kind == "interactions" else ("rating",)
+        return ("ranking",) if kind == "interactions" else ("rating", "ranking")
     if kind == "interactions" and choice != "ranking":
         raise InputError(f"objective={choice!r} predicts ratings, but the shards hold "
                          "interactions (no ratings); use objective='ranking' (the default "
@@ -314,8 +317,7 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
         log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)%s", k,
                  _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
                  _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]),
-                 "" if ranking is not None else " (lists of the rating model; "
-                 "objective='both' adds ranking tables)")
+                 "" if ranking is not None else " (lists of the rating model)")
     return metrics
 
 
