@@ -24,7 +24,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.config import ModelConfig, OptimConfig, RankingConfig, RunConfig, TrainConfig
+from trainer.config import (
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    RankingConfig,
+    RunConfig,
+    TrainConfig,
+)
 from trainer.distributed import DistEnv, teardown
 from trainer.model import BiasedMF
 from trainer.train import train
@@ -157,10 +164,12 @@ SMALL = dict(batch_size=256, seed=0, threads=1, patience=0)
 
 def run_config(shards: str | Path, run: str | Path, model: ModelConfig | None = None,
                optim: OptimConfig | None = None, train: TrainConfig | None = None,
-               ranking: RankingConfig | None = None) -> RunConfig:
+               ranking: RankingConfig | None = None,
+               objective: ObjectiveConfig | None = None) -> RunConfig:
     """A training run's config, every section defaulted unless given, no clustering."""
     return RunConfig(shards_dir=str(shards), run_dir=str(run), model=model or ModelConfig(),
                      optim=optim or OptimConfig(), train=train or TrainConfig(),
+                     objective=objective or ObjectiveConfig(),
                      ranking=ranking or RankingConfig())
 
 
