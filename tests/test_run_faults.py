@@ -130,7 +130,7 @@ def test_overwrite_never_replaces_a_folder_shardmf_did_not_mark_as_a_run(
     shutil.copytree(trainer_shards_dir, shards_copy)
     (shards_copy / ".shardmf-output.json").write_text(
         json.dumps({"tool": "shardmf", "kind": "shards", "version": "0"}))
-    for out, message in ((unmarked, "it has no .shardmf-output.json"),
+    for out, message in ((unmarked, "has no .shardmf-output.json"),
                          (foreign, "is not empty and holds no shardmf run"),
                          (shards_copy, "holds shardmf shards output, not a run")):
         assert message in refused(capsys, "train", trainer_shards_dir, "--out", out, *QUICK,
@@ -335,7 +335,7 @@ def test_a_bad_checkpoint_is_one_line(trainer_shards_dir: Path, tmp_path: Path,
     with pytest.raises(InputError) as caught:
         run_train(trainer_shards_dir, run, epochs=2, resume=True)
     message = str(caught.value)
-    assert message.startswith(f"--resume: {run / 'checkpoint.pt'} is not a checkpoint "
+    assert message.startswith(f"`resume`: {run / 'checkpoint.pt'} is not a checkpoint "
                               "shardmf wrote") and "\n" not in message
     assert "weights_only" not in message
     assert "this would have run" not in capsys.readouterr().out

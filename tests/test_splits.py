@@ -53,7 +53,7 @@ def test_temporal_split_puts_the_latest_ratings_in_val_then_test(tmp_path: Path,
 def test_temporal_and_leave_last_need_a_timestamp(tmp_path: Path) -> None:
     (tmp_path / "r.csv").write_text("user,item,rating\n1,1,3\n2,2,4\n")
     for method in ("temporal", "leave-last"):
-        with pytest.raises(InputError, match=f"--split {method} needs a timestamp column"):
+        with pytest.raises(InputError, match=f"split='{method}' needs a timestamp column"):
             run([tmp_path / "r.csv"], tmp_path / "out", split=method)
     assert not (tmp_path / "out").exists()
 
