@@ -441,6 +441,8 @@ def _demo(values: dict) -> int:
           f"{metrics['world_size']} processes): {run}")
     print(f"  test RMSE {metrics['test_rmse']:.4f}   bias-only baseline "
           f"{metrics['baseline_test_rmse']:.4f}")
+    print(f"  test NDCG@10 {metrics['ndcg@10']:.4f}, recall@10 {metrics['recall@10']:.4f}   "
+          f"most-popular {metrics['popular_ndcg@10']:.4f}, {metrics['popular_recall@10']:.4f}")
     print(f"  item clusters vs planted genres: NMI {nmi.get('score', float('nan')):.3f} "
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
