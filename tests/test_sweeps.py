@@ -56,7 +56,7 @@ def test_rating_data_trains_both_pairs_of_tables(trainer_shards_dir: Path,
     run = tmp_path / "run"
     metrics = train(run_config(trainer_shards_dir, run, train=TrainConfig(**QUICK)), SINGLE)
     assert metrics["objective"] == "both" and metrics["test_rmse"] is not None
-    # The lists come from the ranking tables, and beat most-popular clearly (here 0.32 against 0.23).
+    # The lists come from the ranking tables, and beat most-popular clearly (0.32 vs 0.23).
     assert metrics["ndcg@10"] > 1.2 * metrics["popular_ndcg@10"]
     assert 1 <= metrics["ranking_best_sweep"] <= metrics["ranking_sweeps"]
     tables, payload = load_model(run / "model.pt")
@@ -101,9 +101,12 @@ def test_a_fixed_regularisation_and_patience(trainer_shards_dir: Path, tmp_path:
     metrics = train(run_config(trainer_shards_dir, tmp_path / "run", train=TrainConfig(**QUICK),
                                objective=objective), SINGLE)
     assert metrics["ranking_sweeps"] == 6  # no patience: every sweep runs
-    assert {h["reg"] for h in metrics["ranking_history"]} == {0.01}
-    assert metrics["ranking_best_sweep"] == 1 + int(np.argmax(
-        [h["val_ndcg@10"] for h in metrics["ranking_history"]]))
+    sweeps = [json.loads(line) for line in (tmp_path / "run" / "sweeps.jsonl").read_text()
+              .splitlines()]
+    assert [h["sweep"] for h in sweeps] == [1, 2, 3, 4, 5, 6]
+    assert {h["reg"] for h in sweeps} == {0.01}
+    assert metrics["ranking_best_sweep"] == 1 + int(np.argmax([h["val_ndcg@10"]
+                                                               for h in sweeps]))
 
 
 def _ranking_job(env: DistEnv, shards: str, out: str) -> None:

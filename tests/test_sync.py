@@ -27,7 +27,8 @@ from trainer.train import train
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
 # measured, so never equal between runs ("ranks" holds each rank's peak memory)
-TIMING = {"train_seconds", "train_ratings_per_s", "seconds", "ratings_per_s", "ranks"}
+TIMING = {"train_seconds", "train_ratings_per_s", "seconds", "ratings_per_s", "ranks",
+          "ranking_seconds"}
 
 
 # ---------------------------------------------------------------- the sync on its own
@@ -232,7 +233,7 @@ def _owned_job(env: DistEnv, shards: str, out: str) -> None:
 
 def test_owned_user_rows_match_replicated_and_resume_bit_identically(
         trainer_user_shards_dir: Path, tmp_path: Path) -> None:
-    from trainer.model import BiasedMF as Model
+    from trainer.checkpoint import load_model
     from trainer.shards import open_shards
     from trainer.train import evaluate
 
@@ -260,10 +261,7 @@ def test_owned_user_rows_match_replicated_and_resume_bit_identically(
         assert abs(run["val_rmse"] - replicated["val_rmse"]) < 0.005
     # model.pt holds every user's row at its global id: evaluated in one process, it gives
     # the test RMSE the ranks computed on their own users.
-    payload = torch.load(tmp_path / "owned" / "model.pt", weights_only=True)
-    model = Model(shards.num_users, shards.num_items, shards.train_mean,
-                  ModelConfig(**payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+    model = load_model(tmp_path / "owned" / "model.pt")[0].rating
     single = DistEnv(0, 0, 1, 1, torch.device("cpu"), None)
     rmse, _ = evaluate(model, shards.pieces("test"), shards.scale, TrainConfig(), single)
     assert rmse == pytest.approx(owned["test_rmse"], abs=1e-6)

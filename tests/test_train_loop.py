@@ -14,6 +14,7 @@ import torch
 from helpers import SINGLE, SMALL, run_config
 
 from shardmf.errors import InputError
+from trainer.checkpoint import load_model
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.model import BiasedMF
 from trainer.shards import Piece, open_shards
@@ -64,8 +65,6 @@ def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path:
     assert metrics["epochs"] == best["epoch"] + 1
     assert metrics["val_rmse"] == best["val_rmse"]
     shards = open_shards(trainer_shards_dir)
-    model = BiasedMF(shards.num_users, shards.num_items, shards.train_mean,
-                     ModelConfig(reg=0.05, dim=8))
-    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
-    rmse, _ = evaluate(model, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
+    tables, _ = load_model(run / "model.pt")
+    rmse, _ = evaluate(tables.rating, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
     assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # Training.
 CONFIG = "config.json"  # the resolved, nested configuration of the run
 EPOCH_METRICS = "metrics.jsonl"  # one JSON object per epoch
+SWEEP_METRICS = "sweeps.jsonl"  # one JSON object per ranking sweep (ranking objective)
 FINAL_METRICS = "metrics.json"  # the final figures (test_rmse, epochs, ndcg@10, ...)
 CHECKPOINT = "checkpoint.pt"  # what --resume continues from
 MODEL = "model.pt"  # the kept (best-epoch) weights, every user included
@@ -79,8 +80,8 @@ SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 RUN_KIND = "run"
 EXPORT_KIND = "export"
 # What one run writes, removed by --overwrite (with the checkpoint slices and model parts).
-RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, FINAL_METRICS, CHECKPOINT, MODEL, USERS,
-               ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE, *OPTIONAL_FIGURES)
+RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, SWEEP_METRICS, FINAL_METRICS, CHECKPOINT, MODEL,
+               USERS, ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE, *OPTIONAL_FIGURES)
 # Files whose presence makes a folder a run (an older run has them but no marker).
 RUN_EVIDENCE = (CONFIG, CHECKPOINT, MODEL, FINAL_METRICS)
 

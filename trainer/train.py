@@ -63,7 +63,7 @@ from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, user_ownership
 from trainer.ranking import ranking_metrics, relevance_threshold
-from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL
+from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, SWEEP_METRICS
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
@@ -293,8 +293,7 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
                          "ranking_best_sweep": ranking.best_sweep,
                          "ranking_sweeps": len(ranking.history),
                          "ranking_reg": ranking.best_reg,
-                         "ranking_seconds": round(ranking.seconds, 3),
-                         "ranking_history": ranking.history})
+                         "ranking_seconds": round(ranking.seconds, 3)})
     metrics["ranks"] = _rank_memory([r.model for r in (rating, ranking) if r], env)
     lists = ranking.model if ranking is not None else rating.model
     metrics.update(ranking_metrics(lists, shards, env, ownership=plan.ownership,
@@ -308,6 +307,8 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
         save_model(run / MODEL, tables, shards)
     if env.is_main:
         copy_id_maps(shards.root, run)
+        if ranking is not None:
+            write_jsonl(run / SWEEP_METRICS, ranking.history)
         write_json(run / FINAL_METRICS, metrics)
         if rating is not None:
             log.info("test RMSE %s (bias-only baseline %s), MAE %s",
