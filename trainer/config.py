@@ -25,6 +25,23 @@ EXPORT_FORMATS = ("parquet", "npy")  # of `trainer.export_run`
 # Items rated less in training have factors that are mostly the prior: clustering,
 # recommendations and similar items leave them out by default.
 MIN_ITEM_RATINGS = 20
+# The data-scaled recipes (trainer/defaults.py applies them; the help below quotes them).
+LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
+SMALL_SET = {"dim": 256, "reg": 0.05, "lr": 0.003, "lr_decay": 0.99, "patience": 5,
+             "min_delta": 0.0}
+LARGE_SET = {"dim": 64, "reg": 0.04, "lr": 0.03, "lr_decay": 0.85, "patience": 2,
+             "min_delta": 0.001}
+EXCHANGE_EVERY_RATINGS = 524_288  # ratings a rank trains between row exchanges
+PREFETCH = 4  # batches a loader thread cuts ahead, where a core is spare
+CACHE_SHARE_OF_MEMORY = 8  # decoded ratings kept: 1/8 of the machine's memory at most
+REG_PATH_START = 0.02  # the ranking regularisation path's first weight (trainer/sweeps.py)
+REG_PATH_FACTOR = 0.8  # ... multiplied by this after every sweep
+
+
+def _by_size(name: str) -> str:
+    """A recipe field's default in words, from the recipes themselves."""
+    return (f"(default: {SMALL_SET[name]:g} below {LARGE_SET_RATINGS / 1e6:g}M training "
+            f"ratings, {LARGE_SET[name]:g} from {LARGE_SET_RATINGS / 1e6:g}M)")
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -39,13 +56,12 @@ class ModelConfig:
     """The biased matrix factorisation: r(u, i) = mean + b_u + b_i + <p_u, q_i>."""
 
     dim: int | None = field(default=None, metadata={
-        "help": "embedding dimension of user and item factors (default: 256 below 1M "
-        "training ratings, 64 from 1M)"})
+        "help": "embedding dimension of user and item factors " + _by_size("dim")})
     init_std: float = field(default=0.01, metadata={
         "help": "std of the normal initialisation of factors (biases start at 0)"})
     reg: float | None = field(default=None, metadata={
         "help": "L2 weight on ||p_u||^2 + ||q_i||^2, per example, on the rows a batch "
-        "touches (default: 0.05 below 1M training ratings, 0.04 from 1M)"})
+        "touches " + _by_size("reg")})
     bias_reg: float = field(
         default=0.01, metadata={"help": "L2 weight on b_u^2 + b_i^2, per example"})
 
@@ -64,11 +80,10 @@ class OptimConfig:
         "help": "update rule (adagrad and adam are lazy: they move only the rows a batch "
         "touched)", "choices": OPTIMIZERS})
     lr: float | None = field(default=None, metadata={
-        "help": "learning rate, per rating for sgd (default: 0.003 below 1M training "
-        "ratings, 0.03 from 1M; times the ranks on small sets with a periodic exchange)"})
+        "help": "learning rate, per rating for sgd " + _by_size("lr")[:-1]
+        + "; times the ranks on small sets with a periodic exchange)"})
     lr_decay: float | None = field(default=None, metadata={
-        "help": "learning rate multiplied by this after every epoch (default: 0.99 below 1M "
-        "training ratings, 0.85 from 1M)"})
+        "help": "learning rate multiplied by this after every epoch " + _by_size("lr_decay")})
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer,
@@ -85,11 +100,11 @@ class TrainConfig:
 
     epochs: int = field(default=150, metadata={"help": "most epochs to run"})
     patience: int | None = field(default=None, metadata={
-        "help": "stop after this many epochs gaining less than --min-delta validation RMSE "
-        "(0: never) (default: 5 below 1M training ratings, 2 from 1M)"})
+        "help": "stop after this many epochs gaining less than min-delta validation RMSE "
+        "(0: never) " + _by_size("patience")})
     min_delta: float | None = field(default=None, metadata={
         "help": "smallest validation RMSE gain that resets the patience count; the best "
-        "epoch is kept regardless (default: 0 below 1M training ratings, 0.001 from 1M)"})
+        "epoch is kept regardless " + _by_size("min_delta")})
     batch_size: int = field(default=1024, metadata={
         "help": "ratings per step across all ranks (each rank takes its share)"})
     eval_batch_size: int = field(default=65_536, metadata={"help": "ratings per evaluation batch"})
@@ -108,8 +123,8 @@ class TrainConfig:
         "touched rows per step; auto: packed with sparse gradients)", "choices": SYNCS})
     sync_every: int | None = field(default=None, metadata={
         "help": "exchange changed rows every N steps (N > 1: ranks step alone, then average "
-        "their changes) (default: 1 for one rank or nccl, else every 524,288 ratings a "
-        "rank)"})
+        f"their changes) (default: 1 for one rank, else every {EXCHANGE_EVERY_RATINGS:,} "
+        "ratings a rank)"})
     user_embeddings: str = field(default="auto", metadata={
         "help": "owned: each user's row lives on the rank that reads the user's shards "
         "(shards partitioned by user); auto: owned when the shards allow it",
@@ -123,10 +138,11 @@ class TrainConfig:
         default=0, metadata={"help": "DataLoader worker processes per rank (0: load in the rank)"})
     prefetch: int | None = field(default=None, metadata={
         "help": "batches a thread cuts ahead of the steps (0: cut in the loop itself) "
-        "(default: 4 when a core is spare for the thread, else 0)"})
+        f"(default: {PREFETCH} when a core is spare for the thread, else 0)"})
     cache_mb: int | None = field(default=None, metadata={
         "help": "MiB of decoded ratings a rank keeps in memory between epochs; row groups "
-        "beyond it are read again each epoch (0: read every epoch) (default: 1/8 of the "
+        "beyond it are read again each epoch (0: read every epoch) (default: "
+        f"1/{CACHE_SHARE_OF_MEMORY} of the "
         "machine's memory, shared by its ranks)"})
     verify: str = field(default="quick", metadata={
         "help": "check shards against the manifest: quick (sizes, rows), full (also "
@@ -254,8 +270,9 @@ class ObjectiveConfig:
         "weight is 1 + this when liked, 1 otherwise)"})
     ranking_reg: float | None = field(default=None, metadata={
         "help": "L2 weight of the ranking tables, scaled per row by its pairs plus "
-        "unobserved_weight x the other side's rows (default: a path from 0.02 shrinking "
-        "0.8 a sweep, keeping the sweep with the best validation NDCG@10)"})
+        "unobserved_weight x the other side's rows (default: a path from "
+        f"{REG_PATH_START:g} shrinking x{REG_PATH_FACTOR:g} a sweep, keeping the sweep with "
+        "the best validation NDCG@10)"})
     cg_steps: int = field(default=3, metadata={
         "help": "conjugate-gradient steps per row update, warm-started at the current row"})
     sweeps: int = field(default=30, metadata={

@@ -28,19 +28,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import (
+    CACHE_SHARE_OF_MEMORY,
+    LARGE_SET,
+    LARGE_SET_RATINGS,
+    PREFETCH,
+    SMALL_SET,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
-LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
 # Below this many training ratings per rank, a second rank costs more in start-up and
 # communication than it saves (ML-100K: bench/RESULTS.md).
 RATINGS_PER_RANK_TO_PAY = 500_000
 
-SMALL_SET = {"dim": 256, "reg": 0.05, "lr": 0.003, "lr_decay": 0.99, "patience": 5,
-             "min_delta": 0.0}
-LARGE_SET = {"dim": 64, "reg": 0.04, "lr": 0.03, "lr_decay": 0.85, "patience": 2,
-             "min_delta": 0.001}
-PREFETCH = 4  # batches a loader thread cuts ahead, where a core is spare
-CACHE_SHARE_OF_MEMORY = 8  # decoded ratings kept: 1/8 of the machine's memory at most
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shardmf.errors import InputError
-from trainer.config import TrainConfig
+from trainer.config import EXCHANGE_EVERY_RATINGS, TrainConfig
 
-EXCHANGE_EVERY_RATINGS = 524_288  # ratings a rank trains between row exchanges
 DENSE_ROWS_PER_BATCH_ROW = 4  # DDP: dense gradients while tables have <= 4 rows per batch row
 
 

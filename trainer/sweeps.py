@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer.config import ObjectiveConfig, RankingConfig
+from trainer.config import REG_PATH_FACTOR, REG_PATH_START, ObjectiveConfig, RankingConfig
 from trainer.data import RowGroupReader
 from trainer.distributed import DistEnv
 from trainer.ials import ImplicitALS, confidence
@@ -39,8 +39,6 @@ from trainer.shards import Piece, ShardSet
 
 log = logging.getLogger(__name__)
 
-REG_PATH_START = 0.02  # the path's first regularisation weight
-REG_PATH_FACTOR = 0.8  # ... multiplied by this after every sweep
 COLLAPSE_LIFT = 1.05  # lists no better than this x most-popular's: the tables collapsed
 VAL_K = 10
 
