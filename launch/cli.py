@@ -457,9 +457,16 @@ def _evaluate(values: dict) -> int:
     code = launch_evaluation(job, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
-    metrics = read_json(Path(values["run_dir"]) / FINAL_METRICS)
-    print(f"ranking on the test split of {values['run_dir']}: {metrics['ranking_users']:,} "
-          f"users with a rating >= {metrics['ranking_threshold']:g}")
+    from trainer import load_run
+
+    run = load_run(values["run_dir"])
+    metrics = read_json(run.run_dir / FINAL_METRICS)
+    threshold = metrics["ranking_threshold"]
+    relevant = (f"a rating >= {threshold:g}" if run.kind == "ratings" else
+                "a held-out interaction" if threshold <= run.scale[0] else
+                f"a held-out interaction weighing >= {threshold:g}")
+    print(f"ranking on the test split of {values['run_dir']} by the {run.tables} tables: "
+          f"{metrics['ranking_users']:,} users with {relevant}")
     print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
     for k in sorted(set(values["k"])):
         for name in (*METRICS, "coverage"):

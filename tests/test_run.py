@@ -211,6 +211,18 @@ def test_evaluate_scores_the_ranking_tables(runs, tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["ndcg@5"] == figures["ndcg@5"]
 
 
+def test_shardmf_evaluate_says_which_tables_ranked(runs, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    for name in ("interactions", "rating"):
+        run = tmp_path / name
+        shutil.copytree(runs[name], run)
+        assert main(["evaluate", str(run), "--k", "5"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert ("users with a held-out interaction" if name == "interactions"
+                else "users with a rating >= 4") in first
+        assert f"by the {load_run(run).tables} tables" in first
+
+
 def test_clusters_of_a_ranking_run_use_its_item_table_and_say_so(runs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs["interactions"], run)
