@@ -200,6 +200,7 @@ def test_export_of_a_ranking_run_writes_the_ranking_tables(runs, tmp_path: Path,
     summary = json.loads((out / "model.json").read_text())
     assert summary["objective"] == "ranking" and summary["tables"] == ["ranking"]
     assert summary["ranking_dim"] == 3 and "global_mean" not in summary
+    assert "bias" not in run.item_embeddings().columns  # the ranking tables: all there is
 
 
 def test_evaluate_scores_the_ranking_tables(runs, tmp_path: Path) -> None:
@@ -264,6 +265,8 @@ def test_both_recommends_by_the_ranking_tables_and_predicts_by_the_rating_model(
         both.global_mean + both.user_bias[u] + both.item_bias[i]
         + both.user_factors[u] @ both.item_factors[i], *both.scale))
     np.testing.assert_array_equal(both.item_vectors, both.ranking_item_factors)
+    assert "bias" in both.item_embeddings().columns  # the rating model's first, as before
+    np.testing.assert_array_equal(both.user_embeddings("ranking"), both.ranking_user_factors)
 
 
 def test_export_of_both_writes_both_pairs(runs, tmp_path: Path) -> None:

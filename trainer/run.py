@@ -248,7 +248,9 @@ class TrainedRun:
 
     def item_embeddings(self, tables: str | None = None) -> pd.DataFrame:
         """Item factors (columns f0..f{dim-1}) indexed by original item id: of the rating
-        model (with a bias column) or of the ranking tables (no bias); None: ``self.tables``."""
+        model (with a bias column) or of the ranking tables (no bias); None: the rating
+        model's when the run has one, as before the ranking objective, else the ranking
+        tables'."""
         factors, bias = self._factors("items", tables)
         return _embedding_frame(factors, bias, self._item_table.select(["original_item_id"]))
 
@@ -258,13 +260,14 @@ class TrainedRun:
         return _embedding_frame(factors, bias, self._user_table.select(["original_user_id"]))
 
     def trained_tables(self) -> tuple[str, ...]:
-        """The pairs of tables this run holds, of "rating" and "ranking"."""
+        """The pairs of tables this run holds: "rating" (first) and/or "ranking"."""
         present = {"rating": self.item_factors is not None,
                    "ranking": self.ranking_item_factors is not None}
         return tuple(name for name in TABLES if present[name])
 
     def _factors(self, side: str, tables: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-        tables = self.tables if tables is None else tables
+        if tables is None:
+            tables = self.trained_tables()[0]  # the rating model first
         if tables not in self.trained_tables():
             raise InputError(f"tables={tables!r}: {self.run_dir} holds "
                              f"{' and '.join(map(repr, self.trained_tables()))} only "
