@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 1, this process)")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
-    recommend = command("recommend", _recommend, "The items a user would rate highest, by "
-                        "the trained model (original ids; seen items excluded).")
+    recommend = command("recommend", _recommend, "A user's top items: by the ranking "
+                        "tables when the run trained them, else by predicted rating "
+                        "(original ids; seen items excluded).")
     recommend.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     recommend.add_argument("--user", required=True, metavar="ID", help="original user id")
     recommend.add_argument("-n", type=positive_int, default=10, metavar="N",
@@ -458,9 +459,16 @@ def _evaluate(values: dict) -> int:
     code = launch_evaluation(job, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
-    metrics = read_json(Path(values["run_dir"]) / FINAL_METRICS)
-    print(f"ranking on the test split of {values['run_dir']}: {metrics['ranking_users']:,} "
-          f"users with a rating >= {metrics['ranking_threshold']:g}")
+    from trainer import load_run
+
+    run = load_run(values["run_dir"])
+    metrics = read_json(run.run_dir / FINAL_METRICS)
+    threshold = metrics["ranking_threshold"]
+    relevant = (f"a rating >= {threshold:g}" if run.kind == "ratings" else
+                "a held-out interaction" if threshold <= run.scale[0] else
+                f"a held-out interaction weighing >= {threshold:g}")
+    print(f"ranking on the test split of {values['run_dir']} by the {run.tables} tables: "
+          f"{metrics['ranking_users']:,} users with {relevant}")
     print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
     for k in sorted(set(values["k"])):
         for name in (*METRICS, "coverage"):
@@ -482,6 +490,12 @@ def _recommend(values: dict) -> int:
     top, scores = run.top_items(values["user"], values["n"],
                                 exclude_seen=not values["include_seen"],
                                 min_item_ratings=values["min_item_ratings"])
+    if run.tables == "ranking":
+        print(f"top {len(top)} for user {values['user']} (score of the ranking tables, "
+              "higher is a likelier choice):")
+        for item_id, score in zip(top, scores):
+            print(f"  {f'score {score:.2f}':<14} {_label(run.item_fields(item_id))}")
+        return 0
     low, high = run.scale
     clipped = bool((scores > high).any())
     note = (f"; ≥{high:.2f}: above the scale's top, with the unclipped score that orders "

@@ -214,19 +214,23 @@ class MatrixFactorization:
     def predict(self, users, items) -> np.ndarray:
         """(N,) predicted ratings, clipped to the rating scale, for N (user, item) pairs of
         original ids. Cold start: an unknown user contributes nothing (mean + item bias),
-        an unknown item likewise (mean + user bias), both unknown give the global mean."""
+        an unknown item likewise (mean + user bias), both unknown give the global mean.
+        Needs the rating model: a fit that trained the ranking tables alone (interactions,
+        or objective 'ranking') raises ValueError."""
         return self._fitted().predict(users, items)
 
     def recommend(self, user, n: int = 10, exclude_seen: bool = True,
                   min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
-        """The ``n`` items with the highest predicted rating for a known user (see
+        """The ``n`` items with the highest score for a known user: the ranking tables'
+        when the fit trained them, else the predicted rating (see
         `trainer.TrainedRun.recommend`); items with fewer than ``min_item_ratings``
         training ratings are left out (0: none are)."""
         return self._fitted().recommend(user, n, exclude_seen, min_item_ratings)
 
     def similar_items(self, item, n: int = 10,
                       min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
-        """The ``n`` items closest to ``item`` by cosine similarity of their factors."""
+        """The ``n`` items closest to ``item`` by cosine similarity of their factors (the
+        ranking tables' when the fit trained them)."""
         return self._fitted().similar_items(item, n, min_item_ratings)
 
     def evaluate(self, ks: tuple[int, ...] = (10, 20), threshold: float | None = None,

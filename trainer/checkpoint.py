@@ -33,6 +33,7 @@ from trainer.run_files import (
     ITEMS,
     MODEL,
     MODEL_ARRAYS,
+    RANKING_PREFIX,
     USERS,
     checkpoint_slice,
     checkpoint_slice_pattern,
@@ -275,9 +276,6 @@ def _agreed(write, env: DistEnv) -> None:
     first = next((e for e in all_gather_objects(error, env) if e is not None), None)
     if first is not None:
         raise InputError(first)
-
-
-RANKING_PREFIX = "ranking_"  # the ranking tables' keys in model.pt and model.npz
 
 
 @dataclass

@@ -5,6 +5,13 @@ and embeddings keyed by original ids; `export_run` writes those embeddings for o
     run = load_run("runs/ml100k")
     run.recommend(user=196, n=10)
     run.similar_items(run.find_item("Star Wars"), n=10)
+
+A run holds the rating model (objective "rating": factors, biases and the global mean, for
+predicted ratings), the ranking tables (objective "ranking", the only one on interaction
+data: factors scored by <w_u, h_i>, trained by iALS), or both. When the ranking tables are
+there they order `recommend` and place items for `similar_items` and the clusters: their
+lists beat most-popular and their clusters follow genres more closely
+(bench/ranking_objective.md); `predict` always needs the rating model.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from trainer.run_files import (
     ITEMS,
     MODEL,
     MODEL_ARRAYS,
+    RANKING_PREFIX,
     SHARDS_DIR,
+    TABLES,
     USERS,
     export_names,
     is_ranking_key,
@@ -48,11 +57,17 @@ log = logging.getLogger(__name__)
 
 
 class TrainedRun:
-    """The best-epoch model of RUN_DIR with its id maps; everything in original ids.
+    """The best-epoch tables of RUN_DIR with its id maps; everything in original ids.
 
     Loading and scoring use numpy and pyarrow only, and the DataFrames are built by pyarrow
     on demand: pandas costs half a second to import, which `shardmf recommend` and
     `shardmf similar` would pay on every call (they use `top_items`, `nearest_items`).
+
+    The rating model's arrays (``user_factors``, ``item_factors``, ``user_bias``,
+    ``item_bias``, ``global_mean``) are None when the run trained the ranking tables only;
+    ``ranking_user_factors`` and ``ranking_item_factors`` are None when it trained the
+    rating model only. ``tables`` names the pair that ranks, finds neighbours and is
+    clustered: "ranking" when the run has it, else "rating".
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -62,13 +77,26 @@ class TrainedRun:
             raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
         with np.load(arrays_path) as arrays:
-            self.user_factors = arrays["user_factors.weight"]
-            self.item_factors = arrays["item_factors.weight"]
-            self.user_bias = arrays["user_bias.weight"][:, 0]
-            self.item_bias = arrays["item_bias.weight"][:, 0]
-            self.global_mean = float(arrays["global_mean"])
+            # A run written before the ranking objective has neither key: ratings, rated.
+            self.objective = str(arrays["objective"]) if "objective" in arrays else "rating"
+            self.kind = str(arrays["kind"]) if "kind" in arrays else "ratings"
+            rating = "item_factors.weight" in arrays
+            self.user_factors = arrays["user_factors.weight"] if rating else None
+            self.item_factors = arrays["item_factors.weight"] if rating else None
+            self.user_bias = arrays["user_bias.weight"][:, 0] if rating else None
+            self.item_bias = arrays["item_bias.weight"][:, 0] if rating else None
+            self.global_mean = float(arrays["global_mean"]) if rating else None
+            ranking = RANKING_PREFIX + "item_factors.weight" in arrays
+            self.ranking_user_factors = (arrays[RANKING_PREFIX + "user_factors.weight"]
+                                         if ranking else None)
+            self.ranking_item_factors = (arrays[RANKING_PREFIX + "item_factors.weight"]
+                                         if ranking else None)
             self.scale = tuple(float(x) for x in arrays["scale"])
             self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
+        if not rating and not ranking:
+            raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
+                             "tables; train the run again")
+        self.tables = "ranking" if ranking else "rating"
         self._user_table = pq.ParquetFile(self.run_dir / USERS).read()
         self._item_table = pq.ParquetFile(self.run_dir / ITEMS).read()
         self.item_train_ratings = _numpy(self._item_table.column("train_ratings"))
@@ -93,6 +121,12 @@ class TrainedRun:
         """The items table (original_item_id, title, genres, train_ratings, ...), row =
         contiguous item id."""
         return self._item_table.to_pandas()
+
+    @property
+    def item_vectors(self) -> np.ndarray:
+        """(num_items, dim) the item table of ``tables``: what `similar_items` compares and
+        the clusters group."""
+        return self.ranking_item_factors if self.tables == "ranking" else self.item_factors
 
     def item_fields(self, item_id: int) -> dict:
         """One row of the items table as a dict (contiguous ``item_id``)."""
@@ -130,7 +164,17 @@ class TrainedRun:
         An id unknown to the run (a user or item never seen in training) adds nothing: an
         unknown user gets ``global_mean + item_bias``, an unknown item ``global_mean +
         user_bias``, both unknown ``global_mean`` (no factor term without both factors).
+        Needs the rating model: a run of the ranking tables alone raises InputError.
         """
+        if self.item_factors is None:
+            data, remedy = (
+                ("interaction data", " (predicted ratings need rating data, trained with "
+                 "objective='rating' or 'both')") if self.kind == "interactions" else
+                ("rating data", ", or train it again with objective='both' for predicted "
+                 "ratings too"))
+            raise InputError(f"{self.run_dir} learned rankings only (objective "
+                             f"{self.objective}, {data}): it predicts no ratings; rank items "
+                             f"with recommend or top_items{remedy}")
         u = self._user_index.positions(np.atleast_1d(users))
         i = self._item_index.positions(np.atleast_1d(items))
         if len(u) != len(i):
@@ -147,25 +191,33 @@ class TrainedRun:
 
     def recommend(self, user, n: int = 10, exclude_seen: bool = True,
                   min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
-        """The n items with the highest predicted rating for one user.
+        """The n items with the highest score for one user: <w_u, h_i> of the ranking
+        tables when the run has them, else the predicted rating.
 
         ``exclude_seen`` drops the items the user rated in training (read from the shards;
         skipped with a warning when the shards are gone). Items with fewer training ratings
         than ``min_item_ratings`` are left out: their factors are mostly the prior.
-        Columns: original_item_id, title, genres, predicted_rating (clipped to the rating
-        scale, so the best items often tie at its top) and score (unclipped: the order).
+        Columns: original_item_id, title, genres, score (the order), and when the rating
+        model ranks, predicted_rating (the score clipped to the rating scale, so the best
+        items often tie at its top).
         """
         top, scores = self.top_items(user, n, exclude_seen, min_item_ratings)
         columns = self._item_table.take(top).select(["original_item_id", "title", "genres"])
-        return columns.append_column("predicted_rating", pa.array(np.clip(scores, *self.scale))
-                                     ).append_column("score", pa.array(scores)).to_pandas()
+        if self.tables == "rating":
+            columns = columns.append_column("predicted_rating",
+                                            pa.array(np.clip(scores, *self.scale)))
+        return columns.append_column("score", pa.array(scores)).to_pandas()
 
     def top_items(self, user, n: int = 10, exclude_seen: bool = True,
                   min_item_ratings: int = MIN_ITEM_RATINGS) -> tuple[np.ndarray, np.ndarray]:
-        """`recommend` as arrays: contiguous item ids, best first, and their unclipped scores."""
+        """`recommend` as arrays: contiguous item ids, best first, and their scores (the
+        ranking tables' <w_u, h_i>, or the rating model's unclipped prediction)."""
         uid = self.user_id(user)
-        scores = (self.global_mean + self.user_bias[uid] + self.item_bias
-                  + self.item_factors @ self.user_factors[uid])
+        if self.tables == "ranking":
+            scores = self.ranking_item_factors @ self.ranking_user_factors[uid]
+        else:
+            scores = (self.global_mean + self.user_bias[uid] + self.item_bias
+                      + self.item_factors @ self.user_factors[uid])
         if exclude_seen:
             seen = self._seen_items(uid)
             scores[seen] = -np.inf
@@ -175,8 +227,8 @@ class TrainedRun:
 
     def similar_items(self, item, n: int = 10,
                       min_item_ratings: int = MIN_ITEM_RATINGS) -> pd.DataFrame:
-        """The n items whose factors point the most the same way (cosine similarity),
-        among items with at least ``min_item_ratings`` training ratings."""
+        """The n items whose factors point the most the same way (cosine similarity of
+        `item_vectors`), among items with at least ``min_item_ratings`` training ratings."""
         top, cosine = self.nearest_items(item, n, min_item_ratings)
         columns = self._item_table.take(top).select(["original_item_id", "title", "genres",
                                                      "train_ratings"])
@@ -186,22 +238,45 @@ class TrainedRun:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`similar_items` as arrays: contiguous item ids, nearest first, and their cosines."""
         iid = self.item_id(item)
-        norms = np.linalg.norm(self.item_factors, axis=1)
-        cosine = self.item_factors @ self.item_factors[iid] / np.maximum(
-            norms * norms[iid], 1e-12)
+        vectors = self.item_vectors
+        norms = np.linalg.norm(vectors, axis=1)
+        cosine = vectors @ vectors[iid] / np.maximum(norms * norms[iid], 1e-12)
         cosine[iid] = -np.inf
         cosine[self._rarely_rated(min_item_ratings)] = -np.inf
         top = _top(cosine, n)
         return top, cosine[top]
 
-    def item_embeddings(self) -> pd.DataFrame:
-        """Item factors (columns f0..f{dim-1}) and bias, indexed by original item id."""
-        return _embedding_frame(self.item_factors, self.item_bias,
-                                self._item_table.select(["original_item_id"]))
+    def item_embeddings(self, tables: str | None = None) -> pd.DataFrame:
+        """Item factors (columns f0..f{dim-1}) indexed by original item id: of the rating
+        model (with a bias column) or of the ranking tables (no bias); None: the rating
+        model's when the run has one, as before the ranking objective, else the ranking
+        tables'."""
+        factors, bias = self._factors("items", tables)
+        return _embedding_frame(factors, bias, self._item_table.select(["original_item_id"]))
 
-    def user_embeddings(self) -> pd.DataFrame:
-        return _embedding_frame(self.user_factors, self.user_bias,
-                                self._user_table.select(["original_user_id"]))
+    def user_embeddings(self, tables: str | None = None) -> pd.DataFrame:
+        """User factors indexed by original user id, as `item_embeddings`."""
+        factors, bias = self._factors("users", tables)
+        return _embedding_frame(factors, bias, self._user_table.select(["original_user_id"]))
+
+    def trained_tables(self) -> tuple[str, ...]:
+        """The pairs of tables this run holds: "rating" (first) and/or "ranking"."""
+        present = {"rating": self.item_factors is not None,
+                   "ranking": self.ranking_item_factors is not None}
+        return tuple(name for name in TABLES if present[name])
+
+    def _factors(self, side: str, tables: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if tables is None:
+            tables = self.trained_tables()[0]  # the rating model first
+        if tables not in self.trained_tables():
+            raise InputError(f"tables={tables!r}: {self.run_dir} holds "
+                             f"{' and '.join(map(repr, self.trained_tables()))} only "
+                             f"(objective {self.objective})")
+        if tables == "ranking":
+            return (self.ranking_item_factors if side == "items"
+                    else self.ranking_user_factors), None
+        return ((self.item_factors, self.item_bias) if side == "items"
+                else (self.user_factors, self.user_bias))
 
     def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
         return self.item_train_ratings < min_item_ratings
@@ -244,45 +319,64 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
                format: str = "parquet") -> Path:
     """Write a run's user and item embeddings with their original ids, for other tools.
 
-    ``parquet``: ``{side}_embeddings.parquet`` (original id, f0.., bias) per side;
-    ``npy``: ``{side}_factors.npy`` (float32, one row per id) beside ``{side}_ids.parquet``
-    (original id, bias). Either way ``model.json`` holds the global mean and the rating
-    scale, so a rating is ``clip(global_mean + user bias + item bias + <f_u, f_i>, scale)``.
-    ``out`` defaults to RUN_DIR/export; returns the folder.
+    Each pair of tables the run holds, per side: the rating model's as
+    ``{side}_embeddings.parquet`` (original id, f0.., bias) with ``parquet``, or
+    ``{side}_factors.npy`` (float32, one row per id) beside ``{side}_ids.parquet``
+    (original id, bias) with ``npy``; the ranking tables' under the same names prefixed
+    ``ranking_`` (no bias: ``ranking_items_embeddings.parquet``, ``ranking_items_factors.npy``,
+    ...). ``model.json`` says which tables the run trained and how each scores: a rating is
+    ``clip(global_mean + user bias + item bias + <f_u, f_i>, rating_scale)``, a ranking
+    score ``<f_u, f_i>`` of the ranking tables. ``out`` defaults to RUN_DIR/export;
+    returns the folder.
     """
     if format not in EXPORT_FORMATS:
         raise InputError(f"format={format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
     folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
+    summary: dict = {"objective": run.objective, "kind": run.kind,
+                     "tables": list(run.trained_tables())}
     with output_folder(folder, EXPORT_KIND, overwrite=True) as building:
-        for side, frame in (("items", run.item_embeddings()),
-                            ("users", run.user_embeddings())):
-            id_column = f"original_{side[:-1]}_id"
-            frame = frame.rename_axis(id_column).reset_index()
-            names = export_names(side)
-            if format == "parquet":
-                write_atomic(building / names["embeddings"], _parquet_bytes(frame))
-            else:
-                factors = frame.filter(regex=r"^f\d+$").to_numpy(dtype="float32")
-                buffer = io.BytesIO()
-                np.save(buffer, factors)
-                write_atomic(building / names["factors"], buffer.getvalue())
-                write_atomic(building / names["ids"],
-                             _parquet_bytes(frame[[id_column, "bias"]]))
-        write_json(building / EXPORT_SUMMARY, {
-            "global_mean": run.global_mean, "rating_scale": list(run.scale),
-            "dim": int(run.item_factors.shape[1]),
-            "rating": "clip(global_mean + user bias + item bias + <user f, item f>, "
-                      "rating_scale)"})
+        for tables in run.trained_tables():
+            for side, frame in (("items", run.item_embeddings(tables)),
+                                ("users", run.user_embeddings(tables))):
+                _write_embeddings(building, frame.rename_axis(f"original_{side[:-1]}_id"),
+                                  export_names(side, tables), format)
+        if run.item_factors is not None:
+            summary.update({
+                "global_mean": run.global_mean, "rating_scale": list(run.scale),
+                "dim": int(run.item_factors.shape[1]),
+                "rating": "clip(global_mean + user bias + item bias + <user f, item f>, "
+                          "rating_scale)"})
+        if run.ranking_item_factors is not None:
+            summary.update({
+                "ranking_dim": int(run.ranking_item_factors.shape[1]),
+                "ranking_score": f"<user f, item f> of the {RANKING_PREFIX} files: higher "
+                                 "is a likelier choice; no scale"})
+        write_json(building / EXPORT_SUMMARY, summary)
     log.info("wrote %s embeddings to %s", format, folder)
     return folder
+
+
+def _write_embeddings(folder: Path, frame: pd.DataFrame, names: dict[str, str],
+                      format: str) -> None:
+    """One side of one pair of tables (``frame`` indexed by original id) in ``format``."""
+    frame = frame.reset_index()
+    if format == "parquet":
+        write_atomic(folder / names["embeddings"], _parquet_bytes(frame))
+        return
+    factors = frame.filter(regex=r"^f\d+$")
+    buffer = io.BytesIO()
+    np.save(buffer, factors.to_numpy(dtype="float32"))
+    write_atomic(folder / names["factors"], buffer.getvalue())
+    write_atomic(folder / names["ids"], _parquet_bytes(frame.drop(columns=factors.columns)))
 
 
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
                  threshold: float | None = None, min_item_ratings: int = 0,
                  max_users: int = RankingConfig.ranking_users,
                  env: DistEnv | None = None) -> dict:
-    """Ranking figures of a finished run (model.pt) on its test split, beside most-popular.
+    """Ranking figures of a finished run (model.pt) on its test split, beside most-popular:
+    the lists of the ranking tables when the run trained them, else of the rating model.
 
     ``max_users``: a seeded sample of about this many test users (0: every one), the same
     users training evaluated. Needs the run's shards. With ``env`` (ranks already joined,
@@ -368,10 +462,12 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
     return top[np.argsort(-scores[top], kind="stable")]
 
 
-def _embedding_frame(factors: np.ndarray, bias: np.ndarray, ids: pa.Table) -> pd.DataFrame:
+def _embedding_frame(factors: np.ndarray, bias: np.ndarray | None,
+                     ids: pa.Table) -> pd.DataFrame:
     import pandas as pd  # here: the rest of this module serves the command line without it
 
     frame = pd.DataFrame(factors, index=pd.Index(ids.to_pandas().iloc[:, 0]),
                          columns=[f"f{k}" for k in range(factors.shape[1])])
-    frame["bias"] = bias
+    if bias is not None:
+        frame["bias"] = bias
     return frame

@@ -71,6 +71,13 @@ REPORT_MD = "report.md"
 REPORTS = (REPORT_MD, REPORT_HTML)
 OPTIONAL_FIGURES = (CURVES_FIGURE, K_SELECTION_FIGURE)
 
+# model.npz / model.pt keys: the rating model's tables keep their module names
+# (user_factors.weight, ..., global_mean); the ranking tables' get this prefix
+# (ranking_user_factors.weight, ranking_item_factors.weight); an export's ranking files too.
+RANKING_PREFIX = "ranking_"
+# The two pairs of tables a run may hold (model.npz "objective" says which it trained).
+TABLES = ("rating", "ranking")
+
 EXPORT_DIR = "export"  # default folder of `export_run`
 EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
@@ -107,10 +114,12 @@ def model_part(rank: int) -> str:
     return f"model.users.rank{rank}.pt"
 
 
-def export_names(side: str) -> dict[str, str]:
-    """File names `export_run` writes for ``side`` ("users" or "items") per format."""
-    return {"embeddings": f"{side}_embeddings.parquet", "factors": f"{side}_factors.npy",
-            "ids": f"{side}_ids.parquet"}
+def export_names(side: str, tables: str = "rating") -> dict[str, str]:
+    """File names `export_run` writes for ``side`` ("users" or "items") of ``tables``
+    ("rating" or "ranking") per format; the ranking tables' names start with RANKING_PREFIX."""
+    stem = side if tables == "rating" else RANKING_PREFIX + side
+    return {"embeddings": f"{stem}_embeddings.parquet", "factors": f"{stem}_factors.npy",
+            "ids": f"{stem}_ids.parquet"}
 
 
 # --- writing ------------------------------------------------------------------

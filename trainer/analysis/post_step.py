@@ -52,18 +52,24 @@ logger = logging.getLogger(__name__)
 def cluster_run(run_dir: str | Path, config: ClusterConfig) -> dict[str, Any]:
     """K-Means on a finished run's item embeddings, scores and report in RUN_DIR.
 
+    The embeddings are the ranking tables' items when the run trained them (their clusters
+    follow genres more closely), else the rating model's item factors.
     Returns the clusters.json document.
     """
     run = load_run(run_dir)
     try:
-        result = cluster_items(run.item_factors, run.items, config)
+        result = cluster_items(run.item_vectors, run.items, config)
     except ValueError as e:
         raise InputError(str(e)) from e
-    return write_cluster_outputs(result, run.run_dir, read_json(run.run_dir / FINAL_METRICS))
+    return write_cluster_outputs(result, run.run_dir, read_json(run.run_dir / FINAL_METRICS),
+                                 tables=run.tables)
 
 
 def write_cluster_outputs(
-    result: ClusterResult, run_dir: Path, metrics: dict[str, Any] | None = None
+    result: ClusterResult,
+    run_dir: Path,
+    metrics: dict[str, Any] | None = None,
+    tables: str | None = None,
 ) -> dict[str, Any]:
     """Write the parquet, JSON, figures and reports into `run_dir`, each atomically.
 
@@ -75,6 +81,8 @@ def write_cluster_outputs(
         run_dir: the run directory (created if missing); its final metrics (when
             `metrics` is None), per-epoch metrics and config are quoted if present.
         metrics: the run's final figures (test_rmse, epochs, ...) to quote in the reports.
+        tables: whose item embeddings were clustered, "ranking" or "rating" (clusters.json
+            ``tables``; the reports say it); None: embeddings from elsewhere, not said.
 
     Returns:
         The clusters.json document.
@@ -84,7 +92,7 @@ def write_cluster_outputs(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = _clusters_json(result)
+    summary = _clusters_json(result, tables)
     # Everything is rendered before anything is written: a rendering error leaves
     # the folder as it was.
     rendered = render_all(result, summary, read_run_files(run_dir, metrics))
@@ -108,10 +116,11 @@ def write_cluster_outputs(
     return summary
 
 
-def _clusters_json(result: ClusterResult) -> dict[str, Any]:
+def _clusters_json(result: ClusterResult, tables: str | None) -> dict[str, Any]:
     """The clusters.json document: plain Python types, no NaN."""
     config = result.config
     return {
+        "tables": tables,
         "k": result.k,
         "k_requested": config.clusters,
         "k_selection": _finite_floats(result.k_selection),

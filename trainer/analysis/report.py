@@ -72,14 +72,23 @@ def render_all(result: ClusterResult, summary: dict[str, Any], run: RunFiles) ->
     return Rendered(
         figures=figures,
         html=render_html(result, summary, run, figures),
-        markdown=render_markdown(result, run, list(figures)),
+        markdown=render_markdown(result, run, list(figures), summary.get("tables")),
     )
 
 
 # --- what both documents say ------------------------------------------------
 
 
-def _intro(result: ClusterResult) -> str:
+# What was clustered, by clusters.json ``tables``: one sentence each.
+_TABLES_TEXT = {
+    "ranking": "The embeddings are the ranking tables' item factors (iALS, scored by "
+    "<w_u, h_i>): on the sets measured their clusters follow genres more closely than a "
+    "rating model's.",
+    "rating": "The embeddings are the rating model's item factors.",
+}
+
+
+def _intro(result: ClusterResult, tables: str | None = None) -> str:
     config = result.config
     how = "K-Means" if result.algorithm == "kmeans" else "MiniBatchKMeans"
     if result.k_selection:
@@ -99,6 +108,7 @@ def _intro(result: ClusterResult) -> str:
             if result.items_left_out
             else " (all of them)."
         )
+        + (f" {_TABLES_TEXT[tables]}" if tables else "")
     )
 
 
@@ -274,9 +284,13 @@ def _run_figures_note(run: RunFiles) -> str | None:
 # --- report.md --------------------------------------------------------------
 
 
-def render_markdown(result: ClusterResult, run: RunFiles, figure_names: list[str]) -> str:
-    """report.md: the same content as report.html, figures linked rather than embedded."""
-    lines = [f"# What the item embeddings learned: {run.name}", "", _intro(result), ""]
+def render_markdown(
+    result: ClusterResult, run: RunFiles, figure_names: list[str], tables: str | None = None
+) -> str:
+    """report.md: the same content as report.html, figures linked rather than embedded.
+
+    ``tables``: whose item embeddings were clustered (clusters.json ``tables``)."""
+    lines = [f"# What the item embeddings learned: {run.name}", "", _intro(result, tables), ""]
     metrics = _scalar_metrics(run.metrics)
     if metrics or CURVES_FIGURE in figure_names:
         lines += ["## Training", ""]
@@ -432,7 +446,7 @@ def render_html(
         f"<title>shardmf report: {e(run.name)}</title>",
         f"<style>{_CSS}</style></head><body><main>",
         f"<h1>What the item embeddings learned: {e(run.name)}</h1>",
-        f'<p class="lede">{e(_intro(result))}</p>',
+        f'<p class="lede">{e(_intro(result, summary.get("tables")))}</p>',
         _html_cards(result, run),
     ]
 
