@@ -45,3 +45,20 @@ $(PEERS_VENV)/.installed: bench/peers/requirements.txt
 bench-peers: install $(PEERS_VENV)/.installed
 	$(PEERS_VENV)/bin/python bench/peers/run_peers.py --shardmf $(BIN)/shardmf \
 		--torch-python $(BIN)/python --peers-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
+
+# Ranking peers (bench/ranking_peers.py): shardmf's top-10 lists beside the `implicit`
+# library's ALS and BPR and most-popular, scored by the project's own ranking code. The
+# peers live in their own venv (bench/peers/ranking-requirements.txt), never the project's.
+RANKING_PEERS_VENV ?= bench/.venv-ranking-peers
+RANKING_ARGS ?=
+
+$(RANKING_PEERS_VENV)/.installed: bench/peers/ranking-requirements.txt
+	test -x $(RANKING_PEERS_VENV)/bin/python || $(PYTHON) -m venv $(RANKING_PEERS_VENV)
+	$(RANKING_PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RANKING_PEERS_VENV)/bin/python -m pip install -q -r bench/peers/ranking-requirements.txt
+	touch $@
+
+.PHONY: bench-ranking
+bench-ranking: install $(RANKING_PEERS_VENV)/.installed
+	$(BIN)/python bench/ranking_peers.py --shardmf $(BIN)/shardmf \
+		--peers-python $(RANKING_PEERS_VENV)/bin/python $(RANKING_ARGS)
