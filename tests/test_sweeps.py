@@ -27,6 +27,11 @@ def test_the_objective_follows_the_data() -> None:
     assert resolve_objectives("auto", "interactions") == ("ranking",)
     assert resolve_objectives("rating", "ratings") == ("rating",)
     assert resolve_objectives("ranking", "interactions") == ("ranking",)
+    assert resolve_objectives("auto", "ratings", "cuda") == ("rating",)
+    for choice, kind in (("ranking", "ratings"), ("both", "ratings"),
+                         ("auto", "interactions")):
+        with pytest.raises(InputError, match="train on CPU ranks for now"):
+            resolve_objectives(choice, kind, "cuda")
     for choice in ("rating", "both"):
         with pytest.raises(InputError, match=rf"objective='{choice}' predicts ratings, but "
                                              "the shards hold interactions"):

@@ -78,7 +78,8 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
     launcher has just checked the shards (``config.train.verify``), so ranks trust them."""
     run = Path(config.run_dir)
     plan = _plan(config, env, shards_verified)
-    objectives = resolve_objectives(config.objective.objective, plan.shards.kind)
+    objectives = resolve_objectives(config.objective.objective, plan.shards.kind,
+                                    env.device.type)
     auto = resolve_defaults(config.model, config.optim, config.train,
                             train_ratings=plan.shards.rows("train"),
                             world_size=env.world_size,
@@ -103,7 +104,7 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
     return _finish(run, rating, ranking, plan, config, env, reader)
 
 
-def resolve_objectives(choice: str, kind: str) -> tuple[str, ...]:
+def resolve_objectives(choice: str, kind: str, device_type: str = "cpu") -> tuple[str, ...]:
     """What the run learns: ("rating",), ("ranking",) or ("rating", "ranking").
 
     auto: rankings on interaction data, which has no ratings to predict; both on rating
@@ -111,14 +112,22 @@ def resolve_objectives(choice: str, kind: str) -> tuple[str, ...]:
     the rating tables cost 0.018 test RMSE on ML-100K, bench/ranking_objective.md), and
     rating predictions make weak lists (they rank what a user would rate highly among what
     they chose, not what they would choose).
+
+    The ranking tables' solver (trainer/ials.py) runs on CPU tables: on GPUs auto trains
+    the rating tables alone, and asking for rankings there is an error.
     """
-    if choice == "auto":
-        return ("ranking",) if kind == "interactions" else ("rating", "ranking")
-    if kind == "interactions" and choice != "ranking":
+    gpu = device_type != "cpu"
+    if choice == "auto" and kind == "ratings":
+        return ("rating",) if gpu else ("rating", "ranking")
+    if gpu and choice != "rating":
+        raise InputError(f"objective={choice!r}: the ranking tables train on CPU ranks for "
+                         f"now (device={device_type!r}); use device='cpu' for them, or "
+                         "objective='rating'")
+    if kind == "interactions" and choice not in ("auto", "ranking"):
         raise InputError(f"objective={choice!r} predicts ratings, but the shards hold "
                          "interactions (no ratings); use objective='ranking' (the default "
                          "for them)")
-    return {"rating": ("rating",), "ranking": ("ranking",),
+    return {"rating": ("rating",), "ranking": ("ranking",), "auto": ("ranking",),
             "both": ("rating", "ranking")}[choice]
 
 
