@@ -68,3 +68,20 @@ def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path:
     tables, _ = load_model(run / "model.pt")
     rmse, _ = evaluate(tables.rating, shards.pieces("val"), shards.scale, TrainConfig(), SINGLE)
     assert rmse == pytest.approx(best["val_rmse"], abs=1e-9)
+
+
+def test_a_run_resumed_after_early_stopping_trains_no_more_epochs(trainer_shards_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Resumed after its rating epochs had stopped early (as when the ranking sweeps that
+    follow are cut short), a run keeps the same epochs and figures: none is added."""
+    run = tmp_path / "run"
+    configs = (ModelConfig(dim=8, reg=0.02), OptimConfig(optimizer="sgd", lr=0.03,
+                                                         lr_decay=1.0))
+    first = train(run_config(trainer_shards_dir, run, *configs,
+                             TrainConfig(**{**SMALL, "patience": 1}, epochs=8)), SINGLE)
+    assert first["epochs"] < 8
+    again = train(run_config(trainer_shards_dir, run, *configs,
+                             TrainConfig(**{**SMALL, "patience": 1}, epochs=8, resume=True)),
+                  SINGLE)
+    for key in ("epochs", "best_epoch", "test_rmse", "val_rmse", "ndcg@10"):
+        assert again[key] == first[key], key

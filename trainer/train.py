@@ -164,7 +164,10 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
 
     train_epoch = TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
                              train_config, env, reader, checkpointer)
-    for epoch in range(state.epoch, train_config.epochs):
+    # A run that resumes after early stopping had stopped (a later phase was cut short) has
+    # no epoch left: another would change what it keeps.
+    stopped = bool(train_config.patience) and state.bad_epochs >= train_config.patience
+    for epoch in range(state.epoch, state.epoch if stopped else train_config.epochs):
         lr = optim_config.lr * optim_config.lr_decay ** epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
