@@ -303,6 +303,13 @@ class Tables:
                 state.update({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()})
         return state
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of `state_dict`: each model takes its own keys."""
+        for prefix, model in (("", self.rating), (RANKING_PREFIX, self.ranking)):
+            if model is not None:
+                model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                                       if k.startswith(RANKING_PREFIX) == bool(prefix)})
+
 
 def save_model(path: Path, tables: Tables, shards: ShardSet) -> None:
     """The kept weights plus what is needed to use them without the shards, at ``path``
@@ -338,15 +345,13 @@ def load_model(path: Path) -> tuple[Tables, dict]:
         rating = BiasedMF(state["user_factors.weight"].shape[0],
                           state["item_factors.weight"].shape[0], float(state["global_mean"]),
                           ModelConfig(**payload["model_config"]))
-        rating.load_state_dict({k: v for k, v in state.items()
-                                if not k.startswith(RANKING_PREFIX)})
     if payload.get("ranking_dim") is not None:
         users = state[RANKING_PREFIX + "user_factors.weight"]
         items = state[RANKING_PREFIX + "item_factors.weight"]
         ranking = RankingMF(users.shape[0], items.shape[0], payload["ranking_dim"])
-        ranking.load_state_dict({k[len(RANKING_PREFIX):]: v for k, v in state.items()
-                                 if k.startswith(RANKING_PREFIX)})
-    return Tables(rating, ranking, payload.get("kind", "ratings")), payload
+    tables = Tables(rating, ranking, payload.get("kind", "ratings"))
+    tables.load_state_dict(state)
+    return tables, payload
 
 
 def save_owned_model(run: Path, tables: Tables, ownership: UserOwnership,
@@ -379,11 +384,7 @@ def save_owned_model(run: Path, tables: Tables, ownership: UserOwnership,
             if key != "users":
                 state[key][rows["users"]] = values
         path.unlink()
-    for prefix, model in (("", rating), (RANKING_PREFIX, ranking)):
-        if model is not None:
-            model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                   if k.startswith(prefix) and (prefix or
-                                                                not k.startswith(RANKING_PREFIX))})
+    full.load_state_dict(state)
     save_model(run / MODEL, full, shards)
 
 
