@@ -595,6 +595,7 @@ def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplica
     data = buffer.getvalue()
     (out / name).write_bytes(data)
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
+    ratings = frame["rating"].to_numpy(dtype=np.float64)
     entry = {
         "path": name,
         "shard": shard,  # under --partition-by user, train/val/test shard k share their users
@@ -603,7 +604,8 @@ def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplica
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "duplicates": duplicates,
-        "rating_sum": float(frame["rating"].to_numpy(dtype=np.float64).sum()),
+        "rating_sum": float(ratings.sum()),
+        "rating_square_sum": float(np.dot(ratings, ratings)),
         "rating_min": float(frame["rating"].min()) if len(frame) else None,
         "rating_max": float(frame["rating"].max()) if len(frame) else None,
     }
@@ -684,12 +686,13 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
                            "users_unseen_in_train": int((user_counts[users] == 0).sum()),
                            "items_unseen_in_train": int((item_counts[items] == 0).sum())}
     train_mean = sum(e["rating_sum"] for e in train) / counts["train"]
+    train_variance = sum(e["rating_square_sum"] for e in train) / counts["train"] - train_mean**2
     kept_min = min(e["rating_min"] for e in shards if e["rating_min"] is not None)
     kept_max = max(e["rating_max"] for e in shards if e["rating_max"] is not None)
     if scale is None:  # interactions: weights from 0 up to the largest, repeats added
         scale = (0.0, kept_max)
     for entry in shards:
-        for key in ("rating_sum", "rating_min", "rating_max"):
+        for key in ("rating_sum", "rating_square_sum", "rating_min", "rating_max"):
             entry.pop(key)
         entry["duplicates"] = {k: entry["duplicates"][k] for k in ("pairs", "rows")}
 
@@ -753,6 +756,7 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
             "duplicate_pairs": repeated,
         },
         "rating": {"min": kept_min, "max": kept_max, "train_mean": train_mean,
+                   "train_std": math.sqrt(max(train_variance, 0.0)),
                    "scale": [float(scale[0]), float(scale[1])]},
         "split": split_info,
         "partition": partition,

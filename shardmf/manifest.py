@@ -66,6 +66,7 @@ class Manifest:
     num_items: int
     split_rows: dict[str, int]  # ratings per split
     train_mean: float  # mean training rating (interactions: mean weight)
+    train_std: float | None  # their standard deviation (None: written by an older shardmf)
     scale: tuple[float, float]  # lowest and highest possible rating (interactions: 0..max)
     kind: str  # "ratings" | "interactions"
     weight_column: str | None  # interactions: the input's weight column; None: all weigh 1
@@ -118,7 +119,9 @@ class Manifest:
             root=root, data=data, num_users=int(counts["users"]),
             num_items=int(counts["items"]),
             split_rows={split: int(counts["ratings"][split]) for split in SPLITS},
-            train_mean=float(rating["train_mean"]), scale=(float(low), float(high)),
+            train_mean=float(rating["train_mean"]),
+            train_std=None if rating.get("train_std") is None else float(rating["train_std"]),
+            scale=(float(low), float(high)),
             kind=kind, weight_column=None if weight_column is None else str(weight_column),
             files={split: tuple(_shard_file(entry) for entry in data["files"][split])
                    for split in SPLITS},

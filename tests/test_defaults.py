@@ -17,7 +17,9 @@ from trainer.defaults import (
     LARGE_SET,
     LARGE_SET_RATINGS,
     SMALL_SET,
+    SMALL_SET_RATINGS,
     ranks_cannot_pay,
+    recipe_for,
     resolve_defaults,
 )
 from trainer.distributed import DistEnv
@@ -35,10 +37,10 @@ def _resolve(ratings: int, world_size: int = 1, periodic: bool = False, **given)
 
 
 @pytest.mark.parametrize(("ratings", "recipe"), [(90_000, SMALL_SET),
-                                                 (LARGE_SET_RATINGS - 1, SMALL_SET),
+                                                 (SMALL_SET_RATINGS, SMALL_SET),
                                                  (LARGE_SET_RATINGS, LARGE_SET),
                                                  (100_000_000, LARGE_SET)])
-def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe: dict) -> None:
+def test_the_recipes_hold_beyond_their_anchors(ratings: int, recipe: dict) -> None:
     resolved = _resolve(ratings)
     assert resolved.model.dim == recipe["dim"]
     assert resolved.optim.lr == recipe["lr"] and resolved.optim.lr_decay == recipe["lr_decay"]
@@ -46,6 +48,25 @@ def test_the_recipe_follows_the_number_of_training_ratings(ratings: int, recipe:
     assert resolved.train.min_delta == recipe["min_delta"]
     assert resolved.chosen == {**recipe, "prefetch": 4, "cache_mb": 0}
     assert f"{ratings:,} training ratings" in resolved.reason
+
+
+def test_between_the_anchors_every_value_moves_smoothly_with_the_size() -> None:
+    """No cliff: over sizes 5% apart, each value moves one way only and by little, and the
+    work a run does (ratings x dimension x the epochs its step takes to decay) never jumps."""
+    sizes = [int(SMALL_SET_RATINGS * 1.05 ** k) for k in range(90)]
+    assert sizes[-1] > LARGE_SET_RATINGS
+    recipes = [recipe_for(n) for n in sizes]
+    for name in SMALL_SET:
+        values = [r[name] for r in recipes]
+        falling = SMALL_SET[name] > LARGE_SET[name]
+        assert values == sorted(values, reverse=falling), name
+    work = [n * r["dim"] / (1 - r["lr_decay"]) for n, r in zip(sizes, recipes)]
+    assert max(b / a for a, b in zip(work, work[1:])) < 1.1
+    assert min(b / a for a, b in zip(work, work[1:])) > 0.9
+    middle = recipe_for(1_000_000)
+    assert LARGE_SET["dim"] < middle["dim"] < SMALL_SET["dim"]
+    assert SMALL_SET["lr"] < middle["lr"] < LARGE_SET["lr"]
+    assert "of the way from the small-set recipe" in _resolve(1_000_000).reason
 
 
 def test_values_given_by_the_user_are_never_replaced() -> None:
@@ -57,7 +78,9 @@ def test_values_given_by_the_user_are_never_replaced() -> None:
 def test_periodic_averaging_on_a_small_set_keeps_the_per_rating_step() -> None:
     assert _resolve(90_000, 2, periodic=True).optim.lr == SMALL_SET["lr"] * 2
     assert _resolve(90_000, 2, periodic=True, lr=0.01).optim.lr == 0.01  # given: kept
-    assert _resolve(5_000_000, 2, periodic=True).optim.lr == LARGE_SET["lr"]
+    assert _resolve(LARGE_SET_RATINGS, 2, periodic=True).optim.lr == LARGE_SET["lr"]
+    middle = _resolve(1_000_000, 2, periodic=True).optim.lr / recipe_for(1_000_000)["lr"]
+    assert 1 < middle < 2  # fading from twice to once
     assert _resolve(90_000, 2, periodic=False).optim.lr == SMALL_SET["lr"]
 
 
@@ -124,7 +147,7 @@ def test_train_records_and_uses_the_choice(trainer_shards_dir: Path, tmp_path: P
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     chosen = config["chosen_from_data"]
     assert {k: chosen[k] for k in SMALL_SET} == SMALL_SET  # ~18k ratings: a small set
-    assert "training ratings (small set" in chosen["reason"]
+    assert "training ratings (0% of the way" in chosen["reason"]
     assert config["model"]["dim"] == SMALL_SET["dim"] == metrics["dim"]
     assert config["optim"]["lr"] == SMALL_SET["lr"] and config["step"] == "fused"
 
@@ -133,7 +156,7 @@ def _default_job(env: DistEnv, shards: str, out: str) -> None:
     train(run_config(shards, Path(out) / "run",
                      ModelConfig(),
                      OptimConfig(),
-                     TrainConfig(epochs=3, threads=1, timeout_s=60)), env)
+                     TrainConfig(epochs=6, threads=1, timeout_s=60)), env)
 
 
 @pytest.mark.distributed

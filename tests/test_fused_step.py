@@ -16,7 +16,7 @@ import torch
 from helpers import run_config, spawn_ranks
 
 from shardmf.errors import InputError
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
 from trainer.distributed import DistEnv, all_reduce
 from trainer.fused_step import FusedSGDStep, load_fused_kernel
 from trainer.model import BiasedMF
@@ -29,14 +29,15 @@ CPU = torch.device("cpu")
 NUM_USERS, NUM_ITEMS = 30, 20
 
 
-def _twins(seed: int = 0, dim: int = 8) -> tuple[BiasedMF, BiasedMF]:
+def _twins(seed: int = 0, dim: int = 8, unit: float = 1.0) -> tuple[BiasedMF, BiasedMF]:
     """Two identical models with non-zero biases (so every term of the update counts)."""
     torch.manual_seed(seed)
-    reference = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(reg=0.05, dim=dim, init_std=0.3))
+    config = ModelConfig(reg=0.05, dim=dim, init_std=0.3)
+    reference = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, config, rating_unit=unit)
     with torch.no_grad():
         reference.user_bias.weight.normal_(std=0.5)
         reference.item_bias.weight.normal_(std=0.5)
-    fused = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, ModelConfig(reg=0.05, dim=dim, init_std=0.3))
+    fused = BiasedMF(NUM_USERS, NUM_ITEMS, 3.5, config, rating_unit=unit)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 
@@ -54,14 +55,15 @@ def _assert_same_weights(a: BiasedMF, b: BiasedMF, atol: float = 1e-6) -> None:
         torch.testing.assert_close(x, y, rtol=1e-5, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("unit", [1.0, 2.5], ids=["unit-1", "unit-2.5"])
 @pytest.mark.parametrize("batch", [
     ([3], [7], [4.5]),  # one rating
     ([1, 1, 3, 5, 1, 3], [2, 4, 2, 2, 2, 9], [4.0, 3.0, 5.0, 1.0, 2.0, 3.5]),  # repeats
 ], ids=["one-rating", "repeated-rows"])
-def test_one_step_is_the_reference_update(batch) -> None:
+def test_one_step_is_the_reference_update(batch, unit: float) -> None:
     kernel = load_fused_kernel()
     assert kernel is not None, "numba is a dependency: the kernel must load here"
-    reference, fused = _twins()
+    reference, fused = _twins(unit=unit)
     users, items = torch.tensor(batch[0]), torch.tensor(batch[1])
     ratings = torch.tensor(batch[2])
     before = {k: v.clone() for k, v in fused.state_dict().items()}
@@ -140,13 +142,16 @@ def test_without_numba_one_warning_and_the_autograd_step(
         with caplog.at_level(logging.WARNING, logger="trainer.fused_step"):
             single = DistEnv(0, 0, 1, 1, CPU, None)
             settings = {"epochs": 2, "patience": 0, "batch_size": 256, "threads": 1}
+            # The rating tables alone: the ranking objective needs numba whatever the step.
+            rating = ObjectiveConfig(objective="rating")
             metrics = train(run_config(trainer_shards_dir, tmp_path / "run",
                                        ModelConfig(reg=0.05, dim=8),
                                        OptimConfig(lr=0.01),
-                                       TrainConfig(**settings)), single)
+                                       TrainConfig(**settings), objective=rating), single)
             with pytest.raises(InputError, match="numba, which could not load"):
                 train(run_config(trainer_shards_dir, tmp_path / "fused",
-                                 train=TrainConfig(**settings, step="fused")), single)
+                                 train=TrainConfig(**settings, step="fused"),
+                                 objective=rating), single)
     finally:
         monkeypatch.undo()
         load_fused_kernel.cache_clear()

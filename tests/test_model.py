@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import small_model
 
+from trainer.config import ModelConfig
 from trainer.model import BiasedMF, SquaredErrorWithL2
 from trainer.optim import RowSGD
 
@@ -72,7 +73,8 @@ def test_fused_loss_gradients_equal_autograd(sparse: bool) -> None:
 
 def test_fused_loss_passes_gradcheck() -> None:
     def loss(p, q, b_u, b_i):
-        return SquaredErrorWithL2.apply(p, q, b_u, b_i, ratings, torch.tensor(3.0), 0.3, 0.1)
+        return SquaredErrorWithL2.apply(p, q, b_u, b_i, ratings, torch.tensor(3.0), 0.3, 0.1,
+                                        1.0)
 
     gen = torch.Generator().manual_seed(0)
     p, q = (torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -81,6 +83,45 @@ def test_fused_loss_passes_gradcheck() -> None:
                 for _ in range(2))
     ratings = torch.randn(5, dtype=torch.float64, generator=gen)
     assert torch.autograd.gradcheck(loss, (p, q, b_u, b_i))
+
+
+@pytest.mark.parametrize("step", ["autograd", "fused"])
+def test_a_rating_unit_is_sgd_on_standardised_ratings(step: str) -> None:
+    """Training on ratings with unit s moves the tables exactly as training a unit-1 model on
+    (r - mean) / s would, scaled back: factors by sqrt(s), biases by s."""
+    from trainer.fused_step import FusedSGDStep, load_fused_kernel
+
+    unit, mean, lr = 2.5, 1.0, 0.02
+    config = ModelConfig(dim=3, reg=0.05, bias_reg=0.01, init_std=0.3)
+    torch.manual_seed(0)
+    scaled = BiasedMF(6, 5, mean, config, rating_unit=unit)
+    torch.manual_seed(0)
+    standard = BiasedMF(6, 5, 0.0, config)
+    with torch.no_grad():  # same draws, sqrt(unit) wider: as the unit promises
+        torch.testing.assert_close(scaled.user_factors.weight,
+                                   standard.user_factors.weight * unit ** 0.5)
+        for model, factor in ((scaled, unit), (standard, 1.0)):
+            model.user_bias.weight.copy_(torch.linspace(-1, 1, 6)[:, None] * factor)
+    users, items = torch.tensor([0, 1, 1, 4, 5, 0]), torch.tensor([0, 2, 3, 2, 4, 1])
+    ratings = torch.tensor([-9.0, 4.0, 7.5, 10.0, -2.0, 0.5])
+    for model, targets in ((scaled, ratings), (standard, (ratings - mean) / unit)):
+        optimizer = RowSGD(model.parameters(), lr=lr)
+        for _ in range(5):
+            if step == "fused":
+                FusedSGDStep(model, optimizer, load_fused_kernel(), 2)(users, items, targets, 0.0)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                model(users, items, targets).backward()
+                optimizer.step()
+    for name in ("user_factors", "item_factors"):
+        torch.testing.assert_close(getattr(scaled, name).weight,
+                                   getattr(standard, name).weight * unit ** 0.5)
+    for name in ("user_bias", "item_bias"):
+        torch.testing.assert_close(getattr(scaled, name).weight,
+                                   getattr(standard, name).weight * unit)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.score(users, items),
+                                   mean + unit * standard.score(users, items))
 
 
 def test_sparse_gradients_touch_only_batch_rows() -> None:

@@ -243,7 +243,7 @@ def test_manifest_matches_the_files(tmp_path: Path, make_ratings, ratings_writer
         "users.parquet", "val"]
 
     total = {"train": 0, "val": 0, "test": 0}
-    rating_sum, seen = 0.0, []
+    train_ratings, seen = [], []
     schemas = set()
     for split, entries in manifest["files"].items():
         assert [e["path"] for e in entries] == [f"{split}/part-{k:05d}.parquet"
@@ -263,13 +263,15 @@ def test_manifest_matches_the_files(tmp_path: Path, make_ratings, ratings_writer
             schemas.add(str(table.schema.remove_metadata()))
             total[split] += table.num_rows
             if split == "train":
-                rating_sum += float(np.sum(table["rating"].to_numpy(), dtype=np.float64))
+                train_ratings.append(table["rating"].to_numpy())
             seen.append(table.to_pandas())
     # Every shard, empty or not, has the same columns and types.
     assert schemas == {"user_id: int32\nitem_id: int32\nrating: float\ntimestamp: int64"}
     assert manifest["counts"]["ratings"] == total
     assert sum(total.values()) == len(frame)
-    assert manifest["rating"]["train_mean"] == pytest.approx(rating_sum / total["train"])
+    train_ratings = np.concatenate(train_ratings).astype(np.float64)
+    assert manifest["rating"]["train_mean"] == pytest.approx(train_ratings.mean())
+    assert manifest["rating"]["train_std"] == pytest.approx(train_ratings.std())
     assert manifest["rating"]["min"] == frame["rating"].min()
     assert manifest["rating"]["max"] == frame["rating"].max()
     assert manifest["rating"]["scale"] == [0.5, 5.0]

@@ -4,6 +4,7 @@ Resuming is in test_checkpoint.py, real ranks in test_distributed.py."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from helpers import SINGLE, SMALL, run_config
 
 from shardmf.errors import InputError
 from trainer.checkpoint import load_model
-from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.config import ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
 from trainer.model import BiasedMF
 from trainer.shards import Piece, open_shards
 from trainer.train import evaluate, train
@@ -42,13 +43,32 @@ def test_evaluate_known_rmse_and_mae(tmp_path: Path) -> None:
     assert evaluate(model, [], (1.0, 5.0), config, SINGLE) == (None, None)
 
 
-def test_a_diverging_loss_is_one_clear_error(trainer_shards_dir: Path, tmp_path: Path) -> None:
+def test_a_loss_that_diverges_twice_is_one_clear_error(trainer_shards_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """The first non-finite loss lowers the step 4x and goes on; the second ends the run."""
     with pytest.raises(InputError, match=r"non-finite by step \d+ of epoch 1; lower `lr` "
-                                         r"\(now 1e\+06\)"):
+                                         r"\(now 250000\)"):
         train(run_config(trainer_shards_dir, tmp_path / "run",
                          ModelConfig(reg=0.05, dim=8, init_std=1.0),
                          OptimConfig(lr=1e6),
                          TrainConfig(**SMALL, epochs=1)), SINGLE)
+
+
+def test_a_loss_that_diverges_once_goes_on_at_a_lower_step(
+        trainer_shards_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        metrics = train(run_config(trainer_shards_dir, run,
+                                   ModelConfig(reg=0.05, dim=8, init_std=1.0),
+                                   OptimConfig(lr=0.1, lr_decay=0.5),
+                                   TrainConfig(**SMALL, epochs=2),
+                                   objective=ObjectiveConfig(objective="rating")), SINGLE)
+    lowered = [r.message for r in caplog.records if "non-finite" in r.message]
+    assert len(lowered) == 1 and "epoch 1 at lr 0.1: going on from the initial weights" in (
+        lowered[0]) and "divided by 4" in lowered[0]
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in epochs] == [0.025, 0.0125]  # the lowered step, decaying on
+    assert math.isfinite(metrics["test_rmse"]) and metrics["test_rmse"] < 1.2
 
 
 def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path: Path) -> None:
@@ -56,8 +76,8 @@ def test_early_stopping_keeps_the_best_epoch(trainer_shards_dir: Path, tmp_path:
     this data and seed), training stops one epoch later and the model kept is the best."""
     run = tmp_path / "run"
     metrics = train(run_config(trainer_shards_dir, run,
-                               ModelConfig(dim=8, reg=0.02),
-                               OptimConfig(optimizer="sgd", lr=0.03, lr_decay=1.0),
+                               ModelConfig(dim=8, reg=0.017),
+                               OptimConfig(optimizer="sgd", lr=0.035, lr_decay=1.0),
                                TrainConfig(**{**SMALL, "patience": 1}, epochs=8)), SINGLE)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = min(history, key=lambda h: h["val_rmse"])
@@ -75,8 +95,8 @@ def test_a_run_resumed_after_early_stopping_trains_no_more_epochs(trainer_shards
     """Resumed after its rating epochs had stopped early (as when the ranking sweeps that
     follow are cut short), a run keeps the same epochs and figures: none is added."""
     run = tmp_path / "run"
-    configs = (ModelConfig(dim=8, reg=0.02), OptimConfig(optimizer="sgd", lr=0.03,
-                                                         lr_decay=1.0))
+    configs = (ModelConfig(dim=8, reg=0.017), OptimConfig(optimizer="sgd", lr=0.035,
+                                                          lr_decay=1.0))
     first = train(run_config(trainer_shards_dir, run, *configs,
                              TrainConfig(**{**SMALL, "patience": 1}, epochs=8)), SINGLE)
     assert first["epochs"] < 8

@@ -60,6 +60,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since then
     best_model: dict | None = None
     history: list[dict] = field(default_factory=list)
+    lr_scale: float = 1.0  # the step size's multiplier: lowered once by a non-finite loss
 
     def end_epoch(self, record: dict, val_rmse: float | None, model: torch.nn.Module,
                   min_delta: float = 0.0) -> bool:

@@ -25,11 +25,16 @@ EXPORT_FORMATS = ("parquet", "npy")  # of `trainer.export_run`
 # Items rated less in training have factors that are mostly the prior: clustering,
 # recommendations and similar items leave them out by default.
 MIN_ITEM_RATINGS = 20
-# The data-scaled recipes (trainer/defaults.py applies them; the help below quotes them).
-LARGE_SET_RATINGS = 1_000_000  # training ratings from which the large-set recipe applies
-SMALL_SET = {"dim": 256, "reg": 0.05, "lr": 0.003, "lr_decay": 0.99, "patience": 5,
+# The data-scaled recipes (trainer/defaults.py applies them; the help below quotes them):
+# SMALL_SET up to SMALL_SET_RATINGS training ratings, LARGE_SET from LARGE_SET_RATINGS,
+# and in between each value moves with the logarithm of the size (geometrically for the
+# dimension, step size and the epochs the step takes to decay), so no size is a cliff.
+# lr and reg act on ratings in units of their standard deviation (trainer/model.py).
+SMALL_SET_RATINGS = 100_000
+LARGE_SET_RATINGS = 5_000_000
+SMALL_SET = {"dim": 256, "reg": 0.045, "lr": 0.0035, "lr_decay": 0.99, "patience": 5,
              "min_delta": 0.0}
-LARGE_SET = {"dim": 64, "reg": 0.04, "lr": 0.03, "lr_decay": 0.85, "patience": 2,
+LARGE_SET = {"dim": 64, "reg": 0.035, "lr": 0.035, "lr_decay": 0.85, "patience": 2,
              "min_delta": 0.001}
 EXCHANGE_EVERY_RATINGS = 524_288  # ratings a rank trains between row exchanges
 PREFETCH = 4  # batches a loader thread cuts ahead, where a core is spare
@@ -40,8 +45,9 @@ REG_PATH_FACTOR = 0.8  # ... multiplied by this after every sweep
 
 def _by_size(name: str) -> str:
     """A recipe field's default in words, from the recipes themselves."""
-    return (f"(default: {SMALL_SET[name]:g} below {LARGE_SET_RATINGS / 1e6:g}M training "
-            f"ratings, {LARGE_SET[name]:g} from {LARGE_SET_RATINGS / 1e6:g}M)")
+    return (f"(default: {SMALL_SET[name]:g} up to {SMALL_SET_RATINGS / 1e3:g}k training "
+            f"ratings, {LARGE_SET[name]:g} from {LARGE_SET_RATINGS / 1e6:g}M, moving with "
+            "the log of the size in between)")
 
 
 def _check(condition: bool, field: str, value: object, expected: str) -> None:
@@ -81,7 +87,8 @@ class OptimConfig:
         "touched)", "choices": OPTIMIZERS})
     lr: float | None = field(default=None, metadata={
         "help": "learning rate, per rating for sgd " + _by_size("lr")[:-1]
-        + "; times the ranks on small sets with a periodic exchange)"})
+        + "; times the ranks on small sets with a periodic exchange, fading to once on "
+        "large ones)"})
     lr_decay: float | None = field(default=None, metadata={
         "help": "learning rate multiplied by this after every epoch " + _by_size("lr_decay")})
 

@@ -58,8 +58,8 @@ def prefetch_row(typingctx, table, row):
 @numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)
 def sgd_batches(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, batch_size: int,
                 user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
-                item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
-                old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+                item_bias: np.ndarray, mean: float, factor_lr: float, bias_lr: float,
+                reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
                 errors: np.ndarray, touched_users: np.ndarray, touched_items: np.ndarray,
                 total: float) -> float:
     """``sgd_batch`` on each run of ``batch_size`` ratings in turn (the last may be shorter);
@@ -72,17 +72,17 @@ def sgd_batches(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, batch
     for start in range(0, len(ratings), batch_size):
         stop = min(start + batch_size, len(ratings))
         loss += sgd_batch(users[start:stop], items[start:stop], ratings[start:stop],
-                          user_factors, item_factors, user_bias, item_bias, mean, lr, reg,
-                          bias_reg, old_users, old_items, old_biases, errors, touched_users,
-                          touched_items)
+                          user_factors, item_factors, user_bias, item_bias, mean, factor_lr,
+                          bias_lr, reg, bias_reg, old_users, old_items, old_biases, errors,
+                          touched_users, touched_items)
     return loss
 
 
 @numba.njit(cache=True, fastmath=KERNEL_FASTMATH, nogil=True)
 def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
-              item_bias: np.ndarray, mean: float, lr: float, reg: float, bias_reg: float,
-              old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+              item_bias: np.ndarray, mean: float, factor_lr: float, bias_lr: float,
+              reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
               errors: np.ndarray, touched_users: np.ndarray,
               touched_items: np.ndarray) -> float:
     """One batch's summed-gradient SGD step, in place; returns the batch's summed loss.
@@ -112,7 +112,7 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     count = len(ratings)
     dim = user_factors.shape[1]
     mean32 = np.float32(mean)
-    neg_lr = np.float32(-lr)
+    neg_factor_lr, neg_bias_lr = np.float32(-factor_lr), np.float32(-bias_lr)
     decay = np.float32(2.0 * reg)
     bias_decay = np.float32(2.0 * bias_reg)
     two = np.float32(2.0)
@@ -147,11 +147,13 @@ def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
         user, item = users[b], items[b]
         gradient = two * errors[b]
         for j in range(dim):
-            user_factors[user, j] += neg_lr * (old_users[b, j] * decay + gradient * old_items[b, j])
+            user_factors[user, j] += neg_factor_lr * (old_users[b, j] * decay
+                                                      + gradient * old_items[b, j])
         for j in range(dim):
-            item_factors[item, j] += neg_lr * (old_items[b, j] * decay + gradient * old_users[b, j])
-        user_bias[user] += neg_lr * (gradient + bias_decay * old_biases[b, 0])
-        item_bias[item] += neg_lr * (gradient + bias_decay * old_biases[b, 1])
+            item_factors[item, j] += neg_factor_lr * (old_items[b, j] * decay
+                                                      + gradient * old_users[b, j])
+        user_bias[user] += neg_bias_lr * (gradient + bias_decay * old_biases[b, 0])
+        item_bias[item] += neg_bias_lr * (gradient + bias_decay * old_biases[b, 1])
         if flag_users:
             touched_users[user] = True
         if flag_items:

@@ -45,7 +45,7 @@ def load_fused_kernel() -> Callable | None:
         column = np.zeros(1, dtype=np.float32)
         untracked = np.zeros(0, dtype=np.bool_)
         kernel(ids, ids, column, 1, table, table.copy(), column.copy(), column.copy(), 0.0,
-               0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
+               0.0, 0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
                column.copy(), untracked, untracked, 0.0)
     except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
         log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
@@ -98,8 +98,8 @@ class FusedSGDStep:
         untracked = np.zeros(0, dtype=np.bool_)
         self.touched_users = flags[0] if flags and not owned else untracked
         self.touched_items = flags[-1] if flags else untracked
-        self.mean = float(model.global_mean)
-        self.reg, self.bias_reg = model.config.reg, model.config.bias_reg
+        self.mean, self.rating_unit = float(model.global_mean), model.rating_unit
+        self.reg, self.bias_reg = model.factor_reg, model.config.bias_reg
         self.kernel, self.batch_size = kernel, batch_size
         dim = self.user_factors.shape[1]
         self.old_users = np.empty((batch_size, dim), dtype=np.float32)
@@ -126,7 +126,8 @@ class FusedSGDStep:
             total = self.kernel(
                 users_[start:stop], items_[start:stop], ratings_[start:stop], self.batch_size,
                 self.user_factors, self.item_factors, self.user_bias, self.item_bias,
-                self.mean, lr, self.reg, self.bias_reg, self.old_users, self.old_items,
+                self.mean, lr / self.rating_unit, lr, self.reg, self.bias_reg,
+                self.old_users, self.old_items,
                 self.old_biases, self.errors, self.touched_users, self.touched_items, total)
             if self.grad_sync is not None:
                 self.sync_bytes += self.grad_sync.after_step(batches)

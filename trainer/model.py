@@ -19,20 +19,32 @@ class BiasedMF(nn.Module):
     ``forward`` is the training objective (a summed loss, for ``loss.backward()``);
     ``score`` and ``predict`` are what evaluation and users call.
 
+    The tables hold the user's scale, but training moves them as if the ratings had been
+    divided by ``rating_unit`` (their standard deviation): factors start ``sqrt(unit)``
+    wider, their L2 weight is ``reg * unit`` and their gradient is divided by ``unit``,
+    which is exactly SGD on standardised ratings, undone. So one learning rate and one L2
+    weight suit a 0.5..4 scale and a -10..10 one alike (bench/scales.md).
+
     Args:
         num_users, num_items: table sizes: the manifest's, or the users one rank owns.
         global_mean: the training mean, fixed rather than learned.
         config: dimension, initialisation and regularisation.
         sparse: sparse gradients (rows touched only); gloo can all-reduce them, nccl cannot.
+        rating_unit: the training ratings' standard deviation (1: the scale as given).
     """
 
     def __init__(self, num_users: int, num_items: int, global_mean: float,
-                 config: ModelConfig, sparse: bool = True) -> None:
+                 config: ModelConfig, sparse: bool = True, rating_unit: float = 1.0) -> None:
         super().__init__()
         if config.dim is None or config.reg is None:
             raise ValueError("ModelConfig.dim and .reg must be set: resolve the automatic "
                              "ones first (trainer.defaults.resolve_defaults)")
+        if not 0 < rating_unit < math.inf:
+            raise ValueError(f"rating_unit={rating_unit!r}: expected a finite number > 0")
         self.config = config
+        self.rating_unit = float(rating_unit)
+        self.factor_reg = config.reg * self.rating_unit  # the L2 weight in the user's scale
+        init_std = config.init_std * math.sqrt(self.rating_unit)
         # Items and users draw from generators of their own, seeded from the global RNG
         # before any table exists: ranks that own different numbers of users still start
         # with the same item table.
@@ -42,9 +54,9 @@ class BiasedMF(nn.Module):
         self.user_bias = nn.Embedding(num_users, 1, sparse=sparse)
         self.item_bias = nn.Embedding(num_items, 1, sparse=sparse)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
-        nn.init.normal_(self.item_factors.weight, std=config.init_std,
+        nn.init.normal_(self.item_factors.weight, std=init_std,
                         generator=torch.Generator().manual_seed(seed))
-        nn.init.normal_(self.user_factors.weight, std=config.init_std,
+        nn.init.normal_(self.user_factors.weight, std=init_std,
                         generator=torch.Generator().manual_seed(seed + 1))
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
@@ -58,8 +70,8 @@ class BiasedMF(nn.Module):
         """
         return SquaredErrorWithL2.apply(
             self.user_factors(users), self.item_factors(items), self.user_bias(users)[:, 0],
-            self.item_bias(items)[:, 0], ratings, self.global_mean, self.config.reg,
-            self.config.bias_reg)
+            self.item_bias(items)[:, 0], ratings, self.global_mean, self.factor_reg,
+            self.config.bias_reg, self.rating_unit)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B,) float32 predictions, unclamped."""
@@ -89,7 +101,8 @@ class BiasedMF(nn.Module):
 
 
 class SquaredErrorWithL2(torch.autograd.Function):
-    """sum_b (mean + b_u + b_i + <p, q> - r)^2 + reg (|p|^2 + |q|^2) + bias_reg (b_u^2 + b_i^2).
+    """sum_b (mean + b_u + b_i + <p, q> - r)^2 + reg (|p|^2 + |q|^2) + bias_reg (b_u^2 + b_i^2),
+    with the factors' gradient divided by ``unit`` (BiasedMF: standardised SGD).
 
     One autograd node with its gradient written out, instead of the dozen nodes and (B, d)
     intermediates autograd would record for the same formula: the step is ~1.1x faster
@@ -100,10 +113,10 @@ class SquaredErrorWithL2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: torch.Tensor, q: torch.Tensor, b_u: torch.Tensor, b_i: torch.Tensor,
                 ratings: torch.Tensor, mean: torch.Tensor, reg: float,
-                bias_reg: float) -> torch.Tensor:
+                bias_reg: float, unit: float) -> torch.Tensor:
         error = torch.linalg.vecdot(p, q) + b_u + b_i + mean - ratings
         ctx.save_for_backward(p, q, b_u, b_i, error)
-        ctx.reg, ctx.bias_reg = reg, bias_reg
+        ctx.reg, ctx.bias_reg, ctx.unit = reg, bias_reg, unit
         flat_p, flat_q = p.reshape(-1), q.reshape(-1)  # sums of squares as dot products:
         return (torch.dot(error, error)  # no (B, d) temporaries
                 + reg * (torch.dot(flat_p, flat_p) + torch.dot(flat_q, flat_q))
@@ -117,7 +130,11 @@ class SquaredErrorWithL2(torch.autograd.Function):
         e_column = e.unsqueeze(1)
         grad_p = torch.addcmul(p * decay, e_column, q)
         grad_q = torch.addcmul(q * decay, e_column, p)
-        return grad_p, grad_q, e + bias_decay * b_u, e + bias_decay * b_i, None, None, None, None
+        if ctx.unit != 1.0:
+            grad_p /= ctx.unit
+            grad_q /= ctx.unit
+        return (grad_p, grad_q, e + bias_decay * b_u, e + bias_decay * b_i, None, None, None,
+                None, None)
 
 
 class RankingMF(nn.Module):

@@ -70,6 +70,8 @@ from trainer.strategy import Facts, Strategy, resolve_strategy
 from trainer.sweeps import RankingResult, train_ranking
 
 log = logging.getLogger(__name__)
+# A non-finite loss once: the epoch restarts from the best weights at this times the step.
+DIVERGED_LR_SCALE = 0.25
 
 
 def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dict:
@@ -146,8 +148,10 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
     strategy, train_config, optim_config = plan.strategy, config.train, config.optim
     torch.manual_seed(train_config.seed)
     num_users = len(plan.ownership.users) if plan.owned else plan.shards.num_users
+    # Shards of an older prepare do not record the spread (and a spread of 0 has no
+    # scale): their ratings train as given.
     model = BiasedMF(num_users, plan.shards.num_items, plan.shards.train_mean, config.model,
-                     sparse=strategy.sparse)
+                     sparse=strategy.sparse, rating_unit=plan.shards.train_std or 1.0)
     model.to(env.device)
     optimizer = build_optimizer(model, optim_config)
     shape = {"world_size": env.world_size, "rank_batch_size": plan.rank_batch,
@@ -157,32 +161,53 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
                                           "optimizer": optim_config.optimizer},
                                 every=train_config.checkpoint_every)
     state = checkpointer.start(train_config)
-    train_step = build_step(strategy, model, optimizer, plan.rank_batch, env)
     if env.is_main:
         _start_run_folder(run, _config_record(config, plan, auto, env), state)
         _log_start(plan, strategy, auto, config.model, env)
 
-    train_epoch = TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
-                             train_config, env, reader, checkpointer)
+    def epoch_runner() -> TrainEpoch:
+        """The step and epoch loop over the model as it is now (the periodic sync
+        snapshots the weights it starts from)."""
+        train_step = build_step(strategy, model, checkpointer.optimizer, plan.rank_batch, env)
+        return TrainEpoch(train_step, plan.pieces["train"], plan.rank_batch, plan.steps,
+                          train_config, env, reader, checkpointer)
+
+    train_epoch = epoch_runner()
     # A run that resumes after early stopping had stopped (a later phase was cut short) has
     # no epoch left: another would change what it keeps.
     stopped = bool(train_config.patience) and state.bad_epochs >= train_config.patience
-    for epoch in range(state.epoch, state.epoch if stopped else train_config.epochs):
-        lr = optim_config.lr * optim_config.lr_decay ** epoch
-        for group in optimizer.param_groups:
+    epoch, last = state.epoch, state.epoch if stopped else train_config.epochs
+    while epoch < last:
+        lr = optim_config.lr * optim_config.lr_decay ** epoch * state.lr_scale
+        for group in checkpointer.optimizer.param_groups:
             group["lr"] = lr
-        loss_mean, seconds, sync_bytes = train_epoch(epoch, state)
+        try:
+            loss_mean, seconds, sync_bytes = train_epoch(epoch, state)
+        except Diverged as diverged:
+            if state.lr_scale != 1.0:  # lowered once already
+                raise InputError(f"{diverged}; lower `lr` (now {lr:g}), or use a smaller "
+                                 "`batch_size` or `init_std`") from None
+            if env.is_main:
+                origin = (f"epoch {state.best_epoch}'s weights" if state.best_model
+                          else "the initial weights")
+                log.warning("%s at lr %g: going on from %s with the step size divided by %g",
+                            diverged, lr, origin, 1 / DIVERGED_LR_SCALE)
+            _restart_epoch(model, state, config, num_users, plan, checkpointer)
+            state.lr_scale = DIVERGED_LR_SCALE
+            train_epoch = epoch_runner()
+            continue
         val_rmse, val_mae = evaluate(model, plan.pieces["val"], plan.shards.scale,
                                      train_config, env, reader)
         record = {"epoch": epoch + 1, "train_loss": loss_mean, "val_rmse": val_rmse,
                   "val_mae": val_mae, "seconds": round(seconds, 4),
                   "ratings_per_s": round(plan.steps * plan.global_batch / seconds, 1), "lr": lr}
-        if train_step.grad_sync is not None:
+        if train_epoch.train_step.grad_sync is not None:
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
         improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
             _log_epoch(run, record, state, improved)
         checkpointer.save(state)
+        epoch += 1
         if train_config.patience and state.bad_epochs >= train_config.patience:
             if env.is_main:
                 log.info("stopping: validation RMSE gained less than %g in %d epochs",
@@ -190,6 +215,25 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
             break
     model.load_state_dict(state.best_model)
     return _RatingResult(model, state)
+
+
+class Diverged(Exception):
+    """The training loss became non-finite (agreed by every rank)."""
+
+
+def _restart_epoch(model: BiasedMF, state: TrainState, config: RunConfig, num_users: int,
+                   plan: _Plan, checkpointer: Checkpointer) -> None:
+    """Back to the start of the epoch in progress, with the best epoch's weights (the
+    initial ones before any epoch ended) and a fresh optimizer."""
+    if state.best_model is not None:
+        model.load_state_dict(state.best_model)
+    else:
+        torch.manual_seed(config.train.seed)  # the same draws as the run's first tables
+        model.load_state_dict(BiasedMF(num_users, plan.shards.num_items,
+                                       plan.shards.train_mean, config.model,
+                                       rating_unit=model.rating_unit).state_dict())
+    checkpointer.optimizer = build_optimizer(model, config.optim)
+    state.steps_done, state.loss_sums, state.epoch_seconds, state.sync_bytes = 0, None, 0.0, 0
 
 
 def _config_record(config: RunConfig, plan: _Plan, auto: Resolved, env: DistEnv) -> dict:
@@ -436,10 +480,8 @@ class TrainEpoch:
         # the healthy ones failing later on a closed connection.
         diverged = all_reduce([float(not math.isfinite(loss_sum))], self.env, "max")[0]
         if diverged:
-            lr = self.train_step.optimizer.param_groups[0]["lr"]
-            raise InputError(f"the training loss became non-finite by step {steps_done} of "
-                             f"epoch {epoch + 1}; lower `lr` (now {lr:g}), or use a "
-                             "smaller `batch_size` or `init_std`")
+            raise Diverged(f"the training loss became non-finite by step {steps_done} of "
+                           f"epoch {epoch + 1}")
 
 
 @torch.no_grad()
