@@ -11,6 +11,7 @@ gets a short report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from shardmf.errors import InputError, Terminated
 from shardmf.flags import add_config_arguments
 from trainer.config import RunConfig, config_from_values
+from trainer.defaults import RATINGS_PER_RANK_TO_PAY, ranks_that_pay
 from trainer.run_files import precheck_run_target
 
 if TYPE_CHECKING:
@@ -34,7 +36,10 @@ log = logging.getLogger(__name__)
 class TorchrunOptions:
     """Where the ranks run: N processes on this node, on one or several nodes."""
 
-    nproc: int = field(default=1, metadata={"help": "training processes on this node (ranks)"})
+    nproc: int | str = field(default="auto", metadata={
+        "help": "training processes on this node (ranks); auto: one per core (per GPU on "
+        "cuda) where each trains at least "
+        f"{RATINGS_PER_RANK_TO_PAY:,} ratings, else one process"})
     nnodes: int = field(
         default=1, metadata={"help": "nodes taking part; each runs this same command"})
     rdzv_endpoint: str | None = field(default=None, metadata={"metavar": "HOST:PORT",
@@ -47,8 +52,10 @@ class TorchrunOptions:
         "help": "restarts of all ranks after a failure; they resume from the checkpoint"})
 
     def __post_init__(self) -> None:
-        if self.nproc < 1:
-            raise ValueError(f"--nproc {self.nproc}: expected at least 1")
+        if self.nproc != "auto" and (isinstance(self.nproc, bool) or not isinstance(
+                self.nproc, int) or self.nproc < 1):
+            raise ValueError(f"--nproc {self.nproc}: expected a whole number of at least 1, "
+                             "or auto")
         if self.nnodes < 1:
             raise ValueError(f"--nnodes {self.nnodes}: expected at least 1")
         if self.nnodes > 1 and not self.rdzv_endpoint:
@@ -72,12 +79,28 @@ def launch_training(config: RunConfig, options: TorchrunOptions) -> int:
     from trainer.shards import open_shards
 
     shards = open_shards(config.shards_dir, config.train.verify)
+    if options.nproc == "auto":
+        options = dataclasses.replace(options, nproc=_auto_ranks(shards.rows("train"),
+                                                                 config.train.device))
     if options.nnodes == 1 and len(shards.pieces("train")) < options.nproc:
         raise InputError(f"{config.shards_dir}: {len(shards.pieces('train'))} training row "
                          f"groups for --nproc {options.nproc}; prepare with more "
                          "--num-shards or use fewer processes")
     precheck_run_target(Path(config.run_dir), config.train.resume, config.train.overwrite)
     return _start(TrainJob(config, shards_verified=True), options, "training")
+
+
+def _auto_ranks(train_ratings: int, device: str) -> int:
+    """--nproc auto on this node: `trainer.defaults.ranks_that_pay` over its cores, or its
+    GPUs when the ranks run on cuda; said in one line."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    slots = gpus or len(os.sched_getaffinity(0))
+    ranks = ranks_that_pay(train_ratings, slots)
+    log.info("--nproc auto: %d rank(s) for %s training ratings on %d %s", ranks,
+             f"{train_ratings:,}", slots, "GPU(s)" if gpus else "core(s)")
+    return ranks
 
 
 def launch_evaluation(job: EvaluateJob, options: TorchrunOptions) -> int:

@@ -171,6 +171,28 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def test_nproc_auto_is_one_process_on_a_small_set_and_a_rank_per_core_on_a_large_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from launch.torchrun import _auto_ranks
+    from trainer.defaults import RATINGS_PER_RANK_TO_PAY
+
+    cores = len(os.sched_getaffinity(0))
+    assert _auto_ranks(RATINGS_PER_RANK_TO_PAY * 1000, "cpu") == cores
+    assert _auto_ranks(RATINGS_PER_RANK_TO_PAY * 2 - 1, "cpu") == 1
+    source = tmp_path / "u.data"
+    _write_ratings(source, rows=2000)
+    with caplog.at_level("INFO", logger="launch.torchrun"):
+        assert main(["run", str(source), "--out", str(tmp_path / "run"), "--epochs", "1",
+                     "--dim", "4", "--threads", "1", "--clusters", "0",
+                     "--objective", "rating"]) == 0
+    said = [r.message for r in caplog.records if "--nproc auto" in r.message]
+    manifest = json.loads((tmp_path / "run" / "shards" / "manifest.json").read_text())
+    train_ratings = manifest["counts"]["ratings"]["train"]
+    assert said == [f"--nproc auto: 1 rank(s) for {train_ratings:,} training ratings on "
+                    f"{cores} core(s)"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 1
+
+
 def test_run_learns_the_two_tastes(trained_run: Path) -> None:
     from trainer import load_run
 

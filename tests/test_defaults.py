@@ -19,6 +19,7 @@ from trainer.defaults import (
     SMALL_SET,
     SMALL_SET_RATINGS,
     ranks_cannot_pay,
+    ranks_that_pay,
     recipe_for,
     resolve_defaults,
 )
@@ -105,6 +106,9 @@ def test_decoded_ratings_are_kept_within_a_share_of_the_machine_memory() -> None
 def test_a_second_rank_pays_only_with_enough_ratings_per_rank() -> None:
     assert ranks_cannot_pay(90_000, 2)
     assert not ranks_cannot_pay(90_000, 1)
+    assert ranks_that_pay(90_000, 2) == 1  # --nproc auto: one process where ranks cannot pay
+    assert ranks_that_pay(10_000_000, 2) == 2 and ranks_that_pay(10_000_000, 64) == 20
+    assert not ranks_cannot_pay(10_000_000, ranks_that_pay(10_000_000, 64))
     assert not ranks_cannot_pay(5_000_000, 2)
 
 

@@ -122,6 +122,12 @@ def recipe_for(train_ratings: int) -> dict[str, float | int]:
             "min_delta": round(linear("min_delta"), 6)}
 
 
+def ranks_that_pay(train_ratings: int, slots: int) -> int:
+    """How many ranks ``--nproc auto`` starts: one per slot (core or GPU), as long as each
+    trains at least RATINGS_PER_RANK_TO_PAY ratings; one below that."""
+    return max(1, min(slots, train_ratings // RATINGS_PER_RANK_TO_PAY))
+
+
 def ranks_cannot_pay(train_ratings: int, world_size: int) -> bool:
     """True when each rank would train too few ratings for more ranks to be faster."""
     return world_size > 1 and train_ratings / world_size < RATINGS_PER_RANK_TO_PAY
