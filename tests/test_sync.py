@@ -129,10 +129,12 @@ def _mean_job(env: DistEnv, out: str) -> None:
     torch.save(results, Path(out) / f"mean-{env.rank}.pt")
 
 
-def test_periodic_sync_moves_each_row_by_its_mean_change(tmp_path: Path) -> None:
+def test_periodic_sync_moves_each_row_by_its_changes_over_root_ranks(tmp_path: Path) -> None:
     spawn_ranks(_mean_job, str(tmp_path), folder=tmp_path)
-    # Row 0: rank 0's change alone; row 1: the mean of both; row 2: rank 1's; row 3: none.
-    expected = torch.tensor([2.0, 4.0, 6.0, 0.0])
+    # Row 0: rank 0's change alone; row 1: both summed over sqrt(2); row 2: rank 1's; row 3:
+    # none.
+    both = torch.tensor(2.0 + 6.0) / torch.tensor(2.0).sqrt()
+    expected = torch.tensor([2.0, float(both), 6.0, 0.0])
     for rank in (0, 1):
         for table, bias in torch.load(tmp_path / f"mean-{rank}.pt", weights_only=True).values():
             assert torch.equal(table, expected.unsqueeze(1).expand(4, 2))
@@ -160,7 +162,7 @@ SETTINGS = {"batch_size": 512, "seed": 0, "threads": 1, "gradients": "sparse",
 
 def _configs(lr_decay: float = 0.99, **train) -> tuple[ModelConfig, OptimConfig, TrainConfig]:
     return (ModelConfig(dim=16, reg=0.02),
-            OptimConfig(optimizer="sgd", lr=0.03, lr_decay=lr_decay),
+            OptimConfig(optimizer="sgd", lr=0.045, lr_decay=lr_decay),
             TrainConfig(**{**SETTINGS, **train}))
 
 
@@ -220,8 +222,8 @@ def _owned_job(env: DistEnv, shards: str, out: str) -> None:
     train(run_config(shards, Path(out) / "replicated",
                      *_configs(user_embeddings="replicated", **more)), env)
     train(run_config(shards, Path(out) / "owned", *_configs(**more)), env)  # auto: owned
-    # Rows both ranks change move by their mean change: about half a step on items, so
-    # this run gets more epochs to settle.
+    # Rows both ranks change move by their changes over sqrt(2): this run gets more epochs
+    # to settle.
     periodic = {"sync_every": 3, "checkpoint_every": 5, "epochs": 20, "lr_decay": 0.9}
     train(run_config(shards, Path(out) / "periodic", *_configs(**periodic)), env)
     steps = json.loads((Path(out) / "owned" / "config.json").read_text())["steps_per_epoch"]

@@ -16,10 +16,10 @@ So training time changes smoothly with the size instead of jumping 30-fold at on
 (the small recipe runs ~100 epochs at dimension 256, the large ~10 at 64): about flat from
 the small anchor to the large one (fewer, narrower epochs over more ratings), linear above.
 
-The periodic row exchange (trainer/strategy.py) sets a row to the mean of the ranks'
-changes, which divides the step by the number of ranks on rows every rank touches; on a
-small set, where an epoch holds a single exchange, the learning rate left to auto is
-multiplied by the number of ranks, and by less as the set grows (once at LARGE_SET_RATINGS).
+The periodic row exchange (trainer/sync.py) moves a row by the ranks' summed changes over
+the square root of their number; on a small set, where an epoch holds a single exchange
+and each rank's change is most of a step, the learning rate left to auto is multiplied by
+the number of ranks, and by less as the set grows (once at LARGE_SET_RATINGS).
 
 Batches are cut ahead in a thread only where a core is spare for it, and decoded row
 groups are kept between epochs within 1/CACHE_SHARE_OF_MEMORY of the machine's memory,
