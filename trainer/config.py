@@ -31,7 +31,7 @@ MIN_ITEM_RATINGS = 20
 # dimension, step size and the epochs the step takes to decay), so no size is a cliff.
 # lr and reg act on ratings in units of their standard deviation (trainer/model.py).
 SMALL_SET_RATINGS = 100_000
-LARGE_SET_RATINGS = 5_000_000
+LARGE_SET_RATINGS = 2_000_000
 SMALL_SET = {"dim": 256, "reg": 0.045, "lr": 0.0035, "lr_decay": 0.99, "patience": 5,
              "min_delta": 0.0}
 LARGE_SET = {"dim": 64, "reg": 0.035, "lr": 0.035, "lr_decay": 0.85, "patience": 2,

@@ -4,17 +4,19 @@ the manifest's counts, the ranks and the machine.
 Two recipes anchor them (trainer/config.py; how they were chosen: bench/defaults-history.md;
 what they reach: bench/defaults.md, bench/size_sweep.md):
 
-- small sets (up to SMALL_SET_RATINGS training ratings): dimension 256, SGD at 0.0035 per
-  rating decaying 0.99 an epoch, L2 0.045, stopping after 5 epochs without a better
-  validation RMSE;
-- large sets (from LARGE_SET_RATINGS): dimension 64, SGD at 0.035 decaying 0.85, L2 0.035,
-  stopping once 2 epochs in a row gain less than 0.001 RMSE.
+- small sets (up to SMALL_SET_RATINGS training ratings; tuned on MovieLens-100K):
+  dimension 256, SGD at 0.0035 per rating decaying 0.99 an epoch, L2 0.045, stopping after
+  5 epochs without a better validation RMSE;
+- large sets (from LARGE_SET_RATINGS; tuned on 5M and 10M synthetic sets): dimension 64,
+  SGD at 0.035 decaying 0.85, L2 0.035, stopping once 2 epochs in a row gain less than
+  0.001 RMSE.
 
 Between the two every value moves with the logarithm of the size: the dimension, the step
 size and the number of epochs over which the step decays geometrically, the rest linearly.
 So training time changes smoothly with the size instead of jumping 30-fold at one line
-(the small recipe runs ~100 epochs at dimension 256, the large ~10 at 64): about flat from
-the small anchor to the large one (fewer, narrower epochs over more ratings), linear above.
+(the small recipe runs ~100 epochs at dimension 256, the large ~15 at 64): it falls a
+little from the small anchor to the large one (fewer, narrower epochs over more ratings)
+and grows linearly above (bench/size_sweep.md).
 
 The periodic row exchange (trainer/sync.py) moves a row by the ranks' summed changes over
 the square root of their number; on a small set, where an epoch holds a single exchange
