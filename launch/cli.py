@@ -54,12 +54,12 @@ from trainer.flags import (
 )
 from trainer.run_files import (
     CLUSTERS,
-    CONFIG,
     FINAL_METRICS,
     REPORT_HTML,
     REPORT_MD,
     SHARDS_DIR,
     read_json,
+    run_seed,
 )
 
 log = logging.getLogger("shardmf")
@@ -381,10 +381,8 @@ def _cluster(values: dict) -> int:
     from trainer import cluster_run
 
     run_dir = Path(values["run_dir"])
-    if "seed" not in values:
-        config_path = run_dir / CONFIG
-        if config_path.is_file():
-            values["seed"] = json.loads(config_path.read_text())["train"]["seed"]
+    if "seed" not in values and (seed := run_seed(run_dir)) is not None:
+        values["seed"] = seed
     config = post_step_config(values)
     if config is None:
         raise ValueError("--clusters 0 skips clustering; give --clusters K (2 or more) or "

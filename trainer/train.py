@@ -63,7 +63,14 @@ from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, user_ownership
 from trainer.ranking import ranking_metrics, relevance_threshold
-from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, SWEEP_METRICS
+from trainer.run_files import (
+    CONFIG,
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    MODEL,
+    SWEEP_METRICS,
+    write_vouched,
+)
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
@@ -258,7 +265,7 @@ def _start_run_folder(run: Path, config: dict, state: TrainState) -> None:
     checkpoint are dropped: they will be run again)."""
     run.mkdir(parents=True, exist_ok=True)
     write_jsonl(run / EPOCH_METRICS, state.history)
-    write_json(run / CONFIG, config)
+    write_vouched(run / CONFIG, lambda: write_json(run / CONFIG, config))
 
 
 def _log_start(plan: _Plan, strategy: Strategy, auto: Resolved, model_config: ModelConfig,
@@ -321,7 +328,7 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
         copy_id_maps(shards.root, run)
         if ranking is not None:
             write_jsonl(run / SWEEP_METRICS, ranking.history)
-        write_json(run / FINAL_METRICS, metrics)
+        write_vouched(run / FINAL_METRICS, lambda: write_json(run / FINAL_METRICS, metrics))
         if rating is not None:
             log.info("test RMSE %s (bias-only baseline %s), MAE %s",
                      _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
