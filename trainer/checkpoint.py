@@ -11,6 +11,7 @@ holds the best-epoch weights with every user, and the run copies the shards' id 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 import logging
@@ -30,6 +31,7 @@ from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
 from trainer.run_files import (
     CHECKPOINT,
+    FINAL_METRICS,
     ITEMS,
     MODEL,
     MODEL_ARRAYS,
@@ -115,6 +117,14 @@ class Checkpointer:
         if should_resume(run, config, env):
             state = load_checkpoint(run, self.model, self.optimizer, self.shape, env,
                                     self.owned, self.identity)
+            stopped = bool(config.patience) and state.bad_epochs >= config.patience
+            if config.resume and (run / FINAL_METRICS).is_file() and (
+                    stopped or state.epoch >= config.epochs):
+                raise InputError(f"`resume`: {run} is a finished run ({state.epoch} epoch(s), "
+                                 f"{'stopped early' if stopped else f'epochs={config.epochs}'}"
+                                 f", {FINAL_METRICS} written): nothing is left to resume; "
+                                 "raise `epochs` to train it further, pass `overwrite` to "
+                                 "train it again, or choose another `out`")
             if env.is_main:
                 log.info("resuming from %s: %d epoch(s) done, then %d of %d steps",
                          run / CHECKPOINT, state.epoch, state.steps_done, self.shape["steps"])
@@ -148,6 +158,32 @@ def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
     return found
 
 
+# The settings that shape the rating tables: a resumed run takes the checkpoint's where it
+# gives none, and cannot give others.
+SHAPE_SETTINGS = ("dim",)
+
+
+def resumed_model_config(run: Path, config: ModelConfig) -> ModelConfig:
+    """``config`` for resuming ``run``: each shape setting it leaves to the data is the
+    checkpoint's; one it sets otherwise is one InputError naming it, before any tensor is
+    loaded. Every rank calls this (the run folder is on storage all ranks share)."""
+    path = run / CHECKPOINT
+    if not path.is_file():
+        return config  # `load_checkpoint` names the missing file
+    saved = load_trusted(path, RESTORE_CHECKPOINT).get("model_config")
+    if not isinstance(saved, dict):
+        return config  # an older checkpoint: its tables' shapes are checked as they load
+    inherited = {}
+    for name in SHAPE_SETTINGS:
+        given, trained = getattr(config, name), saved.get(name)
+        if given is None:
+            inherited[name] = trained
+        elif trained is not None and given != trained:
+            raise InputError(f"{run} was trained with {name} {trained}; {name}={given} cannot "
+                             f"resume it (omit `{name}`, or start a new run)")
+    return dataclasses.replace(config, **inherited)
+
+
 def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
                     state: TrainState, shape: dict, env: DistEnv, owned: bool,
                     identity: dict | None = None) -> None:
@@ -171,6 +207,7 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
              "best_model": None if best_is_model else state.best_model,
              "best_is_model": best_is_model}
     shared = {"shape": shape, "identity": identity or {},
+              "model_config": asdict(model.config),
               **{key: getattr(state, name) for name, key in STATE_KEYS.items()
                  if name != "best_model"}}
     if not owned:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardmf.errors import InputError
-from shardmf.manifest import is_shard_folder
+from shardmf.manifest import Manifest, is_shard_folder
 from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.run_files import (
@@ -321,10 +321,11 @@ class TrainedRun:
             log.warning("shards %s are gone: seen items are not excluded", self.shards_dir)
             return np.array([], dtype=np.int64)
         seen = []
+        manifest = Manifest.load(self.shards_dir)
         # Row groups whose user_id range leaves uid out are skipped (by user shards: most).
         # By hand, not pyarrow.dataset's filter: that module imports pandas.
-        for path in sorted(folder.glob("*.parquet")):
-            shard = pq.ParquetFile(path)
+        for entry in manifest.files["train"]:
+            shard = pq.ParquetFile(manifest.check_file(entry, sha256=False))
             column = shard.schema_arrow.get_field_index("user_id")
             for group in range(shard.num_row_groups):
                 stats = shard.metadata.row_group(group).column(column).statistics
