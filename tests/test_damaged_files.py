@@ -1,0 +1,302 @@
+"""Damaged, cut, swapped and wrong-kind files of a run folder and a shard set (issue 24).
+
+Every command that reads a file must end in exit 0 with the output of the undamaged file
+(the damage is in a byte it does not use) or in exit 2 with one line naming the file:
+never a traceback, a C++ abort or a silently different answer. Commands run in this
+process through the CLI's ``main`` (fast, and faithful: it is what ``shardmf`` runs),
+except where an abort must be observable: those run in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask
+import pytest
+import torch
+from helpers import ENV, SHARDMF
+
+from launch.cli import main
+
+SEED = 24
+TRAIN = ["--epochs", "2", "--dim", "8", "--clusters", "0", "--threads", "1",
+         "--ranking-users", "0"]
+
+
+def shardmf(capsys, *args: object) -> tuple[int, str, str]:
+    """``shardmf ARGS`` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny shards (2 train shards) and two runs on them, A (dim 8) and B (dim 4)."""
+    from data_shards import PrepareConfig, prepare
+    from data_shards.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("damage")
+    with dask.config.set(scheduler="synchronous"):
+        synthesize(root / "raw", SynthConfig(num_users=80, num_items=40, num_ratings=1500,
+                                             num_genres=2, seed=SEED))
+        prepare([str(root / "raw")], root / "shards", PrepareConfig(num_shards=2))
+    for name, dim in (("A", "8"), ("B", "4")):
+        assert main(["train", str(root / "shards"), "--out", str(root / name), *TRAIN,
+                     "--dim", dim]) == 0
+    return root
+
+
+READERS = {  # file -> the commands that read it
+    "model.npz": [["recommend", "{run}", "--user", "1"], ["similar", "{run}", "--item", "3"],
+                  ["export", "{run}", "--out", "{out}"]],
+    "users.parquet": [["recommend", "{run}", "--user", "1"]],
+    "items.parquet": [["similar", "{run}", "--item", "3"]],
+    "model.pt": [["evaluate", "{run}", "--users", "0"]],
+    "metrics.json": [["evaluate", "{run}", "--users", "0"]],
+    "config.json": [["cluster", "{run}", "--clusters", "2"]],
+}
+
+
+def _run_command(capsys, command: list[str], run: Path, out: Path) -> tuple[int, str, str]:
+    return shardmf(capsys, *(part.format(run=run, out=out) for part in command))
+
+
+def _reference(capsys, tiny: Path, command: list[str], tmp_path: Path) -> str:
+    run = tmp_path / "reference"
+    if not run.exists():
+        shutil.copytree(tiny / "A", run)
+    code, out, _ = _run_command(capsys, command, run, tmp_path / "reference-export")
+    assert code == 0
+    return out
+
+
+def _assert_clean(result: tuple[int, str, str], name: str, expected_out: str,
+                  what: str) -> None:
+    code, out, err = result
+    assert "Traceback" not in err, (what, err)
+    if code == 0:
+        assert out == expected_out, f"{what}: exit 0 with another answer"
+        return
+    errors = [line for line in err.splitlines() if line.startswith("shardmf: error:")]
+    assert code == 2 and len(errors) == 1 and name in errors[0], (what, code, err)
+
+
+def _damaged_versions(tiny: Path, name: str, rng: random.Random) -> list[tuple[str, bytes]]:
+    """(label, content): flipped bytes at seeded positions, cuts, the other run's file and a
+    valid file of another kind."""
+    data = (tiny / "A" / name).read_bytes()
+    versions = []
+    for position in sorted(rng.sample(range(len(data)), min(6, len(data)))) + [len(data) - 1]:
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << rng.randrange(8)
+        versions.append((f"flip {position}", bytes(flipped)))
+    for length in (0, len(data) // 2, len(data) - 1):
+        versions.append((f"cut to {length}", data[:length]))
+    versions.append(("run B's", (tiny / "B" / name).read_bytes()))
+    other = {".npz": "users.parquet", ".parquet": "model.npz", ".pt": "model.npz",
+             ".json": "metrics.json" if name == "config.json" else "config.json"}
+    versions.append(("another kind", (tiny / "A" / other[Path(name).suffix]).read_bytes()))
+    return versions
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_every_damaged_run_file_is_one_line_or_a_correct_answer(tiny: Path, tmp_path: Path,
+                                                                capsys, name: str) -> None:
+    rng = random.Random(f"{SEED}-{name}")
+    references = [_reference(capsys, tiny, command, tmp_path) for command in READERS[name]]
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "A", run)
+    original = (run / name).read_bytes()
+    for label, content in _damaged_versions(tiny, name, rng):
+        (run / name).write_bytes(content)
+        for command, reference in zip(READERS[name], references):
+            result = _run_command(capsys, command, run, tmp_path / "export")
+            _assert_clean(result, name, reference, f"{name} {label}: {command[0]}")
+    (run / name).write_bytes(original)
+
+
+@pytest.mark.parametrize("name", ["model.npz", "model.pt", "users.parquet", "config.json"])
+def test_a_run_without_checksums_still_names_a_cut_or_foreign_file(tiny: Path, tmp_path: Path,
+                                                                   capsys, name: str) -> None:
+    """A run from before checksums.json: the readers themselves turn any parse failure or
+    misfit into one line."""
+    references = [_reference(capsys, tiny, command, tmp_path) for command in READERS[name]]
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "A", run)
+    (run / "checksums.json").unlink()
+    data = (run / name).read_bytes()
+    other = {"model.npz": "users.parquet", "model.pt": "model.npz",
+             "users.parquet": "model.npz", "config.json": "metrics.json"}[name]
+    for label, content in [("empty", b""), ("half", data[:len(data) // 2]),
+                           ("another kind", (run / other).read_bytes())]:
+        (run / name).write_bytes(content)
+        for command, reference in zip(READERS[name], references):
+            result = _run_command(capsys, command, run, tmp_path / "export")
+            _assert_clean(result, name, reference, f"{name} {label}: {command[0]}")
+
+
+# --- the cases of issue 24's table, each on its own ----------------------------------------
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-run"])
+def test_an_emptied_model_pt_is_one_line(tiny: Path, tmp_path: Path, capsys,
+                                         checksums: bool) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    if not checksums:
+        (run / "checksums.json").unlink()
+    (run / "model.pt").write_bytes(b"")
+    code, _, err = shardmf(capsys, "evaluate", run)
+    assert code == 2 and "model.pt" in err and "Traceback" not in err and "EOFError" not in err
+
+
+@pytest.mark.parametrize("command", [["recommend", "--user", "1"], ["similar", "--item", "3"]])
+def test_a_model_npz_cut_in_half_is_one_line(tiny: Path, tmp_path: Path, capsys,
+                                             command: list[str]) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    (run / "checksums.json").unlink()  # the reader's own check, as for an older run
+    data = (run / "model.npz").read_bytes()
+    (run / "model.npz").write_bytes(data[:len(data) // 2])
+    code, _, err = shardmf(capsys, command[0], run, *command[1:])
+    assert code == 2 and "model.npz" in err and "BadZipFile: File is not" not in err, err
+
+
+def test_a_model_pt_holding_a_function_is_one_line_and_runs_nothing(tiny: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    (run / "checksums.json").unlink()
+    torch.save({"state_dict": {}, "hook": os.system}, run / "model.pt")
+    code, _, err = shardmf(capsys, "evaluate", run)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "model.pt" in lines[0], err
+    assert "weights_only" not in err
+
+
+def test_resume_with_another_dim_names_the_setting(tiny: Path, tmp_path: Path, capsys) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    (run / "metrics.json").unlink()  # not finished: resumable
+    code, _, err = shardmf(capsys, "train", tiny / "shards", "--out", run, *TRAIN,
+                           "--dim", "32", "--epochs", "3", "--resume")
+    assert code == 2, err
+    assert f"shardmf: error: {run} was trained with dim 8; --dim 32 cannot resume it (omit " \
+           "--dim, or start a new run)" in err.splitlines()
+    # omitting --dim takes the run's
+    train_args = [a for a in TRAIN if a not in ("--dim", "8")]
+    code, _, err = shardmf(capsys, "train", tiny / "shards", "--out", run, *train_args,
+                           "--epochs", "3", "--resume")
+    assert code == 0, err
+    assert json.loads((run / "metrics.json").read_text())["dim"] == 8
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(tiny: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    before = (run / "metrics.json").read_bytes()
+    code, _, err = shardmf(capsys, "train", tiny / "shards", "--out", run, *TRAIN, "--resume")
+    assert code == 2 and "is a finished run" in err, err
+    assert (run / "metrics.json").read_bytes() == before
+
+
+def test_a_config_json_without_train_is_one_line(tiny: Path, tmp_path: Path, capsys) -> None:
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    (run / "checksums.json").unlink()
+    (run / "config.json").write_text(json.dumps({"model": {}}))
+    code, _, err = shardmf(capsys, "cluster", run, "--clusters", "2")
+    assert code == 2 and "config.json" in err and "--seed" in err and "Traceback" not in err
+
+
+# --- shard files: every footer byte, in a child process (an abort must be seen) ----------
+
+FOOTER_FUZZ = textwrap.dedent("""
+    import contextlib, io, json, random, sys
+    from pathlib import Path
+    from launch.cli import main
+    shards, run, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    shard = shards / "train" / "part-00000.parquet"
+    data = shard.read_bytes()
+    footer = json.loads((shards / "manifest.json").read_text())["files"]["train"][0]["footer"]
+    start = len(data) - footer["bytes"]
+    rng = random.Random(24)
+    sampled = set(rng.sample(range(start, len(data)), 6))
+    commands = {"verify": ["verify", str(shards)],
+                "train": ["train", str(shards), "--out", str(out), "--epochs", "1", "--dim",
+                          "4", "--clusters", "0", "--ranking-users", "0", "--overwrite"],
+                "evaluate": ["evaluate", str(run), "--users", "0"],
+                "export-split": ["export-split", str(shards), "--out", str(out) + "-tsv",
+                                 "--overwrite"],
+                "recommend": ["recommend", str(run), "--user", "1"]}
+    for position in range(start, len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        shard.write_bytes(bytes(damaged))
+        for name, args in commands.items():
+            if name != "verify" and position not in sampled:
+                continue
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(args)
+            errors = [l for l in err.getvalue().splitlines() if l.startswith("shardmf: error")]
+            print(json.dumps([name, position, code, errors]), flush=True)
+    shard.write_bytes(data)
+""")
+
+
+def test_every_footer_byte_of_a_shard_is_one_line_never_an_abort(tiny: Path,
+                                                                  tmp_path: Path) -> None:
+    shards = Path(shutil.copytree(tiny / "shards", tmp_path / "shards"))
+    run = Path(shutil.copytree(tiny / "A", tmp_path / "run"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["shards_dir"] == str((tiny / "shards").resolve())
+    # the run reads its shards from the damaged copy
+    (run / "checksums.json").unlink()
+    state = torch.load(run / "model.pt", weights_only=True)
+    state["shards_dir"] = str(shards.resolve())
+    torch.save(state, run / "model.pt")
+    import numpy as np
+    with np.load(run / "model.npz") as arrays:
+        kept = {k: arrays[k] for k in arrays.files}
+    kept["shards_dir"] = np.array(str(shards.resolve()))
+    np.savez(run / "model.npz", **kept)
+    job = subprocess.run([sys.executable, "-c", FOOTER_FUZZ, str(shards), str(run),
+                          str(tmp_path / "out")], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    assert job.returncode == 0, job.stderr[-2000:]  # no abort, no traceback
+    results = [json.loads(line) for line in job.stdout.splitlines()]
+    assert len({position for _, position, _, _ in results}) > 100
+    for name, position, code, errors in results:
+        assert code == 2 and len(errors) == 1 and "part-00000.parquet" in errors[0], (
+            name, position, code, errors)
+
+
+# --- Ctrl-C at random moments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_at_random_moments_ends_in_one_line_and_130(tiny: Path, tmp_path: Path,
+                                                           nproc: int) -> None:
+    rng = random.Random(f"{SEED}-{nproc}")
+    for attempt in range(6):
+        run = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen([SHARDMF, "train", str(tiny / "shards"), "--out", str(run),
+                                 *TRAIN, "--epochs", "400", "--patience", "0",
+                                 "--nproc", str(nproc), "--prefetch", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ENV)
+        time.sleep(rng.uniform(0.5, 4.0 if nproc == 1 else 6.0))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            continue  # finished before the signal
+        assert proc.returncode == 130, (attempt, proc.returncode, err[-2000:])
+        assert "Fatal Python error" not in err and "Traceback" not in err, err[-2000:]
+        assert err.rstrip().splitlines()[-1].startswith("shardmf: interrupted"), err[-2000:]
