@@ -47,19 +47,6 @@ HASH_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
-class ShardFile:
-    """One Parquet shard as the manifest lists it."""
-
-    path: str  # relative to SHARDS_DIR, e.g. "train/part-00003.parquet"
-    rows: int
-    row_groups: tuple[int, ...]  # rows per row group, in file order
-    bytes: int  # file size
-    sha256: str  # hex digest of the whole file
-    shard: int | None  # the partition number (None in manifests of an older shardmf)
-    footer: Footer | None = None  # the file's last bytes (None in an older manifest)
-
-
-@dataclass(frozen=True)
 class Footer:
     """A Parquet file's footer as written: its metadata, length and magic, the file's end."""
 
@@ -79,6 +66,19 @@ class Footer:
                 return False
             handle.seek(-self.bytes, 2)
             return hashlib.sha256(handle.read(self.bytes)).hexdigest() == self.sha256
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One Parquet shard as the manifest lists it."""
+
+    path: str  # relative to SHARDS_DIR, e.g. "train/part-00003.parquet"
+    rows: int
+    row_groups: tuple[int, ...]  # rows per row group, in file order
+    bytes: int  # file size
+    sha256: str  # hex digest of the whole file
+    shard: int | None  # the partition number (None in manifests of an older shardmf)
+    footer: Footer | None = None  # the file's last bytes (None in an older manifest)
 
 
 @dataclass(frozen=True)

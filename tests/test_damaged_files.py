@@ -327,3 +327,27 @@ def test_ctrl_c_at_random_moments_ends_in_one_line_and_130(tiny: Path, tmp_path:
         assert "Fatal Python error" not in err and "Traceback" not in err, err[-2000:]
         # (the line may follow a rank's progress bar, which ends in no newline)
         assert err.count("shardmf: ") == 1 and "shardmf: interrupted" in err, err[-2000:]
+
+
+def test_a_damaged_checkpoint_slice_is_one_line(tiny: Path, tmp_path: Path) -> None:
+    """With owned users each rank resumes from its own slice, which checkpoint.pt vouches
+    for by digest (torch would load a flipped tensor byte without a word)."""
+    from data_shards import PrepareConfig, prepare
+
+    shards = tmp_path / "shards"
+    with dask.config.set(scheduler="synchronous"):
+        prepare([str(tiny / "raw")], shards, PrepareConfig(num_shards=2, partition_by="user"))
+    run = tmp_path / "run"
+    args = [SHARDMF, "train", str(shards), "--out", str(run), *TRAIN, "--epochs", "1",
+            "--nproc", "2", "--user-embeddings", "owned"]
+    assert subprocess.run(args, capture_output=True, env=ENV, timeout=150).returncode == 0
+    (run / "metrics.json").unlink()  # not finished: resumable
+    slice_path = next(run.glob("checkpoint.*.rank1.pt"))
+    data = bytearray(slice_path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    slice_path.write_bytes(bytes(data))
+    job = subprocess.run([*args, "--epochs", "2", "--resume"], capture_output=True, text=True,
+                         env=ENV, timeout=150)
+    errors = [line for line in job.stderr.splitlines() if "shardmf: error" in line]
+    assert job.returncode == 2 and len(errors) == 1, job.stderr[-2000:]
+    assert slice_path.name in errors[0] and "damaged or replaced" in errors[0], errors

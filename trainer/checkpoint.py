@@ -16,13 +16,16 @@ import functools
 import io
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from shardmf.errors import InputError
+from shardmf.manifest import file_sha256
 from shardmf.outputs import copy_atomic, write_atomic
 from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
@@ -49,6 +52,7 @@ from trainer.run_files import (
 from trainer.shards import ShardSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -217,9 +221,11 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     tag = f"{state.epoch}-{state.steps_done}"
     mine = run / checkpoint_slice(tag, env.rank)
     _agreed(lambda: save_torch_atomic(local, mine), env)  # every slice is on disk before
-    _agreed(lambda: write_vouched(run / CHECKPOINT, lambda: save_torch_atomic(  # naming them
-        {**shared, "slices": tag, "world_size": env.world_size}, run / CHECKPOINT))
-        if env.is_main else None, env)
+    # checkpoint.pt names them, with their digests: a slice is checked before it is loaded.
+    digests = all_gather_objects(file_sha256(mine), env)
+    _agreed(lambda: write_vouched(run / CHECKPOINT, lambda: save_torch_atomic(
+        {**shared, "slices": tag, "world_size": env.world_size, "slice_sha256": digests},
+        run / CHECKPOINT)) if env.is_main else None, env)
     for old in run.glob(checkpoint_slice_pattern(env.rank)):
         if old != mine:
             old.unlink()
@@ -244,11 +250,7 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
             raise InputError(f"`resume`: {path} holds users split over "
                              f"{payload['world_size']} ranks (user_embeddings='owned'); "
                              f"resume with {payload['world_size']} processes")
-        slice_path = run / checkpoint_slice(payload["slices"], env.rank)
-        if not slice_path.is_file():
-            raise InputError(f"`resume`: {slice_path} not found; {CHECKPOINT} names it "
-                             "(restore it, or start without `resume`)")
-        local = load_trusted(slice_path, RESTORE_CHECKPOINT)
+        local = _agreed(lambda: _load_slice(run, payload, env), env)
     state = TrainState()
     for name, key in STATE_KEYS.items():
         setattr(state, name, payload.get(key, getattr(state, name)))  # older: epoch ends only
@@ -270,6 +272,21 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
         if "cuda" in local["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(local["rng"]["cuda"])
     return state
+
+
+def _load_slice(run: Path, payload: dict, env: DistEnv) -> dict:
+    """This rank's slice of an owned checkpoint, checked against the digest checkpoint.pt
+    records for it (absent in checkpoints from before digests)."""
+    slice_path = run / checkpoint_slice(payload["slices"], env.rank)
+    if not slice_path.is_file():
+        raise InputError(f"`resume`: {slice_path} not found; {CHECKPOINT} names it "
+                         "(restore it, or start without `resume`)")
+    digests = payload.get("slice_sha256")
+    if digests is not None and file_sha256(slice_path) != digests[env.rank]:
+        raise InputError(f"{slice_path}: damaged or replaced since the run wrote it (its "
+                         f"SHA-256 differs from the one {CHECKPOINT} records); "
+                         f"{RESTORE_CHECKPOINT}")
+    return load_trusted(slice_path, RESTORE_CHECKPOINT)
 
 
 def load_trusted(path: Path, remedy: str) -> dict:
@@ -318,20 +335,23 @@ def _check_identity(path: Path, saved: dict, current: dict) -> None:
                          f"optimizer={saved['optimizer']!r}")
 
 
-def _agreed(write, env: DistEnv) -> None:
-    """Run a rank's part of a save; an InputError on any rank is raised on every rank.
+def _agreed(action: Callable[[], T], env: DistEnv) -> T:
+    """Run a rank's part of a save or a load; an InputError on any rank is raised on every
+    rank, else the rank's result is returned.
 
-    One rank failing alone (disk full) would leave the others waiting in the next
-    collective, then failing with a lost-peer error instead of the cause.
+    One rank failing alone (disk full, a damaged slice) would leave the others waiting in
+    the next collective, then failing with a lost-peer error instead of the cause (or
+    print nothing: only rank 0 prints an InputError).
     """
-    error = None
+    error = result = None
     try:
-        write()
+        result = action()
     except InputError as e:
         error = str(e)
     first = next((e for e in all_gather_objects(error, env) if e is not None), None)
     if first is not None:
         raise InputError(first)
+    return result
 
 
 @dataclass
@@ -411,7 +431,8 @@ def load_model(path: Path) -> tuple[Tables, dict]:
             raise KeyError("neither the rating model nor the ranking tables")
         tables = Tables(rating, ranking, payload.get("kind", "ratings"))
         tables.load_state_dict(state)
-        str(payload["shards_dir"])
+        if not isinstance(payload.get("shards_dir"), str):
+            raise KeyError("shards_dir")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         raise InputError(f"{path}: not a model shardmf wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120] if str(e) else 'incomplete'}); "
