@@ -79,13 +79,15 @@ class TrainedRun:
         if not arrays_path.is_file():
             raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
+        vouched(arrays_path, RETRAIN)
         try:
-            self._load_arrays(vouched(arrays_path, RETRAIN))
-        except InputError:
-            raise
+            self._load_arrays(arrays_path)
         except Exception as e:  # noqa: BLE001 (a damaged zip or array raises any of many)
             raise InputError(f"{arrays_path}: not the model arrays shardmf writes (damaged, cut "
                              f"short or replaced: {type(e).__name__}); {RETRAIN}") from e
+        if self.item_factors is None and self.ranking_item_factors is None:
+            raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
+                             f"tables; {RETRAIN}")
         self.tables = "ranking" if self.ranking_item_factors is not None else "rating"
         self._user_table = _id_table(self.run_dir / USERS, "original_user_id", "train_ratings")
         self._item_table = _id_table(self.run_dir / ITEMS, "original_item_id", "train_ratings",
@@ -112,9 +114,6 @@ class TrainedRun:
                                          if ranking else None)
             self.scale = tuple(float(x) for x in arrays["scale"])
             self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
-        if not rating and not ranking:
-            raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
-                             f"tables; {RETRAIN}")
 
     def _check_shapes(self, arrays_path: Path) -> None:
         """The tables fit each other and the id maps: a file from another run is named here,
@@ -340,10 +339,9 @@ class TrainedRun:
 
 def _id_table(path: Path, *columns: str) -> pa.Table:
     """A run's id map, checked before it is parsed, with the columns its readers use."""
+    vouched(path, RETRAIN)
     try:
-        table = pq.ParquetFile(vouched(path, RETRAIN)).read()
-    except InputError:
-        raise
+        table = pq.ParquetFile(path).read()
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for damage)
         raise InputError(f"{path}: not a readable id table ({type(e).__name__}); "
                          f"{RETRAIN}") from e

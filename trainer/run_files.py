@@ -7,13 +7,15 @@ files and the two reports, reports last. Every file goes through `write_atomic`
 (``shardmf/outputs.py``): a crash leaves the previous complete file or none, never a
 half-written one that looks complete. No other module spells these names.
 
-The files a command reads back (`VOUCHED`) are written through `write_vouched`, which
-records each one's size and SHA-256 in ``checksums.json``; `vouched` checks a file against
-its record before anything parses it, so a damaged, cut or swapped file is one line naming
-it and what to do, never a parser's traceback or a silently different model (torch does not
-check its zip members' CRCs). A run from before checksums, or a file whose record a crash
-dropped (the record goes before the file is replaced, and comes back after), is read
-unchecked, and its readers still turn any parse failure into one line.
+The files a command reads back (config.json, metrics.json, checkpoint.pt, model.pt,
+model.npz, the id maps, and the cluster files for other tools) are written through
+`write_vouched`, which records each one's size and SHA-256 in ``checksums.json``;
+`vouched` checks a file against its record before anything parses it, so a damaged, cut
+or swapped file is one line naming it and what to do, never a parser's traceback or a
+silently different model (torch does not check its zip members' CRCs). A run from before
+checksums, or a file whose record a crash dropped (the record goes before the file is
+replaced, and comes back after), is read unchecked, and its readers still turn any parse
+failure into one line.
 
 A run folder is owned like every folder shardmf writes, by the convention of
 ``shardmf/outputs.py`` (the same marker, lock and atomic writes as a shard folder)::
@@ -89,7 +91,7 @@ TABLES = ("rating", "ranking")
 
 EXPORT_DIR = "export"  # default folder of `export_run`
 EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
-CHECKSUMS = "checksums.json"  # size and SHA-256 of each VOUCHED file, as the run wrote it
+CHECKSUMS = "checksums.json"  # size and SHA-256 of the files read back, as the run wrote them
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 
@@ -100,13 +102,9 @@ EXPORT_KIND = "export"
 RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, SWEEP_METRICS, FINAL_METRICS, CHECKPOINT, MODEL,
                MODEL_ARRAYS, USERS, ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE,
                *OPTIONAL_FIGURES, CHECKSUMS)
-# The files commands read back, so checked against checksums.json before they are parsed.
-VOUCHED = (CONFIG, FINAL_METRICS, CHECKPOINT, MODEL, MODEL_ARRAYS, USERS, ITEMS, ITEM_CLUSTERS,
-           CLUSTERS)
-# What to do about a damaged or missing file of a run, by what wrote it.
+# What to do about a damaged or missing file of a run.
 RETRAIN = ("train the run again (`shardmf train SHARDS_DIR --out RUN_DIR --overwrite`), or "
            "restore the file")
-RECLUSTER = "re-run `shardmf cluster RUN_DIR`, or restore the file"
 RESTORE_CHECKPOINT = "restore it, or start without `resume`"
 # Files whose presence makes a folder a run (an older run has them but no marker).
 RUN_EVIDENCE = (CONFIG, CHECKPOINT, MODEL, FINAL_METRICS)

@@ -401,7 +401,9 @@ class TrainEpoch:
         progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
                         leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
-        with contextlib.closing(self._loader(epoch, steps_done)) as loader:
+        # Both closed however the epoch ends: the bar's line cleared (a Ctrl-C's line then
+        # starts on a line of its own), the loader's prefetch thread joined.
+        with progress, contextlib.closing(self._loader(epoch, steps_done)) as loader:
             for users, items, ratings in loader:
                 for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
                     if fault is not None:  # tests only: fail before a chosen batch
@@ -415,7 +417,6 @@ class TrainEpoch:
                     if self.checkpointer is not None and cadence.checkpoint_due(epoch,
                                                                                 steps_done):
                         started = self._save_mid_epoch(state, steps_done, loss_sum, started)
-        progress.close()
         self.train_step.flush()
         if steps_done != cadence.steps:  # the other ranks would wait for the missing batches
             raise RuntimeError(f"rank {env.rank}: {steps_done} batches in epoch {epoch + 1}, "
