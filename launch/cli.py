@@ -71,13 +71,12 @@ PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser()
     debug = "--debug" in argv
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, raise_terminated)  # unwind and clean up, as Ctrl-C
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        values = vars(parser.parse_args(argv))
+        values = vars(build_parser().parse_args(argv))
         handler = values.pop("handler")
         if not values.pop("progress_bars"):
             return handler(values)
