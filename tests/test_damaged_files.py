@@ -28,8 +28,7 @@ from helpers import ENV, SHARDMF
 from launch.cli import main
 
 SEED = 24
-TRAIN = ["--epochs", "2", "--dim", "8", "--clusters", "0", "--threads", "1",
-         "--ranking-users", "0"]
+TRAIN = ["--epochs", "2", "--clusters", "0", "--threads", "1", "--ranking-users", "0"]
 
 
 def shardmf(capsys, *args: object) -> tuple[int, str, str]:
@@ -187,8 +186,7 @@ def test_resume_with_another_dim_names_the_setting(tiny: Path, tmp_path: Path, c
     assert f"shardmf: error: {run} was trained with dim 8; --dim 32 cannot resume it (omit " \
            "--dim, or start a new run)" in err.splitlines()
     # omitting --dim takes the run's
-    train_args = [a for a in TRAIN if a not in ("--dim", "8")]
-    code, _, err = shardmf(capsys, "train", tiny / "shards", "--out", run, *train_args,
+    code, _, err = shardmf(capsys, "train", tiny / "shards", "--out", run, *TRAIN,
                            "--epochs", "3", "--resume")
     assert code == 0, err
     assert json.loads((run / "metrics.json").read_text())["dim"] == 8
