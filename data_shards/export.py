@@ -38,7 +38,8 @@ def export_split(shards_dir: str | Path, out_dir: str | Path,
             rows = 0
             with (tmp / f"{split}.tsv").open("w", newline="") as handle:
                 for number, entry in enumerate(manifest.files[split]):
-                    frame = pq.read_table(root / entry.path).to_pandas().rename(columns=names)
+                    path = manifest.check_file(entry, sha256=True)  # never parse damage
+                    frame = pq.read_table(path).to_pandas().rename(columns=names)
                     frame["user"] = users[frame["user"].to_numpy()]
                     frame["item"] = items[frame["item"].to_numpy()]
                     frame.to_csv(handle, sep="\t", header=number == 0, index=False,

@@ -63,7 +63,7 @@ from data_shards.sources import (
     resolve_source,
 )
 from shardmf.errors import InputError
-from shardmf.manifest import SPLITS, manifest_version, write_manifest
+from shardmf.manifest import SPLITS, Footer, manifest_version, write_manifest
 from shardmf.outputs import is_write_fault, no_interrupts, output_folder
 
 log = logging.getLogger(__name__)
@@ -603,6 +603,7 @@ def _write_shard(out: Path, split: str, shard: int, frame: pd.DataFrame, duplica
         "row_groups": [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)],
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "footer": asdict(Footer.of(data)),
         "duplicates": duplicates,
         "rating_sum": float(ratings.sum()),
         "rating_square_sum": float(np.dot(ratings, ratings)),

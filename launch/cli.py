@@ -54,12 +54,12 @@ from trainer.flags import (
 )
 from trainer.run_files import (
     CLUSTERS,
-    CONFIG,
     FINAL_METRICS,
     REPORT_HTML,
     REPORT_MD,
     SHARDS_DIR,
     read_json,
+    run_seed,
 )
 
 log = logging.getLogger("shardmf")
@@ -71,13 +71,12 @@ PROGRESS_BAR_COMMANDS = ("prepare", "train", "cluster", "run", "synth", "demo", 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser()
     debug = "--debug" in argv
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, raise_terminated)  # unwind and clean up, as Ctrl-C
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        values = vars(parser.parse_args(argv))
+        values = vars(build_parser().parse_args(argv))
         handler = values.pop("handler")
         if not values.pop("progress_bars"):
             return handler(values)
@@ -381,10 +380,8 @@ def _cluster(values: dict) -> int:
     from trainer import cluster_run
 
     run_dir = Path(values["run_dir"])
-    if "seed" not in values:
-        config_path = run_dir / CONFIG
-        if config_path.is_file():
-            values["seed"] = json.loads(config_path.read_text())["train"]["seed"]
+    if "seed" not in values and (seed := run_seed(run_dir)) is not None:
+        values["seed"] = seed
     config = post_step_config(values)
     if config is None:
         raise ValueError("--clusters 0 skips clustering; give --clusters K (2 or more) or "

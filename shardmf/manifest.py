@@ -8,7 +8,10 @@ checks it at one of two depths before trusting it:
   per-file rows, rows against row groups, users and items against the id tables' rows);
 - `Manifest.check_file`: one shard against its entry, from the file's size and Parquet
   footer (rows, row groups, id ranges from column statistics), and with ``sha256`` also
-  every byte (about a tenth of a second per GB; ``bench/verify_cost.md``).
+  every byte (about a tenth of a second per GB; ``bench/verify_cost.md``). The footer's
+  bytes are compared with the entry's ``footer`` digest before pyarrow parses them: a
+  damaged footer can make pyarrow's C++ abort the process (an uncaught ParquetException),
+  which no ``except`` can turn into a line. Manifests from before ``footer`` skip that.
 
 Shards hold ratings or interactions (`Manifest.kind`); both have the same schema, with an
 interaction's weight in the ``rating`` column (1.0 each when the input had no weight column,
@@ -44,6 +47,28 @@ HASH_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
+class Footer:
+    """A Parquet file's footer as written: its metadata, length and magic, the file's end."""
+
+    bytes: int  # how many bytes at the end of the file
+    sha256: str  # hex digest of them
+
+    @classmethod
+    def of(cls, data: bytes) -> Footer:
+        """The footer of a whole Parquet file held in memory (``prepare`` writes these)."""
+        size = min(len(data), int.from_bytes(data[-8:-4], "little") + 8)
+        return cls(size, hashlib.sha256(data[len(data) - size:]).hexdigest())
+
+    def matches(self, path: Path) -> bool:
+        """Whether ``path`` ends in exactly these bytes (read: the footer only)."""
+        with path.open("rb") as handle:
+            if handle.seek(0, 2) < self.bytes:
+                return False
+            handle.seek(-self.bytes, 2)
+            return hashlib.sha256(handle.read(self.bytes)).hexdigest() == self.sha256
+
+
+@dataclass(frozen=True)
 class ShardFile:
     """One Parquet shard as the manifest lists it."""
 
@@ -53,6 +78,7 @@ class ShardFile:
     bytes: int  # file size
     sha256: str  # hex digest of the whole file
     shard: int | None  # the partition number (None in manifests of an older shardmf)
+    footer: Footer | None = None  # the file's last bytes (None in an older manifest)
 
 
 @dataclass(frozen=True)
@@ -184,6 +210,9 @@ class Manifest:
         if size != entry.bytes:
             raise InputError(f"shard {name}: {size:,} bytes, manifest says {entry.bytes:,} "
                              "(the file changed after prepare)")
+        if entry.footer is not None and not entry.footer.matches(path):
+            raise InputError(f"shard {name}: its Parquet footer differs from the one prepare "
+                             "wrote (damaged); re-run `shardmf prepare` or restore the file")
         metadata = _footer(path, f"shard {name}")
         if metadata.num_rows != entry.rows:
             raise InputError(f"shard {name}: {metadata.num_rows:,} rows, manifest says "
@@ -235,11 +264,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _shard_file(entry: dict[str, Any]) -> ShardFile:
-    shard = entry.get("shard")
+    shard, footer = entry.get("shard"), entry.get("footer")
     return ShardFile(path=str(entry["path"]), rows=int(entry["rows"]),
                      row_groups=tuple(int(rows) for rows in entry["row_groups"]),
                      bytes=int(entry["bytes"]), sha256=str(entry["sha256"]),
-                     shard=None if shard is None else int(shard))
+                     shard=None if shard is None else int(shard),
+                     footer=None if footer is None else Footer(int(footer["bytes"]),
+                                                               str(footer["sha256"])))
 
 
 def _footer(path: Path, what: str) -> pq.FileMetaData:

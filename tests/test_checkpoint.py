@@ -51,7 +51,7 @@ def test_a_resumed_run_ends_on_the_best_weights_saved_once(trainer_shards_dir: P
     assert best < straight["epochs"]
     run = tmp_path / "resumed"
     train(run_config(trainer_shards_dir, run, *configs, TrainConfig(**loop, epochs=best)), SINGLE)
-    saved = load_trusted(run / "checkpoint.pt")
+    saved = load_trusted(run / "checkpoint.pt", "")
     assert saved["best_is_model"] and saved["best_model"] is None
     resumed = train(run_config(trainer_shards_dir, run, *configs,
                                TrainConfig(**loop, epochs=8, resume=True)), SINGLE)

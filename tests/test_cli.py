@@ -258,6 +258,9 @@ def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     path = trained_run / "metrics.json"
     trained = json.loads(path.read_text())
+    # restored at the end, for the other tests: the file and its record in checksums.json
+    as_trained = {name: (trained_run / name).read_bytes()
+                  for name in ("metrics.json", "checksums.json")}
     assert main(["evaluate", str(trained_run)]) == 0
     assert "ndcg@10" in capsys.readouterr().out
     again = json.loads(path.read_text())
@@ -273,7 +276,8 @@ def test_evaluate_merges_ranking_figures_into_metrics(trained_run: Path,
     assert main(["evaluate", str(trained_run), "--threshold", "9"]) == 2
     assert "relevance threshold 9" in capsys.readouterr().err
     assert json.loads(path.read_text()) == merged
-    path.write_text(json.dumps(trained))  # as training left it, for the other tests
+    for name, content in as_trained.items():
+        (trained_run / name).write_bytes(content)
 
 
 @pytest.mark.distributed

@@ -9,6 +9,7 @@ tmpfs folders (root only, skipped otherwise).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from helpers import (
 
 from launch.cli import main as cli_main
 from shardmf.errors import InputError
+from shardmf.manifest import Footer
 from trainer.config import ModelConfig, OptimConfig, TrainConfig
 from trainer.shards import open_shards
 from trainer.train import train
@@ -240,7 +242,7 @@ def with_page_checksums(shards: Path, split: str = "train") -> Path:
 
 def flip_last_rating_byte(shards: Path, path: Path) -> None:
     """XOR the lowest byte of the last rating of row group 0, keeping the manifest in step
-    (sizes and SHA-256), as damage after `prepare` and a `verify` would look."""
+    (sizes, SHA-256 and footer), as damage after `prepare` and a `verify` would look."""
     column = next(c for c in (pq.ParquetFile(path).metadata.row_group(0).column(i)
                               for i in range(4)) if c.path_in_schema == "rating")
     data = bytearray(path.read_bytes())
@@ -250,6 +252,7 @@ def flip_last_rating_byte(shards: Path, path: Path) -> None:
     for entry in manifest["files"]["train"]:
         if shards / entry["path"] == path:
             entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+            entry["footer"] = dataclasses.asdict(Footer.of(bytes(data)))
     (shards / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -335,8 +338,9 @@ def test_a_bad_checkpoint_is_one_line(trainer_shards_dir: Path, tmp_path: Path,
     with pytest.raises(InputError) as caught:
         run_train(trainer_shards_dir, run, epochs=2, resume=True)
     message = str(caught.value)
-    assert message.startswith(f"`resume`: {run / 'checkpoint.pt'} is not a checkpoint "
-                              "shardmf wrote") and "\n" not in message
+    # checksums.json names the damage before torch parses anything
+    assert message.startswith(f"{run / 'checkpoint.pt'}: damaged or replaced since the run "
+                              "wrote it") and "\n" not in message
     assert "weights_only" not in message
     assert "this would have run" not in capsys.readouterr().out
 

@@ -11,17 +11,21 @@ holds the best-epoch weights with every user, and the run copies the shards' id 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import io
 import logging
 import math
-import pickle
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from shardmf.errors import InputError
+from shardmf.manifest import file_sha256
 from shardmf.outputs import copy_atomic, write_atomic
 from trainer.config import ModelConfig, TrainConfig
 from trainer.distributed import DistEnv, all_gather_objects, barrier, on_main_then_broadcast
@@ -30,19 +34,25 @@ from trainer.optim import Optimizer
 from trainer.ownership import UserOwnership
 from trainer.run_files import (
     CHECKPOINT,
+    FINAL_METRICS,
     ITEMS,
     MODEL,
     MODEL_ARRAYS,
     RANKING_PREFIX,
+    RESTORE_CHECKPOINT,
+    RETRAIN,
     USERS,
     checkpoint_slice,
     checkpoint_slice_pattern,
     model_part,
     save_torch_atomic,
+    vouched,
+    write_vouched,
 )
 from trainer.shards import ShardSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,6 +122,14 @@ class Checkpointer:
         if should_resume(run, config, env):
             state = load_checkpoint(run, self.model, self.optimizer, self.shape, env,
                                     self.owned, self.identity)
+            stopped = bool(config.patience) and state.bad_epochs >= config.patience
+            if config.resume and (run / FINAL_METRICS).is_file() and (
+                    stopped or state.epoch >= config.epochs):
+                raise InputError(f"`resume`: {run} is a finished run ({state.epoch} epoch(s), "
+                                 f"{'stopped early' if stopped else f'epochs={config.epochs}'}"
+                                 f", {FINAL_METRICS} written): nothing is left to resume; "
+                                 "raise `epochs` to train it further, pass `overwrite` to "
+                                 "train it again, or choose another `out`")
             if env.is_main:
                 log.info("resuming from %s: %d epoch(s) done, then %d of %d steps",
                          run / CHECKPOINT, state.epoch, state.steps_done, self.shape["steps"])
@@ -145,6 +163,32 @@ def should_resume(run: Path, config: TrainConfig, env: DistEnv) -> bool:
     return found
 
 
+# The settings that shape the rating tables: a resumed run takes the checkpoint's where it
+# gives none, and cannot give others.
+SHAPE_SETTINGS = ("dim",)
+
+
+def resumed_model_config(run: Path, config: ModelConfig) -> ModelConfig:
+    """``config`` for resuming ``run``: each shape setting it leaves to the data is the
+    checkpoint's; one it sets otherwise is one InputError naming it, before any tensor is
+    loaded. Every rank calls this (the run folder is on storage all ranks share)."""
+    path = run / CHECKPOINT
+    if not path.is_file():
+        return config  # `load_checkpoint` names the missing file
+    saved = load_trusted(path, RESTORE_CHECKPOINT).get("model_config")
+    if not isinstance(saved, dict):
+        return config  # an older checkpoint: its tables' shapes are checked as they load
+    inherited = {}
+    for name in SHAPE_SETTINGS:
+        given, trained = getattr(config, name), saved.get(name)
+        if given is None:
+            inherited[name] = trained
+        elif trained is not None and given != trained:
+            raise InputError(f"{run} was trained with {name} {trained}; {name}={given} cannot "
+                             f"resume it (omit `{name}`, or start a new run)")
+    return dataclasses.replace(config, **inherited)
+
+
 def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
                     state: TrainState, shape: dict, env: DistEnv, owned: bool,
                     identity: dict | None = None) -> None:
@@ -168,18 +212,21 @@ def save_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
              "best_model": None if best_is_model else state.best_model,
              "best_is_model": best_is_model}
     shared = {"shape": shape, "identity": identity or {},
+              "model_config": asdict(model.config),
               **{key: getattr(state, name) for name, key in STATE_KEYS.items()
                  if name != "best_model"}}
     if not owned:
-        _agreed(lambda: save_torch_atomic({**shared, **local}, run / CHECKPOINT)
-                if env.is_main else None, env)
+        _agreed(lambda: write_vouched(run / CHECKPOINT, lambda: save_torch_atomic(
+            {**shared, **local}, run / CHECKPOINT)) if env.is_main else None, env)
         return
     tag = f"{state.epoch}-{state.steps_done}"
     mine = run / checkpoint_slice(tag, env.rank)
     _agreed(lambda: save_torch_atomic(local, mine), env)  # every slice is on disk before
-    _agreed(lambda: save_torch_atomic(  # checkpoint.pt names them
-        {**shared, "slices": tag, "world_size": env.world_size}, run / CHECKPOINT)
-        if env.is_main else None, env)
+    # checkpoint.pt names them, with their digests: a slice is checked before it is loaded.
+    digests = all_gather_objects(file_sha256(mine), env)
+    _agreed(lambda: write_vouched(run / CHECKPOINT, lambda: save_torch_atomic(
+        {**shared, "slices": tag, "world_size": env.world_size, "slice_sha256": digests},
+        run / CHECKPOINT)) if env.is_main else None, env)
     for old in run.glob(checkpoint_slice_pattern(env.rank)):
         if old != mine:
             old.unlink()
@@ -192,7 +239,7 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     path = run / CHECKPOINT
     if not path.is_file():
         raise InputError(f"`resume`: {path} not found; start without `resume`")
-    payload = load_trusted(path)
+    payload = load_trusted(path, RESTORE_CHECKPOINT)
     _check_identity(path, payload.get("identity") or {}, identity or {})
     if owned != ("slices" in payload):
         written = "owned" if "slices" in payload else "replicated"
@@ -204,11 +251,7 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
             raise InputError(f"`resume`: {path} holds users split over "
                              f"{payload['world_size']} ranks (user_embeddings='owned'); "
                              f"resume with {payload['world_size']} processes")
-        slice_path = run / checkpoint_slice(payload["slices"], env.rank)
-        if not slice_path.is_file():
-            raise InputError(f"`resume`: {slice_path} not found; {CHECKPOINT} names it "
-                             "(restore it, or start without `resume`)")
-        local = load_trusted(slice_path)
+        local = _agreed(lambda: _load_slice(run, payload, env), env)
     state = TrainState()
     for name, key in STATE_KEYS.items():
         setattr(state, name, payload.get(key, getattr(state, name)))  # older: epoch ends only
@@ -220,6 +263,7 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
         raise InputError(f"`resume`: {path} was written mid-epoch by a run with "
                          f"{_describe(saved)}; this run has {_describe(shape)}. Resume with "
                          "the same number of ranks and `batch_size`")
+    _check_tables(path, local.get("model"), model)
     model.load_state_dict(local["model"])
     if local.get("best_is_model"):
         state.best_model = copy.deepcopy(model.state_dict())
@@ -231,23 +275,52 @@ def load_checkpoint(run: Path, model: BiasedMF, optimizer: Optimizer,
     return state
 
 
-def load_trusted(path: Path) -> dict:
-    """A file this trainer wrote, loaded without running code; any other is one InputError.
+def _load_slice(run: Path, payload: dict, env: DistEnv) -> dict:
+    """This rank's slice of an owned checkpoint, checked against the digest checkpoint.pt
+    records for it (absent in checkpoints from before digests)."""
+    slice_path = run / checkpoint_slice(payload["slices"], env.rank)
+    if not slice_path.is_file():
+        raise InputError(f"`resume`: {slice_path} not found; {CHECKPOINT} names it "
+                         "(restore it, or start without `resume`)")
+    digests = payload.get("slice_sha256")
+    if digests is not None and file_sha256(slice_path) != digests[env.rank]:
+        raise InputError(f"{slice_path}: damaged or replaced since the run wrote it (its "
+                         f"SHA-256 differs from the one {CHECKPOINT} records); "
+                         f"{RESTORE_CHECKPOINT}")
+    return load_trusted(slice_path, RESTORE_CHECKPOINT)
+
+
+def load_trusted(path: Path, remedy: str) -> dict:
+    """A torch file this trainer wrote, checked against the run's checksums.json and loaded
+    without running code; any other is one InputError naming it and ``remedy``.
 
     Empty, truncated, random or crafted files all end here; torch's own message is not
     passed on (for a crafted pickle it suggests ``weights_only=False``, which would run it).
     """
+    vouched(path, remedy)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise InputError(f"`resume`: {path} is not a checkpoint shardmf wrote (damaged, cut "
-                         "short, or holding objects it refuses to load); restore it or start "
-                         "without `resume`") from e
+    except Exception as e:  # noqa: BLE001 (a damaged file makes torch raise any of a dozen)
+        raise InputError(f"{path}: not a file shardmf wrote (damaged, cut short, or holding "
+                         f"objects it refuses to load); {remedy}") from e
     if not isinstance(payload, dict):
-        raise InputError(f"`resume`: {path} holds a {type(payload).__name__}, not a shardmf "
-                         "checkpoint; restore it or start without `resume`")
+        raise InputError(f"{path}: holds a {type(payload).__name__}, not what shardmf writes "
+                         f"there; {remedy}")
     return payload
+
+
+def _check_tables(path: Path, saved: object, model: torch.nn.Module) -> None:
+    """The checkpoint's tables have the model's names and shapes (before any is loaded)."""
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: holds no model tables; {RESTORE_CHECKPOINT}")
+    for key, table in model.state_dict().items():
+        found = saved.get(key)
+        if not isinstance(found, torch.Tensor):
+            raise InputError(f"{path}: holds no {key}; {RESTORE_CHECKPOINT}")
+        if found.shape != table.shape:
+            raise InputError(f"`resume`: {path} holds {key} of shape {tuple(found.shape)}, "
+                             f"this run's is {tuple(table.shape)}; resume with the settings "
+                             "and shards it was trained with, or start without `resume`")
 
 
 def _check_identity(path: Path, saved: dict, current: dict) -> None:
@@ -263,20 +336,23 @@ def _check_identity(path: Path, saved: dict, current: dict) -> None:
                          f"optimizer={saved['optimizer']!r}")
 
 
-def _agreed(write, env: DistEnv) -> None:
-    """Run a rank's part of a save; an InputError on any rank is raised on every rank.
+def _agreed(action: Callable[[], T], env: DistEnv) -> T:
+    """Run a rank's part of a save or a load; an InputError on any rank is raised on every
+    rank, else the rank's result is returned.
 
-    One rank failing alone (disk full) would leave the others waiting in the next
-    collective, then failing with a lost-peer error instead of the cause.
+    One rank failing alone (disk full, a damaged slice) would leave the others waiting in
+    the next collective, then failing with a lost-peer error instead of the cause (or
+    print nothing: only rank 0 prints an InputError).
     """
-    error = None
+    error = result = None
     try:
-        write()
+        result = action()
     except InputError as e:
         error = str(e)
     first = next((e for e in all_gather_objects(error, env) if e is not None), None)
     if first is not None:
         raise InputError(first)
+    return result
 
 
 @dataclass
@@ -323,13 +399,14 @@ def save_model(path: Path, tables: Tables, shards: ShardSet) -> None:
                "ranking_dim": ranking.item_factors.embedding_dim if ranking else None,
                "scale": list(shards.scale), "shards_dir": str(shards.root.resolve()),
                "objective": tables.objective, "kind": tables.kind}
-    save_torch_atomic(payload, path)
+    write_vouched(path, lambda: save_torch_atomic(payload, path))
     buffer = io.BytesIO()
     np.savez(buffer, **{name: tensor.numpy() for name, tensor in state.items()},
              scale=np.array(shards.scale, dtype=np.float64),
              shards_dir=np.array(payload["shards_dir"]),
              objective=np.array(tables.objective), kind=np.array(tables.kind))
-    write_atomic(Path(path).with_name(MODEL_ARRAYS), buffer.getvalue())
+    arrays = Path(path).with_name(MODEL_ARRAYS)
+    write_vouched(arrays, lambda: write_atomic(arrays, buffer.getvalue()))
 
 
 def load_model(path: Path) -> tuple[Tables, dict]:
@@ -339,19 +416,28 @@ def load_model(path: Path) -> tuple[Tables, dict]:
     if not Path(path).is_file():
         raise InputError(f"{path}: not found; train a run first (`shardmf train SHARDS_DIR "
                          "--out RUN_DIR`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    state = payload["state_dict"]
-    rating = ranking = None
-    if payload.get("model_config") is not None:
-        rating = BiasedMF(state["user_factors.weight"].shape[0],
-                          state["item_factors.weight"].shape[0], float(state["global_mean"]),
-                          ModelConfig(**payload["model_config"]))
-    if payload.get("ranking_dim") is not None:
-        users = state[RANKING_PREFIX + "user_factors.weight"]
-        items = state[RANKING_PREFIX + "item_factors.weight"]
-        ranking = RankingMF(users.shape[0], items.shape[0], payload["ranking_dim"])
-    tables = Tables(rating, ranking, payload.get("kind", "ratings"))
-    tables.load_state_dict(state)
+    payload = load_trusted(path, RETRAIN)
+    try:
+        state = payload["state_dict"]
+        rating = ranking = None
+        if payload.get("model_config") is not None:
+            rating = BiasedMF(state["user_factors.weight"].shape[0],
+                              state["item_factors.weight"].shape[0],
+                              float(state["global_mean"]), ModelConfig(**payload["model_config"]))
+        if payload.get("ranking_dim") is not None:
+            users = state[RANKING_PREFIX + "user_factors.weight"]
+            items = state[RANKING_PREFIX + "item_factors.weight"]
+            ranking = RankingMF(users.shape[0], items.shape[0], payload["ranking_dim"])
+        if rating is None and ranking is None:
+            raise KeyError("neither the rating model nor the ranking tables")
+        tables = Tables(rating, ranking, payload.get("kind", "ratings"))
+        tables.load_state_dict(state)
+        if not isinstance(payload.get("shards_dir"), str):
+            raise KeyError("shards_dir")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise InputError(f"{path}: not a model shardmf wrote ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'incomplete'}); "
+                         f"{RETRAIN}") from e
     return tables, payload
 
 
@@ -396,7 +482,8 @@ def _is_user_table(key: str) -> bool:
 def copy_id_maps(shards_dir: Path, run_dir: Path) -> None:
     """The run keeps its own id maps, so it stays usable if the shards move or go."""
     for name in (USERS, ITEMS):
-        copy_atomic(shards_dir / name, run_dir / name)
+        write_vouched(run_dir / name, functools.partial(copy_atomic, shards_dir / name,
+                                                        run_dir / name))
 
 
 def _describe(shape: dict | None) -> str:

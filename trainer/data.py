@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -220,7 +220,7 @@ class TrainBatches(IterableDataset):
 
 
 def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
-                 prefetch: int) -> Iterator[Batch]:
+                 prefetch: int) -> Generator[Batch, None, None]:
     """The epoch's batches as runs of consecutive batches laid end to end, which a step
     takes at once (trainer/steps.py); batches are whole tensors already, so the DataLoader
     only moves them (batch_size=None).
@@ -231,22 +231,26 @@ def train_loader(dataset: TrainBatches, workers: int, pin_memory: bool,
     thread: reading a row group (and its one shuffle) and cutting runs go on beside the
     steps (the fused kernel and torch's ops release the GIL), on a core the rank would
     leave idle, instead of between them. Worker processes hand over one batch at a time,
-    round robin.
+    round robin. Close the generator returned (``contextlib.closing``) when stopping early:
+    its prefetch thread is stopped and joined then, not at interpreter exit, where a thread
+    still inside pyarrow aborts the process (``PyGILState_Release``) after a Ctrl-C.
     """
     if not workers:
         dataset = dataset.grouped(BATCHES_PER_ITEM)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=False)
     if workers or not prefetch:
-        return iter(loader)
-    return prefetched(iter(loader), prefetch)
+        yield from loader
+    else:
+        yield from prefetched(iter(loader), prefetch)
 
 
 def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
     """``batches`` produced by a background thread, at most ``depth`` ahead, in order.
 
     An error in the thread is raised here, at the batch where it happened; a consumer
-    that stops early (an exception, a closed generator) makes the thread stop too.
+    that stops early (an exception, a closed generator) makes the thread stop, and waits
+    for it: no thread of this run may outlive it into interpreter shutdown.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -283,6 +287,7 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield batch
     finally:
         stop.set()
+        thread.join()
 
 
 def eval_batches(pieces: list[Piece], batch_size: int,

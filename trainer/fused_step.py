@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from shardmf.errors import interrupts_held
 from trainer.model import BiasedMF
 from trainer.optim import Optimizer
 from trainer.sync import PeriodicRowSync
@@ -37,21 +38,22 @@ def load_fused_kernel() -> Callable | None:
     Compiles here, on a one-rating batch of the trainer's dtypes, so a failure surfaces now
     rather than mid-epoch; ``cache=True`` keeps the machine code on disk between runs.
     """
-    try:
-        from trainer.fused_kernel import sgd_batches as kernel
+    with interrupts_held():  # numba's imports swallow a Ctrl-C (see interrupts_held)
+        try:
+            from trainer.fused_kernel import sgd_batches as kernel
 
-        ids = np.zeros(1, dtype=np.int64)
-        table = np.zeros((1, 1), dtype=np.float32)
-        column = np.zeros(1, dtype=np.float32)
-        untracked = np.zeros(0, dtype=np.bool_)
-        kernel(ids, ids, column, 1, table, table.copy(), column.copy(), column.copy(), 0.0,
-               0.0, 0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
-               column.copy(), untracked, untracked, 0.0)
-    except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
-        log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
-                    "autograd step (install numba>=0.59 for the fused one)",
-                    type(e).__name__, e)
-        return None
+            ids = np.zeros(1, dtype=np.int64)
+            table = np.zeros((1, 1), dtype=np.float32)
+            column = np.zeros(1, dtype=np.float32)
+            untracked = np.zeros(0, dtype=np.bool_)
+            kernel(ids, ids, column, 1, table, table.copy(), column.copy(), column.copy(), 0.0,
+                   0.0, 0.0, 0.0, 0.0, table.copy(), table.copy(), np.zeros((1, 2), np.float32),
+                   column.copy(), untracked, untracked, 0.0)
+        except Exception as e:  # noqa: BLE001 (any import or compile failure means: no kernel)
+            log.warning("the fused CPU step is unavailable (%s: %s); training uses the slower "
+                        "autograd step (install numba>=0.59 for the fused one)",
+                        type(e).__name__, e)
+            return None
     return kernel
 
 

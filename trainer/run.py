@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardmf.errors import InputError
-from shardmf.manifest import is_shard_folder
+from shardmf.manifest import Manifest, is_shard_folder
 from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.run_files import (
@@ -40,12 +40,15 @@ from trainer.run_files import (
     MODEL,
     MODEL_ARRAYS,
     RANKING_PREFIX,
+    RETRAIN,
     SHARDS_DIR,
     TABLES,
     USERS,
     export_names,
     is_ranking_key,
-    read_json,
+    read_vouched_json,
+    vouched,
+    write_vouched,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +79,24 @@ class TrainedRun:
         if not arrays_path.is_file():
             raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
                              "(train it with `shardmf train SHARDS_DIR --out RUN_DIR`)")
+        vouched(arrays_path, RETRAIN)
+        try:
+            self._load_arrays(arrays_path)
+        except Exception as e:  # noqa: BLE001 (a damaged zip or array raises any of many)
+            raise InputError(f"{arrays_path}: not the model arrays shardmf writes (damaged, cut "
+                             f"short or replaced: {type(e).__name__}); {RETRAIN}") from e
+        if self.item_factors is None and self.ranking_item_factors is None:
+            raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
+                             f"tables; {RETRAIN}")
+        self.tables = "ranking" if self.ranking_item_factors is not None else "rating"
+        self._user_table = _id_table(self.run_dir / USERS, "original_user_id", "train_ratings")
+        self._item_table = _id_table(self.run_dir / ITEMS, "original_item_id", "train_ratings",
+                                     "title", "genres")
+        self.item_train_ratings = _numpy(self._item_table.column("train_ratings"))
+        self._check_shapes(arrays_path)
+
+    def _load_arrays(self, arrays_path: Path) -> None:
+        """model.npz's tables and facts (CRC-checked by zipfile as they are read)."""
         with np.load(arrays_path) as arrays:
             # A run written before the ranking objective has neither key: ratings, rated.
             self.objective = str(arrays["objective"]) if "objective" in arrays else "rating"
@@ -93,13 +114,25 @@ class TrainedRun:
                                          if ranking else None)
             self.scale = tuple(float(x) for x in arrays["scale"])
             self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
-        if not rating and not ranking:
-            raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
-                             "tables; train the run again")
-        self.tables = "ranking" if ranking else "rating"
-        self._user_table = pq.ParquetFile(self.run_dir / USERS).read()
-        self._item_table = pq.ParquetFile(self.run_dir / ITEMS).read()
-        self.item_train_ratings = _numpy(self._item_table.column("train_ratings"))
+
+    def _check_shapes(self, arrays_path: Path) -> None:
+        """The tables fit each other and the id maps: a file from another run is named here,
+        not an IndexError (or a wrong answer) later."""
+        users, items = self._user_table.num_rows, self._item_table.num_rows
+        pairs = [(self.user_factors, self.item_factors, self.user_bias, self.item_bias),
+                 (self.ranking_user_factors, self.ranking_item_factors, None, None)]
+        for user_f, item_f, user_b, item_b in pairs:
+            if user_f is None:
+                continue
+            fits = (user_f.ndim == item_f.ndim == 2 and user_f.shape[0] == users
+                    and item_f.shape[0] == items and user_f.shape[1] == item_f.shape[1]
+                    and (user_b is None or (user_b.shape == (users,)
+                                            and item_b.shape == (items,))))
+            if not fits:
+                raise InputError(f"{arrays_path}: tables of shapes {user_f.shape} and "
+                                 f"{item_f.shape} do not fit the {users:,} users and "
+                                 f"{items:,} items of {USERS} and {ITEMS} (files of "
+                                 f"different runs?); {RETRAIN}")
 
     # Built on first use: a dict of every original id (60 ms for 162k string ids, about
     # 1.3 s for 2M), which `recommend` needs for users only and `similar` for items only.
@@ -287,10 +320,11 @@ class TrainedRun:
             log.warning("shards %s are gone: seen items are not excluded", self.shards_dir)
             return np.array([], dtype=np.int64)
         seen = []
+        manifest = Manifest.load(self.shards_dir)
         # Row groups whose user_id range leaves uid out are skipped (by user shards: most).
         # By hand, not pyarrow.dataset's filter: that module imports pandas.
-        for path in sorted(folder.glob("*.parquet")):
-            shard = pq.ParquetFile(path)
+        for entry in manifest.files["train"]:
+            shard = pq.ParquetFile(manifest.check_file(entry, sha256=False))
             column = shard.schema_arrow.get_field_index("user_id")
             for group in range(shard.num_row_groups):
                 stats = shard.metadata.row_group(group).column(column).statistics
@@ -301,6 +335,21 @@ class TrainedRun:
                 users = _numpy(rows.column("user_id"))
                 seen.append(_numpy(rows.column("item_id"))[users == uid])
         return np.concatenate(seen).astype(np.int64) if seen else np.array([], dtype=np.int64)
+
+
+def _id_table(path: Path, *columns: str) -> pa.Table:
+    """A run's id map, checked before it is parsed, with the columns its readers use."""
+    vouched(path, RETRAIN)
+    try:
+        table = pq.ParquetFile(path).read()
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types for damage)
+        raise InputError(f"{path}: not a readable id table ({type(e).__name__}); "
+                         f"{RETRAIN}") from e
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: no {', '.join(missing)} column (not the id table shardmf "
+                         f"writes there); {RETRAIN}")
+    return table
 
 
 def shards_of(run_dir: Path, payload: dict) -> Path:
@@ -397,16 +446,22 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     run = Path(run_dir)
     tables, payload = load_model(run / MODEL)
     model = tables.lists  # the ranking tables when the run trained them
+    kept = {k: v for k, v in (read_vouched_json(run / FINAL_METRICS, RETRAIN) or {}).items()
+            if not is_ranking_key(k)}
     shards = open_shards(shards_of(run, payload))
+    rows = (model.user_factors.num_embeddings, model.item_factors.num_embeddings)
+    if rows != (shards.num_users, shards.num_items):
+        raise InputError(f"{run / MODEL}: tables of {rows[0]:,} users and {rows[1]:,} items, "
+                         f"but its shards {shards.root} hold {shards.num_users:,} and "
+                         f"{shards.num_items:,} (files of different runs?); {RETRAIN}")
     if env is None:
         env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
                       device=torch.device("cpu"), backend=None)
     figures = ranking_metrics(model.to(env.device), shards, env, ks=ks, threshold=threshold,
                               min_item_ratings=min_item_ratings, max_users=max_users)
     if env.is_main:
-        kept = {k: v for k, v in (read_json(run / FINAL_METRICS) or {}).items()
-                if not is_ranking_key(k)}
-        write_json(run / FINAL_METRICS, {**kept, **figures})
+        write_vouched(run / FINAL_METRICS,
+                      lambda: write_json(run / FINAL_METRICS, {**kept, **figures}))
     return figures
 
 

@@ -7,6 +7,16 @@ files and the two reports, reports last. Every file goes through `write_atomic`
 (``shardmf/outputs.py``): a crash leaves the previous complete file or none, never a
 half-written one that looks complete. No other module spells these names.
 
+The files a command reads back (config.json, metrics.json, checkpoint.pt, model.pt,
+model.npz, the id maps, and the cluster files for other tools) are written through
+`write_vouched`, which records each one's size and SHA-256 in ``checksums.json``;
+`vouched` checks a file against its record before anything parses it, so a damaged, cut
+or swapped file is one line naming it and what to do, never a parser's traceback or a
+silently different model (torch does not check its zip members' CRCs). A run from before
+checksums, or a file whose record a crash dropped (the record goes before the file is
+replaced, and comes back after), is read unchecked, and its readers still turn any parse
+failure into one line.
+
 A run folder is owned like every folder shardmf writes, by the convention of
 ``shardmf/outputs.py`` (the same marker, lock and atomic writes as a shard folder)::
 
@@ -27,7 +37,7 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,7 @@ from shardmf.outputs import (
     remove_dead_temporaries,
     remove_empty,
     replace_atomically,
+    write_json,
     write_marker,
 )
 
@@ -80,6 +91,7 @@ TABLES = ("rating", "ranking")
 
 EXPORT_DIR = "export"  # default folder of `export_run`
 EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
+CHECKSUMS = "checksums.json"  # size and SHA-256 of the files read back, as the run wrote them
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
 
@@ -88,7 +100,12 @@ RUN_KIND = "run"
 EXPORT_KIND = "export"
 # What one run writes, removed by --overwrite (with the checkpoint slices and model parts).
 RUN_OUTPUTS = (*REPORTS, CONFIG, EPOCH_METRICS, SWEEP_METRICS, FINAL_METRICS, CHECKPOINT, MODEL,
-               USERS, ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE, *OPTIONAL_FIGURES)
+               MODEL_ARRAYS, USERS, ITEMS, ITEM_CLUSTERS, CLUSTERS, PCA_FIGURE,
+               *OPTIONAL_FIGURES, CHECKSUMS)
+# What to do about a damaged or missing file of a run.
+RETRAIN = ("train the run again (`shardmf train SHARDS_DIR --out RUN_DIR --overwrite`), or "
+           "restore the file")
+RESTORE_CHECKPOINT = "restore it, or start without `resume`"
 # Files whose presence makes a folder a run (an older run has them but no marker).
 RUN_EVIDENCE = (CONFIG, CHECKPOINT, MODEL, FINAL_METRICS)
 
@@ -131,7 +148,76 @@ def save_torch_atomic(payload: Any, path: Path) -> None:
     replace_atomically(path, lambda handle: torch.save(payload, handle))
 
 
+def write_vouched(path: Path, write: Callable[[], object]) -> None:
+    """Run ``write`` (which replaces ``path`` atomically), then record the new file in the
+    run's checksums.json. The old record goes first: a crash in between leaves the file
+    unrecorded (read unchecked), never a record that no longer matches it."""
+    path = Path(path)
+    records = _writable_checksums(path.parent)
+    if records.pop(path.name, None) is not None:
+        _write_checksums(path.parent, records)
+    write()
+    from shardmf.manifest import file_sha256  # here: pyarrow, which the CLI's help avoids
+
+    records = _writable_checksums(path.parent)
+    records[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    _write_checksums(path.parent, records)
+
+
+def _writable_checksums(run: Path) -> dict[str, dict]:
+    """The records to update; a damaged checksums.json is started afresh (it vouches for
+    nothing, and a write must not fail on it)."""
+    try:
+        return _read_checksums(run)
+    except InputError:
+        return {}
+
+
+def _write_checksums(run: Path, records: dict[str, dict]) -> None:
+    write_json(run / CHECKSUMS, {"format_version": 1, "files": records})
+
+
 # --- reading ------------------------------------------------------------------
+
+
+def vouched(path: Path, remedy: str) -> Path:
+    """``path`` when it exists and, where the run's checksums.json records it, has the
+    size and SHA-256 written there; else one InputError naming it and ``remedy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not found; {remedy}")
+    record = _read_checksums(path.parent).get(path.name)
+    if record is None:
+        return path
+    from shardmf.manifest import file_sha256  # here: pyarrow, which the CLI's help avoids
+
+    size = path.stat().st_size
+    if size != record["bytes"] or file_sha256(path) != record["sha256"]:
+        change = (f"{size:,} bytes, written as {record['bytes']:,}" if size != record["bytes"]
+                  else "same size, other bytes")
+        raise InputError(f"{path}: damaged or replaced since the run wrote it ({change}; "
+                         f"{CHECKSUMS} records it); {remedy}")
+    return path
+
+
+def _read_checksums(run: Path) -> dict[str, dict]:
+    """checksums.json's records by file name; {} when the run has none (written before
+    checksums); InputError when it is damaged."""
+    path = run / CHECKSUMS
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))["files"]
+        if not all(isinstance(r["bytes"], int) and isinstance(r["sha256"], str)
+                   for r in records.values()):
+            raise TypeError("a record without an integer size and a text digest")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: damaged (not the record of the run's files shardmf "
+                         f"writes: {type(e).__name__}); restore it, or remove it to read the "
+                         "run's files unchecked") from e
+    return records
+
+
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -142,6 +228,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
+        vouched(path, "ignored")
+    except InputError as e:
+        log.warning("%s", e)
+        return None
+    try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         log.warning("%s: not readable JSON (%s); left out of the report", path, e)
@@ -150,6 +241,37 @@ def read_json(path: Path) -> dict[str, Any] | None:
         log.warning("%s: expected a JSON object; left out of the report", path)
         return None
     return value
+
+
+def read_vouched_json(path: Path, remedy: str) -> dict[str, Any] | None:
+    """A JSON object a command relies on: None when missing; else checked against the run's
+    checksums.json and parsed, and any damage is one InputError naming it and ``remedy``."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(vouched(path, remedy).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not readable JSON ({type(e).__name__}); {remedy}") from e
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: a JSON {type(value).__name__}, not the object shardmf "
+                         f"writes; {remedy}")
+    return value
+
+
+def run_seed(run: Path) -> int | None:
+    """The seed a run trained with (config.json), for commands that redo its seeded steps;
+    None for a folder without config.json."""
+    path = run / CONFIG
+    remedy = f"pass `seed`, or {RETRAIN}"
+    config = read_vouched_json(path, remedy)
+    if config is None:
+        return None
+    train = config.get("train")
+    seed = train.get("seed") if isinstance(train, dict) else None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"{path}: no integer train.seed (not the config shardmf writes); "
+                         f"{remedy}")
+    return seed
 
 
 def read_epochs(path: Path) -> list[dict[str, Any]]:
@@ -274,7 +396,7 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
                 yield run
             except BaseException:
                 if not had_checkpoint and not (run / CHECKPOINT).exists():
-                    for name in (CONFIG, EPOCH_METRICS):
+                    for name in (CONFIG, EPOCH_METRICS, CHECKSUMS):
                         (run / name).unlink(missing_ok=True)
                     if run in created:
                         (run / MARKER_NAME).unlink(missing_ok=True)

@@ -22,13 +22,14 @@ interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from trainer.checkpoint import (
     Tables,
     TrainState,
     copy_id_maps,
+    resumed_model_config,
     save_model,
     save_owned_model,
 )
@@ -63,7 +65,14 @@ from trainer.model import BiasedMF
 from trainer.optim import build_optimizer
 from trainer.ownership import UserOwnership, user_ownership
 from trainer.ranking import ranking_metrics, relevance_threshold
-from trainer.run_files import CONFIG, EPOCH_METRICS, FINAL_METRICS, MODEL, SWEEP_METRICS
+from trainer.run_files import (
+    CONFIG,
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    MODEL,
+    SWEEP_METRICS,
+    write_vouched,
+)
 from trainer.shards import Piece, ShardSet, open_shards, pieces_for_rank
 from trainer.steps import AutogradStep, build_step
 from trainer.strategy import Facts, Strategy, resolve_strategy
@@ -79,6 +88,8 @@ def train(config: RunConfig, env: DistEnv, shards_verified: bool = False) -> dic
     (on every rank). Every rank calls it with the same config; ``shards_verified``: the
     launcher has just checked the shards (``config.train.verify``), so ranks trust them."""
     run = Path(config.run_dir)
+    if config.train.resume:
+        config = dataclasses.replace(config, model=resumed_model_config(run, config.model))
     plan = _plan(config, env, shards_verified)
     objectives = resolve_objectives(config.objective.objective, plan.shards.kind,
                                     env.device.type)
@@ -302,7 +313,7 @@ def _start_run_folder(run: Path, config: dict, state: TrainState) -> None:
     checkpoint are dropped: they will be run again)."""
     run.mkdir(parents=True, exist_ok=True)
     write_jsonl(run / EPOCH_METRICS, state.history)
-    write_json(run / CONFIG, config)
+    write_vouched(run / CONFIG, lambda: write_json(run / CONFIG, config))
 
 
 def _log_start(plan: _Plan, strategy: Strategy, auto: Resolved, model_config: ModelConfig,
@@ -365,7 +376,7 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
         copy_id_maps(shards.root, run)
         if ranking is not None:
             write_jsonl(run / SWEEP_METRICS, ranking.history)
-        write_json(run / FINAL_METRICS, metrics)
+        write_vouched(run / FINAL_METRICS, lambda: write_json(run / FINAL_METRICS, metrics))
         if rating is not None:
             log.info("test RMSE %s (bias-only baseline %s), MAE %s",
                      _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
@@ -434,18 +445,22 @@ class TrainEpoch:
         progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
                         desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
                         leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
-        for users, items, ratings in self._loader(epoch, steps_done):
-            for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
-                if fault is not None:  # tests only: fail before a chosen batch
-                    fault.maybe_fire(env.rank, cadence.batches_done(epoch, steps_done) + 1)
-                loss_sum = self.train_step(users[cut], items[cut], ratings[cut], loss_sum)
-                steps_done += batches
-                if cadence.check_due(steps_done):
-                    self._check_finite(loss_sum, steps_done, epoch)
-                    progress.update(min(steps_done, cadence.steps) * global_batch - progress.n)
-                if self.checkpointer is not None and cadence.checkpoint_due(epoch, steps_done):
-                    started = self._save_mid_epoch(state, steps_done, loss_sum, started)
-        progress.close()
+        # Both closed however the epoch ends: the bar's line cleared (a Ctrl-C's line then
+        # starts on a line of its own), the loader's prefetch thread joined.
+        with progress, contextlib.closing(self._loader(epoch, steps_done)) as loader:
+            for users, items, ratings in loader:
+                for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
+                    if fault is not None:  # tests only: fail before a chosen batch
+                        fault.maybe_fire(env.rank, cadence.batches_done(epoch, steps_done) + 1)
+                    loss_sum = self.train_step(users[cut], items[cut], ratings[cut], loss_sum)
+                    steps_done += batches
+                    if cadence.check_due(steps_done):
+                        self._check_finite(loss_sum, steps_done, epoch)
+                        progress.update(min(steps_done, cadence.steps) * global_batch
+                                        - progress.n)
+                    if self.checkpointer is not None and cadence.checkpoint_due(epoch,
+                                                                                steps_done):
+                        started = self._save_mid_epoch(state, steps_done, loss_sum, started)
         self.train_step.flush()
         if steps_done != cadence.steps:  # the other ranks would wait for the missing batches
             raise RuntimeError(f"rank {env.rank}: {steps_done} batches in epoch {epoch + 1}, "
@@ -454,7 +469,8 @@ class TrainEpoch:
         seconds = state.epoch_seconds + time.perf_counter() - started
         return mean[0] / mean[1], seconds, self.train_step.sync_bytes
 
-    def _loader(self, epoch: int, steps_done: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _loader(self, epoch: int, steps_done: int
+                ) -> Generator[tuple[torch.Tensor, ...], None, None]:
         """The epoch's batches from ``steps_done`` on, as runs of consecutive batches."""
         config, env = self.config, self.env
         dataset = TrainBatches(self.pieces, self.rank_batch, self.cadence.steps, config.seed,

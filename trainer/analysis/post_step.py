@@ -44,6 +44,7 @@ from trainer.run_files import (
     REPORTS,
     read_json,
     read_run_files,
+    write_vouched,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ def write_cluster_outputs(
 
     for name in REPORTS:
         (run_dir / name).unlink(missing_ok=True)
-    write_atomic(run_dir / ITEM_CLUSTERS, _parquet_bytes(result))
-    write_json(run_dir / CLUSTERS, summary)
+    write_vouched(run_dir / ITEM_CLUSTERS,
+                  lambda: write_atomic(run_dir / ITEM_CLUSTERS, _parquet_bytes(result)))
+    write_vouched(run_dir / CLUSTERS, lambda: write_json(run_dir / CLUSTERS, summary))
     for name, data in rendered.figures.items():
         write_atomic(run_dir / name, data)
     for name in OPTIONAL_FIGURES:
