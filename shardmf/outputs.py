@@ -251,8 +251,13 @@ def folder_lock(out: Path) -> Iterator[None]:
     path = out.parent / f".{out.name}.lock"
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at the lock's name must not make the lock
+            # truncate and write its target.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{path}: a symbolic link where shardmf keeps the lock of "
+                                 f"{out}; remove it (shardmf never follows it)") from e
             raise os_error(e, f"locking {out}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
