@@ -422,7 +422,10 @@ def _demo(values: dict) -> int:
 
     out = Path(values["out"])
     started = time.perf_counter()
+    _claim_demo_folder(out)
     raw, shards, run = out / "raw", out / "shards", out / "run"
+    if (run / CONFIG).is_file():
+        log.info("replacing the earlier demo run in %s", run)
     if not (raw / "synth.json").is_file():
         synthesize(raw, SynthConfig())
     with dask_client(None, None):
@@ -448,6 +451,23 @@ def _demo(values: dict) -> int:
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
     return 0
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """The demo replaces its own raw data, shards and run on a second go, so it writes only
+    into a folder it marked as a demo's (or an empty one), never over someone's run."""
+    from shardmf.outputs import read_marker, refuse_files_on_the_way, write_marker
+
+    refuse_files_on_the_way(out)
+    marker = read_marker(out)
+    if marker is not None and marker.get("kind") == "demo":
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"out={out} is not empty and is not a folder `shardmf demo` made, so "
+                         "the demo does not write into it (it would replace a run at "
+                         f"{out / 'run'}); choose another `out` or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
 
 
 def _evaluate(values: dict) -> int:

@@ -11,13 +11,17 @@ import os
 import subprocess
 from pathlib import Path
 
+import dask
 import psutil
 import pytest
 
 from helpers import ENV, SHARDMF, error_lines
+from data_shards import PrepareConfig, prepare
+from launch.cli import main
 from launch.dask_cluster import dask_client
 from shardmf.errors import InputError
-from shardmf.outputs import folder_lock
+from shardmf.outputs import MARKER_NAME, folder_lock, write_marker
+from trainer.run_files import check_run_target, claim_run_folder
 
 # --- security: planted symlinks, listeners ------------------------------------------------
 
@@ -37,3 +41,102 @@ def test_a_local_dask_cluster_listens_on_loopback_only() -> None:
         listening = {conn.laddr.ip for conn in psutil.Process().net_connections("tcp")
                      if conn.status == psutil.CONN_LISTEN}
     assert listening and listening <= {"127.0.0.1"}, listening
+
+
+# --- folders holding someone else's output --------------------------------------------------
+
+OLD_RUN = {"config.json": "{}", "metrics.json": '{"test_rmse": 0.9}', "model.pt": "weights",
+           "model.npz": "arrays", "report.md": "# old"}
+
+
+def finished_run(run: Path) -> Path:
+    run.mkdir(parents=True)
+    write_marker(run, "run")
+    for name, text in OLD_RUN.items():
+        (run / name).write_text(text)
+    return run
+
+
+def run_files(run: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in run.iterdir() if p.name != MARKER_NAME}
+
+
+def test_ctrl_c_in_an_overwriting_job_before_its_checkpoint_puts_the_old_run_back(
+        tmp_path: Path) -> None:
+    run = finished_run(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt), claim_run_folder(run, False, True):
+        assert not (run / "model.pt").exists()  # the new job starts in an empty run
+        (run / "config.json").write_text('{"new": true}')
+        raise KeyboardInterrupt
+    assert run_files(run) == OLD_RUN
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_an_overwriting_job_that_checkpointed_replaces_the_old_run(tmp_path: Path) -> None:
+    run = finished_run(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt), claim_run_folder(run, False, True):
+        (run / "checkpoint.pt").write_text("new")
+        raise KeyboardInterrupt
+    assert run_files(run) == {"checkpoint.pt": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_run_set_aside_by_a_killed_job_comes_back(tmp_path: Path) -> None:
+    run = finished_run(tmp_path / "run")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = tmp_path / f".run.old-{dead.pid}-0123abcd"
+    aside.mkdir()
+    for name in OLD_RUN:
+        (run / name).rename(aside / name)
+    (run / "config.json").write_text('{"new": true}')  # the killed job's, no checkpoint
+    with pytest.raises(InputError, match="already holds a finished run"), \
+            claim_run_folder(run, False, False):
+        pass
+    assert run_files(run) == OLD_RUN and not aside.exists()
+
+
+@pytest.fixture()
+def shard_folder(tmp_path: Path, make_ratings, ratings_writer) -> tuple[Path, Path]:
+    """(ratings file, shard folder prepared from it)."""
+    ratings = ratings_writer(make_ratings(), tmp_path / "raw", "csv")
+    out = tmp_path / "shards"
+    with dask.config.set(scheduler="synchronous"):
+        prepare([str(ratings)], out, PrepareConfig(num_shards=2))
+    return ratings, out
+
+
+def test_a_run_is_never_trained_into_a_shard_folder(shard_folder) -> None:
+    _, shards = shard_folder
+    with pytest.raises(InputError, match="lies inside .*shards output"):
+        check_run_target(shards / "nest" / "myrun", resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize("planted", ["myrun", "notes.txt"])
+def test_prepare_overwrite_keeps_what_it_did_not_write(shard_folder, planted: str) -> None:
+    ratings, shards = shard_folder
+    if planted == "myrun":
+        finished_run(shards / planted)
+    else:
+        (shards / planted).write_text("mine\n")
+    with dask.config.set(scheduler="synchronous"), \
+            pytest.raises(InputError, match=f"holds {planted}.*not replaced"):
+        prepare([str(ratings)], shards, PrepareConfig(num_shards=2, overwrite=True))
+    assert (shards / planted).exists()
+
+
+def test_a_run_inside_an_owned_subfolder_also_stops_prepare_overwrite(shard_folder) -> None:
+    ratings, shards = shard_folder
+    finished_run(shards / "train" / "myrun")
+    with dask.config.set(scheduler="synchronous"), \
+            pytest.raises(InputError, match="holds shardmf run output"):
+        prepare([str(ratings)], shards, PrepareConfig(num_shards=2, overwrite=True))
+    assert run_files(shards / "train" / "myrun") == OLD_RUN
+
+
+def test_demo_never_writes_over_a_run_in_a_folder_it_did_not_make(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    finished_run(tmp_path / "D" / "run")
+    assert main(["demo", "--out", str(tmp_path / "D")]) == 2
+    assert "is not a folder `shardmf demo` made" in capsys.readouterr().err
+    assert run_files(tmp_path / "D" / "run") == OLD_RUN
