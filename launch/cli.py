@@ -354,8 +354,8 @@ def _verify(values: dict) -> int:
     manifest = verify_shards(values["shards_dir"], full=values["full"])
     files = len(manifest.all_files())
     counts = manifest.split_rows
-    checked = "sizes, rows, row groups, id ranges, sha256" + (
-        ", page checksums, every value" if values["full"] else "")
+    checked = "sizes, rows, row groups, id ranges, sha256 of shards and id tables" + (
+        ", page checksums, every value and the manifest's facts" if values["full"] else "")
     print(f"OK {values['shards_dir']}: the manifest adds up and {files} files match it "
           f"({checked}); {manifest.kind} train {counts['train']:,} / val {counts['val']:,} / "
           f"test {counts['test']:,}")

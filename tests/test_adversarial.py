@@ -13,15 +13,18 @@ from pathlib import Path
 
 import dask
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
-from helpers import ENV, SHARDMF, error_lines
+from helpers import ENV, SHARDMF, edit_manifest, error_lines
 from data_shards import PrepareConfig, prepare
+from data_shards.verify import verify_shards
 from launch.cli import main
 from launch.dask_cluster import dask_client
 from shardmf.errors import InputError
 from shardmf.outputs import MARKER_NAME, folder_lock, write_marker
 from trainer.run_files import check_run_target, claim_run_folder
+from trainer.shards import open_shards
 
 # --- security: planted symlinks, listeners ------------------------------------------------
 
@@ -140,3 +143,63 @@ def test_demo_never_writes_over_a_run_in_a_folder_it_did_not_make(
     assert main(["demo", "--out", str(tmp_path / "D")]) == 2
     assert "is not a folder `shardmf demo` made" in capsys.readouterr().err
     assert run_files(tmp_path / "D" / "run") == OLD_RUN
+
+
+# --- id maps and manifest facts, checked against the files --------------------------------
+
+
+def test_a_flipped_bit_in_an_id_table_is_found_by_verify_and_training(shard_folder) -> None:
+    _, shards = shard_folder
+    path = shards / "users.parquet"
+    data = bytearray(path.read_bytes())
+    data[64] ^= 0x10  # in the first data page, not the footer
+    path.write_bytes(bytes(data))
+    for check in (verify_shards, lambda root: open_shards(root, "quick")):
+        with pytest.raises(InputError, match="users.parquet: differs from the id table"):
+            check(shards)
+
+
+def test_another_sets_id_table_with_as_many_rows_is_found(shard_folder, tmp_path: Path,
+                                                          make_ratings, ratings_writer) -> None:
+    _, shards = shard_folder
+    other = ratings_writer(make_ratings(seed=1), tmp_path / "raw-other", "csv")
+    with dask.config.set(scheduler="synchronous"):
+        prepare([str(other)], tmp_path / "other", PrepareConfig(num_shards=2))
+    assert (pq.read_metadata(tmp_path / "other" / "items.parquet").num_rows ==
+            pq.read_metadata(shards / "items.parquet").num_rows)
+    (tmp_path / "other" / "items.parquet").replace(shards / "items.parquet")
+    with pytest.raises(InputError, match="items.parquet: differs from the id table"):
+        verify_shards(shards)
+
+
+def test_an_edited_training_mean_is_found_by_verify_full(shard_folder) -> None:
+    _, shards = shard_folder
+    edit_manifest(shards, lambda m: m["rating"].update(train_mean=m["rating"]["min"] + 0.01))
+    verify_shards(shards)  # quick: the facts are still in order
+    with pytest.raises(InputError, match="train_mean is .* but the train files' mean"):
+        verify_shards(shards, full=True)
+
+
+def test_facts_out_of_order_are_found_by_the_quick_check(shard_folder) -> None:
+    _, shards = shard_folder
+    edit_manifest(shards, lambda m: m["rating"].update(scale=[1.0, 2.0]))
+    with pytest.raises(InputError, match="rating facts out of order"):
+        open_shards(shards, "quick")
+
+
+def drop_train_files(manifest: dict, keep: int) -> None:
+    train = manifest["files"]["train"]
+    manifest["files"]["train"] = train[:keep]
+    manifest["counts"]["ratings"]["train"] = sum(e["rows"] for e in train[:keep])
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_removed_train_files_with_their_counts_lowered_are_found(shard_folder,
+                                                                 keep: int) -> None:
+    _, shards = shard_folder
+    edit_manifest(shards, lambda m: drop_train_files(m, keep))
+    for entry in sorted((shards / "train").iterdir())[keep:]:
+        entry.unlink()
+    with pytest.raises(InputError, match="no training ratings" if keep == 0 else
+                       r"train files list shards \[0\] \(missing \[1\]\)"):
+        verify_shards(shards)
