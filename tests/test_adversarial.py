@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import dask
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ENV, SHARDMF, edit_manifest, error_lines
-from data_shards import PrepareConfig, prepare
+from data_shards import PrepareConfig, movielens_path, prepare
 from data_shards.verify import verify_shards
 from launch.cli import main
 from launch.dask_cluster import dask_client
@@ -203,3 +204,72 @@ def test_removed_train_files_with_their_counts_lowered_are_found(shard_folder,
     with pytest.raises(InputError, match="no training ratings" if keep == 0 else
                        r"train files list shards \[0\] \(missing \[1\]\)"):
         verify_shards(shards)
+
+
+# --- readers of odd inputs ------------------------------------------------------------------
+
+
+def rating_lines(frame) -> str:
+    return "".join(f"{r.user},{r.item},{r.rating:g},{r.timestamp}\n"
+                   for r in frame.itertuples(index=False))
+
+
+def prepare_quietly(inputs: list[str], out: Path) -> dict:
+    with dask.config.set(scheduler="synchronous"):
+        return prepare(inputs, out, PrepareConfig(num_shards=1))
+
+
+def test_a_zip_of_several_files_is_refused_naming_them_and_a_member_can_be_named(
+        tmp_path: Path, make_ratings) -> None:
+    archive = tmp_path / "ratings.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for seed in range(3):
+            handle.writestr(f"part{seed}.csv", rating_lines(make_ratings(seed=seed)))
+    with pytest.raises(InputError, match=r"3 files \(part0.csv, part1.csv, part2.csv\).*"
+                       r"zip://MEMBER::"):
+        prepare_quietly([str(archive)], tmp_path / "out")
+    manifest = prepare_quietly([f"zip://part1.csv::{archive}"], tmp_path / "out")
+    assert sum(manifest["counts"]["ratings"].values()) == 300
+
+
+def test_a_truncated_zip_is_one_line(tmp_path: Path, make_ratings) -> None:
+    archive = tmp_path / "ratings.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("ratings.csv", rating_lines(make_ratings()))
+    archive.write_bytes(archive.read_bytes()[:-100])
+    with pytest.raises(InputError, match="not a readable zip archive.*truncated"):
+        prepare_quietly([str(archive)], tmp_path / "out")
+
+
+def test_a_bad_first_line_of_a_headerless_file_is_not_taken_for_a_header(
+        tmp_path: Path, make_ratings) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text("1,2,abc,1000000000\n" + rating_lines(make_ratings()))
+    with pytest.raises(InputError, match="ratings.csv, line 1: rating 'abc' is not a number"):
+        prepare_quietly([str(path)], tmp_path / "out")
+
+
+@pytest.mark.parametrize("layout", ["csv", "parquet"])
+def test_a_rating_beyond_float32_is_refused(tmp_path: Path, make_ratings, layout: str) -> None:
+    frame = make_ratings()
+    frame.loc[5, "rating"] = 1e39
+    if layout == "csv":
+        path = tmp_path / "ratings.csv"
+        path.write_text(rating_lines(frame))
+        expected = "line 6: rating '1e\\+39' is beyond the largest 32-bit float"
+    else:
+        path = tmp_path / "ratings.parquet"
+        frame.to_parquet(path)
+        expected = "1 rows with a missing, non-finite"
+    with pytest.raises(InputError, match=expected):
+        prepare_quietly([str(path)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_movielens_zip_that_expands_beyond_any_release_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "ml-bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("ml-bomb/ratings.csv", b"1,1,1,1\n" + b"0" * (20 * 2**20))
+    with pytest.raises(InputError, match="would expand from .* to 20,971,528 bytes"):
+        movielens_path(archive, cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
