@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import json
 import math
 import re
 import zipfile
@@ -31,6 +32,7 @@ import pandas as pd
 from data_shards.config import SourceOptions
 from data_shards.metadata import normalise_name
 from shardmf.errors import InputError
+from shardmf.outputs import MARKER_NAME
 
 LOGICAL_COLUMNS = ("user", "item", "rating", "timestamp")
 # Published scales; a declared scale turns an out-of-range rating into an error.
@@ -320,6 +322,7 @@ def _expand(spec: str, options: SourceOptions) -> tuple[list[str], str | None, s
         _check_zip(spec, options)
         return [spec], None, _sibling_items(fs, protocol, root)
     names = {PurePosixPath(p).name: p for p in fs.ls(root, detail=False)}
+    _refuse_shardmf_output(spec, fs, names)
     if "synth.json" in names:
         parts = sorted(p for p in fs.glob(f"{root.rstrip('/')}/ratings/*.parquet"))
         if not parts:
@@ -335,6 +338,25 @@ def _expand(spec: str, options: SourceOptions) -> tuple[list[str], str | None, s
         return [protocol + p for p in parquet], "parquet", None
     raise InputError(f"{spec}: a folder with no ratings file shardmf knows "
                      "(u.data, ratings.dat, ratings.csv, *.parquet); name the file instead")
+
+
+def _refuse_shardmf_output(spec: str, fs, names: dict[str, str]) -> None:
+    """Shards, a run or an export are shardmf's output, not ratings: reading their Parquet
+    files as ratings fails in odd ways (or re-encodes encoded ids)."""
+    kind = None
+    if MARKER_NAME in names:
+        try:
+            kind = json.loads(fs.cat_file(names[MARKER_NAME])).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+    if kind is None and "manifest.json" in names:
+        kind = "shards"
+    if kind in ("shards", "run", "export"):
+        use = {"shards": f"train on it with `shardmf train {spec} --out RUN_DIR`, or write "
+                         f"its splits as TSV with `shardmf export-split {spec} --out DIR`",
+               "run": f"its shards are in {spec.rstrip('/')}/shards",
+               "export": "it holds embeddings"}[kind]
+        raise InputError(f"{spec}: a shardmf {kind} folder, not ratings; {use}")
 
 
 def _check_zip(path: str, options: SourceOptions) -> None:

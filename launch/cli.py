@@ -107,7 +107,7 @@ def flag_names() -> set[str]:
     """Every config field that is a flag of some command (the library names fields)."""
     configs = (*RUN_CONFIGS, PrepareConfig, SourceOptions, SynthConfig, TorchrunOptions)
     return {f.name for cls in configs for f in dataclasses.fields(cls)} | {
-        "out", "val_input", "test_input", "movielens", "movielens_path"}
+        "out", "val_input", "test_input", "movielens", "movielens_path", "title"}
 
 
 def print_error(text: str) -> None:

@@ -107,7 +107,7 @@ class Manifest:
                              "version")
         try:
             return cls._parse(root, data)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{path}: a required entry is missing or malformed ({e!r}); "
                              "re-create the shards") from e
 

@@ -16,7 +16,8 @@ Rules that follow from it:
 
 - `output_folder` builds OUT aside and swaps it in whole. ``overwrite`` replaces OUT only
   when it carries the marker of the same kind, and never when an input lies inside it
-  (symlinks resolved), nor anything its marker does not list, nor another shardmf output. An empty folder may always be used. (A run folder is written in
+  (symlinks resolved), nor when it holds a name its marker does not list or another
+  shardmf output. An empty folder may always be used. (A run folder is written in
   place instead, so that its checkpoint survives a crash: trainer/run_files.py claims it
   with the same marker and lock.)
 - A second writer of the same OUT fails at once: it cannot take the lock.

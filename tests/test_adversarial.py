@@ -7,7 +7,7 @@ readers of odd inputs, listeners and planted symlinks, signals and leftovers.
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -16,8 +16,8 @@ import dask
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers import ENV, SHARDMF, edit_manifest, error_lines, read_only_folder, run_train
 
-from helpers import ENV, SHARDMF, edit_manifest, error_lines
 from data_shards import PrepareConfig, movielens_path, prepare
 from data_shards.verify import verify_shards
 from launch.cli import main
@@ -273,3 +273,67 @@ def test_a_movielens_zip_that_expands_beyond_any_release_is_refused(tmp_path: Pa
     with pytest.raises(InputError, match="would expand from .* to 20,971,528 bytes"):
         movielens_path(archive, cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# --- one clear line instead of a traceback --------------------------------------------------
+
+
+def shardmf(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, SHARDMF, *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+def one_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(trainer_shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch run of the rating model on the session's shards (titles included)."""
+    run = tmp_path_factory.mktemp("adversarial") / "run"
+    with claim_run_folder(run, resume=False, overwrite=False):
+        run_train(trainer_shards_dir, run, epochs=1)
+    return run
+
+
+@pytest.mark.parametrize("command", ["cluster", "evaluate"])
+def test_a_read_only_run_folder_is_one_line(finished: Path, tmp_path: Path,
+                                            command: str) -> None:
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    (run / "report.md").write_text("# an earlier report\n")  # cluster removes it first
+    with read_only_folder(run) as drop:
+        args = ["--clusters", "3"] if command == "cluster" else ["--users", "50"]
+        line = one_error(shardmf(command, run, *args, prefix=tuple(drop)))
+    assert "Permission denied" in line and str(run) in line, line
+
+
+def test_similar_to_an_empty_title_is_refused(finished: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    assert main(["similar", str(finished), "--title", " "]) == 2
+    assert "an empty --title" in capsys.readouterr().err
+
+
+def test_a_batch_size_beyond_any_memory_is_one_line(trainer_shards_dir: Path,
+                                                    tmp_path: Path) -> None:
+    line = one_error(shardmf("train", trainer_shards_dir, "--out", tmp_path / "run",
+                             "--batch-size", 10**12))
+    assert "--batch-size 1000000000000: expected 1..16,777,216" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("folder", ["shards", "run"])
+def test_prepare_of_shardmf_output_says_what_it_is(finished: Path, trainer_shards_dir: Path,
+                                                   tmp_path: Path, folder: str) -> None:
+    given = trainer_shards_dir if folder == "shards" else finished
+    with pytest.raises(InputError, match=f"a shardmf {folder} folder, not ratings"):
+        prepare_quietly([str(given)], tmp_path / "out")
+
+
+def test_a_manifest_with_a_malformed_section_is_one_line(shard_folder) -> None:
+    _, shards = shard_folder
+    edit_manifest(shards, lambda m: m.update(partition=[]))
+    with pytest.raises(InputError, match="a required entry is missing or malformed"):
+        verify_shards(shards)

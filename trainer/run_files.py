@@ -19,7 +19,8 @@ one way in: it takes the lock, refuses an existing run unless resumed or overwri
 (``--overwrite`` takes the old run's files by name and only in a marked run folder, so
 shards or anything else inside it stay; they wait in PARENT/.RUN.old-PID-HEX until the
 new job has a checkpoint or ends, and come back if it fails before), and on failure
-before any checkpoint removes what it created. Write faults (disk full, permission denied) become one `InputError`.
+before any checkpoint removes what it created. Write faults (disk full, permission
+denied) become one `InputError`.
 """
 
 from __future__ import annotations
