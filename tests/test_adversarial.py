@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,16 @@ import dask
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from helpers import ENV, SHARDMF, edit_manifest, error_lines, read_only_folder, run_train
+from helpers import (
+    ENV,
+    NO_CLUSTERS,
+    SHARDMF,
+    edit_manifest,
+    error_lines,
+    finish_job,
+    read_only_folder,
+    run_train,
+)
 
 from data_shards import PrepareConfig, movielens_path, prepare
 from data_shards.verify import verify_shards
@@ -337,3 +347,21 @@ def test_a_manifest_with_a_malformed_section_is_one_line(shard_folder) -> None:
     edit_manifest(shards, lambda m: m.update(partition=[]))
     with pytest.raises(InputError, match="a required entry is missing or malformed"):
         verify_shards(shards)
+
+
+def test_a_hung_rank_ends_the_job_in_one_line_within_the_timeout(trainer_shards_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """Rank 1 hangs before step 3 (as a SIGSTOPped rank does): rank 0's collective times
+    out after --timeout-s and says so in one line, not gloo's traceback; torchrun then
+    stops the hung rank."""
+    env = {**ENV, "SHARDMF_TEST_FAULT": "hang:1:3"}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [SHARDMF, "train", trainer_shards_dir, "--out", tmp_path / "run", "--nproc", "2",
+         "--threads", "1", "--dim", "8", "--batch-size", "256", "--epochs", "2",
+         "--timeout-s", "10", *NO_CLUSTERS], env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True)
+    done = finish_job(proc, expect=1, timeout=90)
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "rank 0: no answer from another rank within the collective timeout" in done.stderr
