@@ -37,7 +37,7 @@ from launch.torchrun import (
 )
 from shardmf.errors import Terminated, raise_terminated
 from shardmf.flags import add_config_arguments, apply_config_file, as_flags, positive_int
-from shardmf.outputs import shardmf_version
+from shardmf.outputs import no_interrupts, shardmf_version
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
         resumable = (" (a run keeps its last checkpoint: --resume continues it)"
                      if command in ("train", "run") else "")
-        print_error(f"shardmf: {stopped}; nothing half-written was kept{resumable}")
+        with no_interrupts():  # a repeated signal must not turn this line into a traceback
+            print_error(f"shardmf: {stopped}; nothing half-written was kept{resumable}")
         return 143 if isinstance(e, Terminated) else 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:

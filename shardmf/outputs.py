@@ -292,7 +292,7 @@ def folder_lock(out: Path) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
+        with no_interrupts(), contextlib.suppress(OSError):
             os.unlink(path)  # while still locked: see the inode check above
         os.close(fd)
 
@@ -429,12 +429,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def no_interrupts() -> Iterator[None]:
-    """Hold off a second Ctrl-C while cleaning up, so the cleanup itself finishes."""
+    """Hold off a second Ctrl-C or SIGTERM while cleaning up, so the cleanup itself
+    finishes (a supervisor often repeats SIGTERM)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN)
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, left as it is now
+                signal.signal(number, handler)

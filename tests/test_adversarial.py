@@ -7,7 +7,9 @@ readers of odd inputs, listeners and planted symlinks, signals and leftovers.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 import zipfile
@@ -32,8 +34,8 @@ from data_shards import PrepareConfig, movielens_path, prepare
 from data_shards.verify import verify_shards
 from launch.cli import main
 from launch.dask_cluster import dask_client
-from shardmf.errors import InputError
-from shardmf.outputs import MARKER_NAME, folder_lock, write_marker
+from shardmf.errors import InputError, raise_terminated
+from shardmf.outputs import MARKER_NAME, folder_lock, no_interrupts, write_marker
 from trainer.run_files import check_run_target, claim_run_folder
 from trainer.shards import open_shards
 
@@ -365,3 +367,39 @@ def test_a_hung_rank_ends_the_job_in_one_line_within_the_timeout(trainer_shards_
     assert time.monotonic() - started < 60
     assert "Traceback" not in done.stderr, done.stderr
     assert "rank 0: no answer from another rank within the collective timeout" in done.stderr
+
+
+# --- signals and leftovers ------------------------------------------------------------------
+
+
+def test_cleanup_holds_off_sigterm_as_it_does_ctrl_c() -> None:
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with no_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored, not raised mid-cleanup
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_repeated_sigterm_during_prepare_leaves_one_line_and_nothing_behind(
+        tmp_path: Path, make_ratings) -> None:
+    """A supervisor repeats SIGTERM: the first unwinds, the rest must not cut the cleanup
+    short (a temporary folder or the lock left behind, a traceback)."""
+    raw = tmp_path / "ratings.csv"
+    raw.write_text(rating_lines(make_ratings(num_users=3000, num_items=400,
+                                             num_ratings=300_000)))
+    proc = subprocess.Popen([SHARDMF, "prepare", raw, "--out", tmp_path / "out"], env=ENV,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "prepare never started writing"
+        time.sleep(0.005)
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    out, err = proc.communicate()
+    # 143; or the signal itself, when one lands after the line as the interpreter exits
+    assert proc.returncode in (143, -signal.SIGTERM), err
+    assert "Traceback" not in err and err.count("shardmf: terminated") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.csv"]
