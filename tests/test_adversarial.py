@@ -7,6 +7,7 @@ readers of odd inputs, listeners and planted symlinks, signals and leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -351,11 +352,28 @@ def test_a_manifest_with_a_malformed_section_is_one_line(shard_folder) -> None:
         verify_shards(shards)
 
 
+def job_listeners(proc: subprocess.Popen) -> set[str]:
+    """The addresses the launcher (its rendezvous stores) and both ranks listen on, once
+    the ranks run."""
+    launcher = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            processes = [launcher, *launcher.children(recursive=True)]
+            sockets = {process.pid: [c.laddr.ip for c in process.net_connections("tcp")
+                                     if c.status == psutil.CONN_LISTEN]
+                       for process in processes}
+            if len(processes) >= 3 and all(sockets.values()):
+                return {ip for ips in sockets.values() for ip in ips}
+        time.sleep(0.1)
+    return set()
+
+
 def test_a_hung_rank_ends_the_job_in_one_line_within_the_timeout(trainer_shards_dir: Path,
                                                                     tmp_path: Path) -> None:
     """Rank 1 hangs before step 3 (as a SIGSTOPped rank does): rank 0's collective times
     out after --timeout-s and says so in one line, not gloo's traceback; torchrun then
-    stops the hung rank."""
+    stops the hung rank. Meanwhile every socket of the job listens on loopback only."""
     env = {**ENV, "SHARDMF_TEST_FAULT": "hang:1:3"}
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -363,7 +381,9 @@ def test_a_hung_rank_ends_the_job_in_one_line_within_the_timeout(trainer_shards_
          "--threads", "1", "--dim", "8", "--batch-size", "256", "--epochs", "2",
          "--timeout-s", "10", *NO_CLUSTERS], env=env, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True)
+    listening = job_listeners(proc)
     done = finish_job(proc, expect=1, timeout=90)
+    assert listening and listening <= {"127.0.0.1"}, listening
     assert time.monotonic() - started < 60
     assert "Traceback" not in done.stderr, done.stderr
     assert "rank 0: no answer from another rank within the collective timeout" in done.stderr
