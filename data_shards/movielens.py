@@ -31,6 +31,11 @@ RELEASES = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-late
             "ml-latest")
 RATING_FILES = ("u.data", "ratings.dat", "ratings.csv")
 DONE_MARKER = ".shardmf-complete"
+# What a release zip may expand to: ml-latest, the largest, is ~1.4 GB from ~0.3 GB (5x);
+# text ratings rarely compress beyond 10x, a zip bomb by 1000x.
+MAX_EXTRACTED_BYTES = 8 * 2**30
+MAX_EXPANSION = 50
+RATIO_CHECKED_FROM_BYTES = 16 * 2**20  # small archives (tests, samples) expand freely
 
 
 def cache_dir() -> Path:
@@ -88,6 +93,7 @@ def extract_movielens(archive: Path, target: Path) -> Path:
                 resolved = (tmp / member).resolve()
                 if not resolved.is_relative_to(tmp.resolve()):
                     raise InputError(f"{archive}: member {member!r} points outside the archive")
+            _check_expanded_size(archive, handle)
             handle.extractall(tmp)
         ratings_folder(tmp)  # fails clearly before anything is kept
         (tmp / DONE_MARKER).write_text(archive.name + "\n")
@@ -99,6 +105,20 @@ def extract_movielens(archive: Path, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ratings_folder(target)
+
+
+def _check_expanded_size(archive: Path, handle: zipfile.ZipFile) -> None:
+    """Refuse an archive that would expand far beyond any MovieLens release (a zip bomb
+    fills the disk otherwise). The sizes are the members' declared ones, which zipfile
+    never reads past."""
+    expanded = sum(member.file_size for member in handle.infolist())
+    packed = archive.stat().st_size
+    if expanded > MAX_EXTRACTED_BYTES or (expanded > RATIO_CHECKED_FROM_BYTES and
+                                          expanded > MAX_EXPANSION * packed):
+        raise InputError(f"{archive}: would expand from {packed:,} to {expanded:,} bytes, "
+                         f"more than a MovieLens release does (at most "
+                         f"{MAX_EXTRACTED_BYTES:,} bytes, {MAX_EXPANSION}x its size); "
+                         "extract it yourself if you trust it")
 
 
 def ratings_folder(root: Path) -> Path:

@@ -63,7 +63,14 @@ from data_shards.sources import (
     resolve_source,
 )
 from shardmf.errors import InputError
-from shardmf.manifest import SPLITS, Footer, manifest_version, write_manifest
+from shardmf.manifest import (
+    ID_FILES_KEY,
+    SPLITS,
+    Footer,
+    id_file_entry,
+    manifest_version,
+    write_manifest,
+)
 from shardmf.outputs import is_write_fault, no_interrupts, output_folder
 
 log = logging.getLogger(__name__)
@@ -766,6 +773,8 @@ def _finish(tmp: Path, sources: dict[str, RatingSource], config: PrepareConfig,
         "files": {s: sorted(by_split[s], key=lambda e: e["path"]) for s in SPLITS},
         "users_file": "users.parquet",
         "items_file": "items.parquet",
+        ID_FILES_KEY: {name: id_file_entry(tmp / name)
+                       for name in ("users.parquet", "items.parquet")},
     }
 
 

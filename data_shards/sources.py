@@ -16,8 +16,10 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import json
 import math
 import re
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -30,6 +32,7 @@ import pandas as pd
 from data_shards.config import SourceOptions
 from data_shards.metadata import normalise_name
 from shardmf.errors import InputError
+from shardmf.outputs import MARKER_NAME
 
 LOGICAL_COLUMNS = ("user", "item", "rating", "timestamp")
 # Published scales; a declared scale turns an out-of-range rating into an error.
@@ -54,6 +57,7 @@ WEIGHT_RANGE = (0.0, math.inf)
 DELIMITER_CANDIDATES = ("::", "\t", ",", ";", "|")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 TEXT_BLOCKSIZE = 64 * 2**20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 UNIX_EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -212,6 +216,9 @@ def _value_problem(raw: str, scale: tuple[float, float] | None, value_name: str)
         return f"{value_name} {raw!r} is not a number"
     if not math.isfinite(value):
         return f"{value_name} {raw!r} is not a finite number"
+    if abs(value) > FLOAT32_MAX:
+        return (f"{value_name} {raw!r} is beyond the largest 32-bit float "
+                f"({FLOAT32_MAX:.4g}) that shards store")
     if value_name == "weight" and value < 0:
         return (f"weight {raw} is negative (expected a count or weight >= 0, e.g. plays or "
                 "clicks)")
@@ -255,7 +262,10 @@ def _normalise_partition(frame: pd.DataFrame, columns: dict[str, str]) -> pd.Dat
         else:
             out[name] = column.astype("str").str.strip().where(column.notna())
     if "rating" in columns:
-        out["rating"] = frame[columns["rating"]].astype("float64")
+        values = frame[columns["rating"]].astype("float64")
+        # Shards hold float32: a value beyond its range would become inf there, so it is
+        # marked non-finite here and refused (or skipped) as such.
+        out["rating"] = values.mask(values.abs() > FLOAT32_MAX, np.inf)
     else:  # interactions without a weight column: each row weighs 1
         out["rating"] = np.ones(len(frame), dtype=np.float64)
     if "timestamp" in columns:
@@ -303,12 +313,16 @@ def _expand(spec: str, options: SourceOptions) -> tuple[list[str], str | None, s
         found = sorted(p for p in fs.glob(root) if fs.isfile(p))
         if not found:
             raise InputError(f"{spec}: the pattern matches no file")
+        for path in found:
+            _check_zip(protocol + path, options)
         return [protocol + p for p in found], None, None
     if not fs.exists(root):
         raise InputError(f"{spec}: no such file or folder")
     if fs.isfile(root):
+        _check_zip(spec, options)
         return [spec], None, _sibling_items(fs, protocol, root)
     names = {PurePosixPath(p).name: p for p in fs.ls(root, detail=False)}
+    _refuse_shardmf_output(spec, fs, names)
     if "synth.json" in names:
         parts = sorted(p for p in fs.glob(f"{root.rstrip('/')}/ratings/*.parquet"))
         if not parts:
@@ -324,6 +338,48 @@ def _expand(spec: str, options: SourceOptions) -> tuple[list[str], str | None, s
         return [protocol + p for p in parquet], "parquet", None
     raise InputError(f"{spec}: a folder with no ratings file shardmf knows "
                      "(u.data, ratings.dat, ratings.csv, *.parquet); name the file instead")
+
+
+def _refuse_shardmf_output(spec: str, fs, names: dict[str, str]) -> None:
+    """Shards, a run or an export are shardmf's output, not ratings: reading their Parquet
+    files as ratings fails in odd ways (or re-encodes encoded ids)."""
+    kind = None
+    if MARKER_NAME in names:
+        try:
+            kind = json.loads(fs.cat_file(names[MARKER_NAME])).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+    if kind is None and "manifest.json" in names:
+        kind = "shards"
+    if kind in ("shards", "run", "export"):
+        use = {"shards": f"train on it with `shardmf train {spec} --out RUN_DIR`, or write "
+                         f"its splits as TSV with `shardmf export-split {spec} --out DIR`",
+               "run": f"its shards are in {spec.rstrip('/')}/shards",
+               "export": "it holds embeddings"}[kind]
+        raise InputError(f"{spec}: a shardmf {kind} folder, not ratings; {use}")
+
+
+def _check_zip(path: str, options: SourceOptions) -> None:
+    """A .zip input must be a readable archive of one file: the readers take its first
+    member and would silently leave the others out. A member of a larger archive is named
+    with fsspec's chaining, ``zip://MEMBER::ARCHIVE.zip``."""
+    if "::" in path or not path.lower().endswith(".zip"):
+        return
+    try:
+        with fsspec.open(path, "rb", **options.storage_options) as handle, \
+                zipfile.ZipFile(handle) as archive:
+            members = [m.filename for m in archive.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise InputError(f"{path}: not a readable zip archive ({e}); is it truncated or "
+                         "damaged?") from e
+    if len(members) != 1:
+        shown = ", ".join(members[:5]) + (f" and {len(members) - 5} more"
+                                          if len(members) > 5 else "")
+        raise InputError(f"{path}: a zip archive of {len(members)} files"
+                         f"{f' ({shown})' if members else ''}, and an input is one file: "
+                         f"name the member as zip://MEMBER::{path} (e.g. zip://"
+                         f"{members[0] if members else 'ratings.csv'}::{path}), extract it, "
+                         "or pass a MovieLens release as `movielens_path`")
 
 
 def _protocol_prefix(spec: str) -> str:
@@ -515,7 +571,8 @@ def _looks_like_header(sample: list[list[str]], options: SourceOptions) -> bool:
     """A header when a column is named by the user, a first-line field is a known column
     name (userId, item, plays...), the rating field of the first line is no number, or a
     column is a number on every later line but not on the first ("customer,product" over
-    numeric ids). Text ids under unknown names stay ambiguous: pass `header`."""
+    numeric ids), unless a field of the first line is a number (column names are not).
+    Text ids under unknown names stay ambiguous: pass `header`."""
     if any(c is not None and not c.isdigit() for c in
            (options.user_col, options.item_col, options.rating_col)):
         return True
@@ -524,6 +581,8 @@ def _looks_like_header(sample: list[list[str]], options: SourceOptions) -> bool:
         WEIGHT_ALIASES)
     if any(normalise_name(value) in known for value in first):
         return True
+    if any(_is_number(value) for value in first):
+        return False  # a data line whose rating is bad: validation names it, line 1
     position = int(options.rating_col) if options.rating_col else 2
     if position < len(first) and not _is_number(first[position]):
         return True

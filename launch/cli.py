@@ -37,7 +37,7 @@ from launch.torchrun import (
 )
 from shardmf.errors import Terminated, raise_terminated
 from shardmf.flags import add_config_arguments, apply_config_file, as_flags, positive_int
-from shardmf.outputs import shardmf_version
+from shardmf.outputs import no_interrupts, shardmf_version
 from trainer.config import (
     EXPORT_FORMATS,
     MIN_ITEM_RATINGS,
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
         resumable = (" (a run keeps its last checkpoint: --resume continues it)"
                      if command in ("train", "run") else "")
-        print_error(f"shardmf: {stopped}; nothing half-written was kept{resumable}")
+        with no_interrupts():  # a repeated signal must not turn this line into a traceback
+            print_error(f"shardmf: {stopped}; nothing half-written was kept{resumable}")
         return 143 if isinstance(e, Terminated) else 130
     except ValueError as e:  # InputError of either package, or a config's ValueError
         if debug:
@@ -106,7 +107,7 @@ def flag_names() -> set[str]:
     """Every config field that is a flag of some command (the library names fields)."""
     configs = (*RUN_CONFIGS, PrepareConfig, SourceOptions, SynthConfig, TorchrunOptions)
     return {f.name for cls in configs for f in dataclasses.fields(cls)} | {
-        "out", "val_input", "test_input", "movielens", "movielens_path"}
+        "out", "val_input", "test_input", "movielens", "movielens_path", "title"}
 
 
 def print_error(text: str) -> None:
@@ -353,8 +354,8 @@ def _verify(values: dict) -> int:
     manifest = verify_shards(values["shards_dir"], full=values["full"])
     files = len(manifest.all_files())
     counts = manifest.split_rows
-    checked = "sizes, rows, row groups, id ranges, sha256" + (
-        ", page checksums, every value" if values["full"] else "")
+    checked = "sizes, rows, row groups, id ranges, sha256 of shards and id tables" + (
+        ", page checksums, every value and the manifest's facts" if values["full"] else "")
     print(f"OK {values['shards_dir']}: the manifest adds up and {files} files match it "
           f"({checked}); {manifest.kind} train {counts['train']:,} / val {counts['val']:,} / "
           f"test {counts['test']:,}")
@@ -419,7 +420,10 @@ def _demo(values: dict) -> int:
 
     out = Path(values["out"])
     started = time.perf_counter()
+    _claim_demo_folder(out)
     raw, shards, run = out / "raw", out / "shards", out / "run"
+    if (run / CONFIG).is_file():
+        log.info("replacing the earlier demo run in %s", run)
     if not (raw / "synth.json").is_file():
         synthesize(raw, SynthConfig())
     with dask_client(None, None):
@@ -445,6 +449,23 @@ def _demo(values: dict) -> int:
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
     return 0
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """The demo replaces its own raw data, shards and run on a second go, so it writes only
+    into a folder it marked as a demo's (or an empty one), never over someone's run."""
+    from shardmf.outputs import read_marker, refuse_files_on_the_way, write_marker
+
+    refuse_files_on_the_way(out)
+    marker = read_marker(out)
+    if marker is not None and marker.get("kind") == "demo":
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"out={out} is not empty and is not a folder `shardmf demo` made, so "
+                         "the demo does not write into it (it would replace a run at "
+                         f"{out / 'run'}); choose another `out` or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
 
 
 def _evaluate(values: dict) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
 
 
 @contextmanager
@@ -36,8 +37,11 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[object |
             log.info("Dask cluster %s, dashboard %s", scheduler, client.dashboard_link)
             yield client
         return
+    # Scheduler, workers and dashboard listen on loopback only: a local cluster serves this
+    # process, and its dashboard shows file paths to whoever can reach it.
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+                      host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0") as cluster, \
+            Client(cluster) as client:
         log.info("local Dask cluster of %d workers, dashboard %s", workers,
                  client.dashboard_link)
         yield client

@@ -15,7 +15,9 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +29,14 @@ from trainer.defaults import RATINGS_PER_RANK_TO_PAY, ranks_that_pay
 from trainer.run_files import precheck_run_target
 
 if TYPE_CHECKING:
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+
     from trainer.entry import EvaluateJob, TrainJob
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+LOOPBACK_RENDEZVOUS = "shardmf-loopback"  # a single-node job's rendezvous backend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,14 +130,58 @@ def _start(job: TrainJob | EvaluateJob, options: TorchrunOptions, what: str) -> 
         return _torchrun(["--job", str(path)], options, what)
 
 
+def loopback_rendezvous(params: RendezvousParameters) -> RendezvousHandler:
+    """torchrun's c10d rendezvous for one node, with its stores listening on loopback only.
+
+    torch's TCPStore binds every interface for the address it is given; it listens on a
+    socket of ours (``master_listen_fd``) instead. The handler's store server for the
+    ranks is made the same way (`DynamicRendezvousHandler._create_tcp_store_server`, the
+    one place it is created).
+    """
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        DynamicRendezvousHandler,
+    )
+
+    class LoopbackHandler(DynamicRendezvousHandler):
+        def get_backend(self) -> str:
+            return LOOPBACK_RENDEZVOUS
+
+        def _create_tcp_store_server(self, master_addr: str, master_port: int) -> TCPStore:
+            return loopback_store()
+
+    store = loopback_store()
+    return LoopbackHandler.from_backend(params.run_id, store,
+                                        C10dRendezvousBackend(store, params.run_id),
+                                        params.min_nodes, params.max_nodes,
+                                        local_addr=LOOPBACK)
+
+
+def loopback_store() -> TCPStore:
+    """A TCPStore server on a free loopback port, unreachable from other machines."""
+    from torch.distributed import TCPStore
+
+    listener = socket.create_server((LOOPBACK, 0), backlog=socket.SOMAXCONN)
+    port = listener.getsockname()[1]
+    return TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True,
+                    wait_for_workers=False, master_listen_fd=listener.detach())
+
+
 def _torchrun(module_args: list[str], options: TorchrunOptions, what: str) -> int:
     """Run ``python -m trainer module_args`` on every rank; ``what`` names it in errors."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.run import parse_args, run
 
     if options.nnodes == 1 and not options.rdzv_endpoint:
-        where = ["--standalone"]
+        # A job of this node alone: its stores listen on loopback (torchrun's --standalone
+        # listens on every interface). Given an endpoint, the nodes meet there instead.
+        rendezvous_handler_registry.register(LOOPBACK_RENDEZVOUS, loopback_rendezvous)
+        where = [f"--rdzv-backend={LOOPBACK_RENDEZVOUS}", f"--rdzv-endpoint={LOOPBACK}:0",
+                 f"--rdzv-id={uuid.uuid4().hex}"]
     else:
         where = ["--rdzv-backend=c10d", f"--rdzv-endpoint={options.rdzv_endpoint}",
                  f"--rdzv-id={options.rdzv_id}"]

@@ -5,7 +5,8 @@ everyone else reads it through `Manifest.load`, which names the file on any prob
 checks it at one of two depths before trusting it:
 
 - `Manifest.check_sums`: the manifest agrees with itself (ratings per split against its
-  per-file rows, rows against row groups, users and items against the id tables' rows);
+  per-file rows, rows against row groups, rating facts in order, a train file per shard),
+  and with the id tables (rows, size and SHA-256: they are small);
 - `Manifest.check_file`: one shard against its entry, from the file's size and Parquet
   footer (rows, row groups, id ranges from column statistics), and with ``sha256`` also
   every byte (about a tenth of a second per GB; ``bench/verify_cost.md``). The footer's
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ MANIFEST_VERSIONS = {"ratings": 1, "interactions": 2}
 SUPPORTED_MANIFEST_VERSIONS = (1, 2)  # what `Manifest.load` reads
 SPLITS = ("train", "val", "test")
 HASH_CHUNK = 8 * 2**20
+ID_FILES_KEY = "id_files"  # {users_file: {"bytes": N, "sha256": HEX}, items_file: {...}}
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class Manifest:
     items_file: str
     partition_scheme: str | None  # "random" | "user" (None: an older shardmf)
     users_file_column: str  # with partition "user": the users_file column naming the shard
+    num_shards: int | None  # train/val/test files per split (None: an older shardmf)
+    # users_file and items_file -> (bytes, sha256); empty from an older shardmf
+    id_file_sums: dict[str, tuple[int, str]]
 
     @classmethod
     def load(cls, shards_dir: str | Path) -> Manifest:
@@ -128,7 +134,7 @@ class Manifest:
                              "version")
         try:
             return cls._parse(root, data)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{path}: a required entry is missing or malformed ({e!r}); "
                              "re-create the shards") from e
 
@@ -153,7 +159,11 @@ class Manifest:
                    for split in SPLITS},
             users_file=str(data["users_file"]), items_file=str(data["items_file"]),
             partition_scheme=partition.get("scheme"),
-            users_file_column=partition.get("users_file_column", "shard"))
+            users_file_column=partition.get("users_file_column", "shard"),
+            num_shards=None if partition.get("num_shards") is None
+            else int(partition["num_shards"]),
+            id_file_sums={str(name): (int(entry["bytes"]), str(entry["sha256"]))
+                          for name, entry in data.get(ID_FILES_KEY, {}).items()})
 
     @property
     def path(self) -> Path:
@@ -197,6 +207,46 @@ class Manifest:
             if rows != count:
                 raise InputError(f"{self.path}: counts.{side} is {count:,} but {name} has "
                                  f"{rows:,} rows (the manifest was edited or is damaged)")
+            self._check_id_file(name, path)
+        self._check_facts()
+
+    def _check_id_file(self, name: str, path: Path) -> None:
+        """An id table against its recorded size and SHA-256 (small files: always hashed,
+        since one flipped bit maps ids to the wrong users or items without another sign)."""
+        if name not in self.id_file_sums:
+            return  # a manifest of an older shardmf records none
+        size, digest = self.id_file_sums[name]
+        if path.stat().st_size != size or file_sha256(path) != digest:
+            raise InputError(f"{path}: differs from the id table prepare wrote (size or "
+                             "checksum); it would map ids to the wrong users or items: "
+                             "restore it or re-run `shardmf prepare`")
+
+    def _check_facts(self) -> None:
+        """The rating facts agree with each other, and every shard has its train file (a
+        removed file whose count was lowered to match is still missed)."""
+        rating = self.data["rating"]
+        low, high = self.scale
+        values = [rating.get("min"), rating.get("max"), self.train_mean, low, high]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise InputError(f"{self.path}: rating min, max, train_mean and scale must be "
+                             f"finite numbers, found {values} (edited or damaged)")
+        slack = 1e-9 * max(1.0, abs(low), abs(high))  # a float64 mean of float32 values
+        if not (low <= rating["min"] <= rating["max"] <= high and
+                rating["min"] - slack <= self.train_mean <= rating["max"] + slack):
+            raise InputError(f"{self.path}: rating facts out of order: scale {low:g}..{high:g}"
+                             f", min {rating['min']:g}, train_mean {self.train_mean:g}, max "
+                             f"{rating['max']:g} (edited or damaged)")
+        if self.rows("train") == 0:
+            raise InputError(f"{self.path}: no training ratings listed; a shard set always "
+                             "has some (edited or damaged): re-run `shardmf prepare`")
+        shards = [entry.shard for entry in self.files["train"]]
+        if self.num_shards is not None and None not in shards and (
+                sorted(shards) != list(range(self.num_shards))):
+            missing = sorted(set(range(self.num_shards)) - set(shards))
+            raise InputError(f"{self.path}: partition.num_shards is {self.num_shards} but "
+                             f"the train files list shards {sorted(shards)}" +
+                             (f" (missing {missing})" if missing else "") +
+                             "; a shard's train file was removed or the manifest edited")
 
     def check_file(self, entry: ShardFile, *, sha256: bool) -> Path:
         """``entry``'s file against it: size, footer rows, row groups and id ranges, and
@@ -261,6 +311,11 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def id_file_entry(path: Path) -> dict[str, Any]:
+    """The manifest's record of an id table (``ID_FILES_KEY``)."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _shard_file(entry: dict[str, Any]) -> ShardFile:

@@ -2,8 +2,11 @@
 
 The on-disk convention, shared by every folder shardmf writes::
 
-    OUT/.shardmf-output.json        {"tool": "shardmf", "kind": KIND, "version": "0.1.0"}
+    OUT/.shardmf-output.json        {"tool": "shardmf", "kind": KIND, "version": "0.1.0",
+                                     "entries": [NAME, ...]}
                                     KIND: "shards" | "run" | "export" | "export-split" | "synth"
+                                          | "demo"
+                                    entries: what a folder built whole holds (not a run's)
     PARENT/.OUT.lock                flock()ed by the one process writing OUT, removed after
     PARENT/.OUT.tmp-PID-HEX         a new folder while it is built, renamed to OUT when done
     PARENT/.OUT.old-PID-HEX         a replaced folder, between the swap and its removal
@@ -13,7 +16,8 @@ Rules that follow from it:
 
 - `output_folder` builds OUT aside and swaps it in whole. ``overwrite`` replaces OUT only
   when it carries the marker of the same kind, and never when an input lies inside it
-  (symlinks resolved). An empty folder may always be used. (A run folder is written in
+  (symlinks resolved), nor when it holds a name its marker does not list or another
+  shardmf output. An empty folder may always be used. (A run folder is written in
   place instead, so that its checkpoint survives a crash: trainer/run_files.py claims it
   with the same marker and lock.)
 - A second writer of the same OUT fails at once: it cannot take the lock.
@@ -46,7 +50,10 @@ from typing import Any, BinaryIO
 from shardmf.errors import InputError
 
 MARKER_NAME = ".shardmf-output.json"
-OUTPUT_KINDS = ("shards", "run", "export", "export-split", "synth")
+OUTPUT_KINDS = ("shards", "run", "export", "export-split", "synth", "demo")
+# Kinds built aside and swapped in whole by `output_folder` (a run is written in place, a
+# demo folder holds a synth, shards and a run of its own).
+REPLACED_WHOLE = ("shards", "export", "export-split", "synth")
 # Errors that can only come from writing: never blame the input for them.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 # What to do about an OS error met while writing, by errno.
@@ -71,11 +78,15 @@ def shardmf_version() -> str:
 # --- the marker ---------------------------------------------------------------
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    """Mark ``folder`` as written by shardmf (see the module docstring for the format)."""
+def write_marker(folder: Path, kind: str, entries: list[str] | None = None) -> None:
+    """Mark ``folder`` as written by shardmf (see the module docstring for the format);
+    ``entries``: the names it wrote there, so that a later overwrite can tell them from
+    what someone else put inside it."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}; expected one of {OUTPUT_KINDS}")
     payload = {"tool": "shardmf", "kind": kind, "version": shardmf_version()}
+    if entries is not None:
+        payload["entries"] = sorted(entries)
     write_atomic(folder / MARKER_NAME, (json.dumps(payload) + "\n").encode("utf-8"))
 
 
@@ -206,7 +217,7 @@ def remove_dead_temporaries(folder: Path) -> None:
         return
     for entry in folder.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and not _alive(int(match["pid"])):
+        if match and not pid_alive(int(match["pid"])):
             entry.unlink(missing_ok=True)
 
 
@@ -251,8 +262,13 @@ def folder_lock(out: Path) -> Iterator[None]:
     path = out.parent / f".{out.name}.lock"
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at the lock's name must not make the lock
+            # truncate and write its target.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{path}: a symbolic link where shardmf keeps the lock of "
+                                 f"{out}; remove it (shardmf never follows it)") from e
             raise os_error(e, f"locking {out}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -276,7 +292,7 @@ def folder_lock(out: Path) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
+        with no_interrupts(), contextlib.suppress(OSError):
             os.unlink(path)  # while still locked: see the inode check above
         os.close(fd)
 
@@ -306,7 +322,7 @@ def output_folder(out: str | Path, kind: str, *, overwrite: bool | None = False,
                 raise os_error(e, f"creating the output folder for {out}") from e
             try:
                 yield tmp
-                write_marker(tmp, kind)
+                write_marker(tmp, kind, [entry.name for entry in tmp.iterdir()])
                 _swap_into_place(tmp, out)
             except OSError as e:
                 if is_write_fault(e):
@@ -338,12 +354,35 @@ def _check_target(out: Path, kind: str, overwrite: bool | None,
     if marker.get("kind") != kind:
         raise InputError(f"{out}: it holds shardmf {marker.get('kind')} output, not {kind}, "
                          "so it is not replaced; choose another `out`")
+    _refuse_foreign_content(out, marker)
     target = out.resolve()
     for spec in inputs:
         local = _local_path(spec)
         if local is not None and target in (local, *local.parents):
             raise InputError(f"{out}: the input {spec} is inside it, so it is not replaced; "
                              "write the output somewhere else")
+
+
+def _refuse_foreign_content(out: Path, marker: dict) -> None:
+    """What shardmf did not write into OUT as part of it: a name its marker does not list
+    (markers of an older shardmf list none), or another shardmf output anywhere inside
+    (a run trained into a shard folder): replacing OUT whole would delete it."""
+    owned = marker.get("entries")
+    if isinstance(owned, list):
+        foreign = sorted(entry.name for entry in out.iterdir()
+                         if entry.name != MARKER_NAME and entry.name not in owned)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                              if len(foreign) > 3 else "")
+            raise InputError(f"{out}: it holds {shown}, which shardmf did not write there "
+                             f"as {marker.get('kind')} output, so it is not replaced; move "
+                             "it out or choose another `out`")
+    for folder, _, files in os.walk(out):
+        inner = read_marker(Path(folder)) if MARKER_NAME in files else None
+        if inner is not None and Path(folder) != out:
+            raise InputError(f"{out}: {folder} inside it holds shardmf {inner.get('kind')} "
+                             "output, so it is not replaced; move it out or choose another "
+                             "`out`")
 
 
 def _local_path(spec: str) -> Path | None:
@@ -358,7 +397,7 @@ def _remove_dead_leftovers(out: Path) -> None:
     """Temporary folders of killed writers of OUT; called with the lock held."""
     for entry in out.parent.iterdir():
         match = _LEFTOVER.fullmatch(entry.name)
-        if not match or match["name"] != out.name or _alive(int(match["pid"])):
+        if not match or match["name"] != out.name or pid_alive(int(match["pid"])):
             continue
         if match["what"] == "old" and not out.exists():
             os.replace(entry, out)  # killed between the two renames: the old one is OUT
@@ -366,7 +405,8 @@ def _remove_dead_leftovers(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` lives (another user's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -389,12 +429,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def no_interrupts() -> Iterator[None]:
-    """Hold off a second Ctrl-C while cleaning up, so the cleanup itself finishes."""
+    """Hold off a second Ctrl-C or SIGTERM while cleaning up, so the cleanup itself
+    finishes (a supervisor often repeats SIGTERM)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN)
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, left as it is now
+                signal.signal(number, handler)

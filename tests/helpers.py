@@ -184,11 +184,12 @@ def run_train(shards: Path, run: Path, **options) -> dict:
 
 @contextlib.contextmanager
 def read_only_folder(folder: Path) -> Iterator[list[str]]:
-    """A real read-only ``folder`` for the block; yields the command prefix that makes
-    root obey it (setpriv drops root's permission override), empty for other users."""
+    """A real read-only ``folder`` (created when missing) for the block; yields the command
+    prefix that makes root obey it (setpriv drops root's permission override), empty for
+    other users."""
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("root without setpriv: permissions cannot be enforced")
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     folder.chmod(0o555)
     try:
         yield (["setpriv", "--inh-caps=-dac_override,-dac_read_search",

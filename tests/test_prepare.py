@@ -318,9 +318,8 @@ def test_overwrite_replaces_the_folder_atomically(tmp_path: Path, make_ratings,
     path = ratings_writer(make_ratings(num_ratings=100, seed=9), tmp_path / "raw", "tsv")
     out = tmp_path / "shards"
     run_prepare([path], out, num_shards=2)
-    (out / "stale.txt").write_text("from before")
+    (out / "train" / "part-00099.parquet").write_text("a stale shard")  # in prepare's own
     manifest = run_prepare([path], out, num_shards=3, overwrite=True)
-    assert not (out / "stale.txt").exists()
     assert manifest["partition"]["num_shards"] == 3
     assert sorted(p.name for p in (out / "train").iterdir()) == [
         f"part-{k:05d}.parquet" for k in range(3)]

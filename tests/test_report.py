@@ -253,3 +253,10 @@ def test_lifts_of_small_clusters_are_not_findings() -> None:
                                                     "lift": 4.0}]}
     assert distinctive_genres(summary, 1) == [] and legend_label(summary) == "0 (6)"
     assert distinctive_genres({**summary, "size": 10}, 1)[0]["genre"] == "Horror"
+
+
+def test_markdown_report_escapes_titles(run_dir: Path) -> None:
+    """Markdown renderers pass raw HTML through: a title's <script> must stay text."""
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "<script>" not in report
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Sons" in report

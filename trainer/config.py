@@ -22,6 +22,9 @@ USER_EMBEDDINGS = ("auto", "owned", "replicated")
 VERIFY_MODES = ("quick", "full", "none")
 CLUSTER_ALGORITHMS = ("kmeans", "minibatch", "auto")
 EXPORT_FORMATS = ("parquet", "npy")  # of `trainer.export_run`
+# Ratings per step: each rank keeps a few (batch, dim) float32 buffers, 1 GiB apiece at
+# this size and dim 16; a larger batch is a typo, not a setting.
+MAX_BATCH_SIZE = 2**24
 # Items rated less in training have factors that are mostly the prior: clustering,
 # recommendations and similar items leave them out by default.
 MIN_ITEM_RATINGS = 20
@@ -168,9 +171,10 @@ class TrainConfig:
         _check(self.patience is None or self.patience >= 0, "patience", self.patience, ">= 0")
         _check(self.min_delta is None or self.min_delta >= 0, "min_delta", self.min_delta,
                ">= 0")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
-        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
-               "at least 1")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", self.batch_size,
+               f"1..{MAX_BATCH_SIZE:,}")
+        _check(1 <= self.eval_batch_size <= MAX_BATCH_SIZE, "eval_batch_size",
+               self.eval_batch_size, f"1..{MAX_BATCH_SIZE:,}")
         _check(self.device in DEVICES, "device", self.device, " | ".join(DEVICES))
         _check(self.backend in BACKENDS, "backend", self.backend, " | ".join(BACKENDS))
         _check(self.gradients in GRADIENTS, "gradients", self.gradients,

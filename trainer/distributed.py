@@ -15,6 +15,7 @@ import gc
 import inspect
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -32,10 +33,11 @@ T = TypeVar("T")
 # SHARDMF_TEST_FAULT=KIND:RANK:STEP makes rank RANK, on the first attempt of a job only
 # (TORCHELASTIC_RESTART_COUNT 0 or unset), fail just before global step STEP (1-based,
 # counted across epochs). KIND "kill" sends itself SIGKILL (a crashed node: no cleanup, no
-# traceback); "raise" raises RuntimeError (a bug in one rank). Unset, it does nothing; it
+# traceback); "raise" raises RuntimeError (a bug in one rank); "hang" sleeps until a signal
+# ends it (a stopped or hung rank: its peers time out). Unset, it does nothing; it
 # exists so tests can crash a rank at a known point without racing a process tree.
 TEST_FAULT_ENV = "SHARDMF_TEST_FAULT"
-FAULT_KINDS = ("kill", "raise")
+FAULT_KINDS = ("kill", "raise", "hang")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class TestFault:
             return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        while self.kind == "hang":
+            time.sleep(3600)
         raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure on rank {rank} before "
                            f"step {global_step}")
 

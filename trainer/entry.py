@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_job(job)
                 return 0
         except RuntimeError as e:
+            if under_torchrun and _timed_out(e):
+                # A peer that is stopped or hung: this rank's collective waited `timeout_s`.
+                print(f"shardmf: error: rank {rank}: no answer from another rank within the "
+                      "collective timeout (--timeout-s); a rank was stopped, hung or "
+                      "overloaded, so the job stops (--resume continues from its last "
+                      "checkpoint)", file=sys.stderr)
+                return 1
             if not (under_torchrun and _lost_peer(e)):
                 raise
             # torchrun stops the other ranks within its monitor interval (0.1 s) once one
@@ -239,6 +246,11 @@ def _lost_peer(error: RuntimeError) -> bool:
     text = str(error)
     return any(sign in text for sign in ("Connection closed by peer",
                                          "Connection reset by peer", "Broken pipe"))
+
+
+def _timed_out(error: RuntimeError) -> bool:
+    """gloo's error when a collective waited longer than the process group's timeout."""
+    return "Timed out waiting" in str(error)
 
 
 def _end_with_parent() -> None:

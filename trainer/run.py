@@ -179,6 +179,10 @@ class TrainedRun:
         title containing the text; unknown titles list close matches."""
         titles = [t or "" for t in self._item_table.column("title").to_pylist()]
         wanted = title.strip().lower()
+        if not wanted:
+            raise InputError(f"an empty `title` ({title!r}): give some words of a title (every "
+                             "title contains the empty text, so it would pick the most-rated "
+                             "item)")
         found = [i for i, t in enumerate(titles) if t.lower() == wanted] or [
             i for i, t in enumerate(titles) if wanted in t.lower()]
         if not found:

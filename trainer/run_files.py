@@ -26,9 +26,11 @@ A run folder is owned like every folder shardmf writes, by the convention of
 Unlike a shard folder, a run is written in place, not built aside and swapped in: its
 checkpoint must survive a crash where ``--resume`` finds it. `claim_run_folder` is the
 one way in: it takes the lock, refuses an existing run unless resumed or overwritten
-(``--overwrite`` removes the old run's files by name and only in a marked run folder, so
-shards or anything else inside it stay), and on failure before any checkpoint removes
-what it created. Write faults (disk full, permission denied) become one `InputError`.
+(``--overwrite`` takes the old run's files by name and only in a marked run folder, so
+shards or anything else inside it stay; they wait in PARENT/.RUN.old-PID-HEX until the
+new job has a checkpoint or ends, and come back if it fails before), and on failure
+before any checkpoint removes what it created. Write faults (disk full, permission
+denied) become one `InputError`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,8 +50,11 @@ from typing import Any
 from shardmf.errors import InputError
 from shardmf.outputs import (
     MARKER_NAME,
+    REPLACED_WHOLE,
     create_folders,
     folder_lock,
+    no_interrupts,
+    pid_alive,
     read_marker,
     refuse_files_on_the_way,
     remove_dead_temporaries,
@@ -334,6 +342,11 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, restarted: bool =
     """
     if run.exists() and not run.is_dir():
         raise InputError(f"out={run} is a file, not a folder; choose another `out`")
+    for parent in run.resolve().parents:
+        outer = read_marker(parent)
+        if outer is not None and outer.get("kind") in REPLACED_WHOLE:
+            raise InputError(f"out={run} lies inside {parent}, shardmf {outer.get('kind')} "
+                             "output that is replaced whole; choose an `out` outside it")
     entries = {entry.name for entry in run.iterdir()} if run.is_dir() else set()
     marker = read_marker(run)
     is_run = (marker is not None and marker.get("kind") == RUN_KIND) or any(
@@ -378,7 +391,9 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
 
     Called by rank 0 alone. On an exception (Ctrl-C included) before this job wrote a
     checkpoint, the files it wrote go, and the folders it created if left empty; with a
-    checkpoint the run stays, for ``--resume``.
+    checkpoint the run stays, for ``--resume``. ``overwrite`` sets the old run's files
+    aside rather than removing them: they come back if the job fails before its first
+    checkpoint, so the folder always holds a run (the old one, or the new one's checkpoint).
     """
     run = Path(run)
     refuse_files_on_the_way(run)
@@ -386,9 +401,9 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
     try:
         with folder_lock(run):
             remove_dead_temporaries(run)
+            _recover_set_aside(run)
             action = check_run_target(run, resume, overwrite, restarted)
-            if action == "overwrite":
-                clear_run(run)
+            aside = _set_aside(run) if action == "overwrite" else None
             had_checkpoint = (run / CHECKPOINT).exists()
             if read_marker(run) is None:
                 write_marker(run, RUN_KIND)
@@ -396,11 +411,18 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
                 yield run
             except BaseException:
                 if not had_checkpoint and not (run / CHECKPOINT).exists():
-                    for name in (CONFIG, EPOCH_METRICS, CHECKSUMS):
-                        (run / name).unlink(missing_ok=True)
-                    if run in created:
-                        (run / MARKER_NAME).unlink(missing_ok=True)
+                    with no_interrupts():
+                        for name in (CONFIG, EPOCH_METRICS, CHECKSUMS):
+                            (run / name).unlink(missing_ok=True)
+                        if aside is not None:
+                            _put_back(aside, run)
+                            aside = None
+                        elif run in created:
+                            (run / MARKER_NAME).unlink(missing_ok=True)
                 raise
+            finally:
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         remove_empty(created)
         raise
@@ -408,11 +430,51 @@ def claim_run_folder(run: str | Path, resume: bool, overwrite: bool,
 
 def clear_run(run: Path) -> None:
     """Remove every file a run writes (its checkpoint slices and export too), nothing else."""
-    for name in RUN_OUTPUTS:
-        (run / name).unlink(missing_ok=True)
-    for stale in (*run.glob(checkpoint_slice("*", "*")), *run.glob(model_part("*"))):
-        stale.unlink()
+    for path in _run_outputs(run):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _run_outputs(run: Path) -> list[Path]:
+    """The files (and owned export folder) of the run in ``run``, that exist."""
+    found = [run / name for name in RUN_OUTPUTS if (run / name).exists()]
+    found += [*run.glob(checkpoint_slice("*", "*")), *run.glob(model_part("*"))]
     export = run / EXPORT_DIR
     marker = read_marker(export)
     if marker is not None and marker.get("kind") == EXPORT_KIND:
-        shutil.rmtree(export)
+        found.append(export)
+    return found
+
+
+def _set_aside(run: Path) -> Path:
+    """Move the run's files into PARENT/.RUN.old-PID-HEX (renames: nothing is copied)."""
+    aside = run.parent / f".{run.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    with no_interrupts():  # half the files moved would be half a run in either place
+        aside.mkdir()
+        for path in _run_outputs(run):
+            os.replace(path, aside / path.name)
+    return aside
+
+
+def _put_back(aside: Path, run: Path) -> None:
+    """The set-aside run returns, replacing whatever the failed job wrote."""
+    clear_run(run)
+    for path in aside.iterdir():
+        os.replace(path, run / path.name)
+    aside.rmdir()
+
+
+def _recover_set_aside(run: Path) -> None:
+    """A run set aside by a job that was killed (its pid is dead): back into ``run`` when
+    that job wrote no checkpoint, else removed (the new run replaced it). Lock held."""
+    pattern = re.compile(rf"\.{re.escape(run.name)}\.old-(?P<pid>\d+)-[0-9a-f]+")
+    for entry in run.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or not entry.is_dir() or pid_alive(int(match["pid"])):
+            continue
+        if (run / CHECKPOINT).exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            _put_back(entry, run)

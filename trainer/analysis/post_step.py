@@ -22,7 +22,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardmf.errors import InputError
-from shardmf.outputs import write_atomic, write_json
+from shardmf.outputs import os_error, write_atomic, write_json
 from trainer.analysis.clustering import ClusterResult, cluster_items
 from trainer.config import ClusterConfig
 from trainer.run import load_run
@@ -46,6 +46,9 @@ from trainer.run_files import (
     read_run_files,
     write_vouched,
 )
+
+if TYPE_CHECKING:
+    from trainer.analysis.report import Rendered
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +95,25 @@ def write_cluster_outputs(
     from trainer.analysis.report import render_all
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     summary = _clusters_json(result, tables)
     # Everything is rendered before anything is written: a rendering error leaves
     # the folder as it was.
     rendered = render_all(result, summary, read_run_files(run_dir, metrics))
+    try:
+        _write_rendered(result, summary, rendered, run_dir)
+    except OSError as e:  # a read-only run folder, a full disk
+        raise os_error(e, "writing the clusters and reports") from e
+    logger.info(
+        "wrote %s to %s",
+        ", ".join([ITEM_CLUSTERS, CLUSTERS, *rendered.figures, REPORT_HTML, REPORT_MD]),
+        run_dir,
+    )
+    return summary
 
+
+def _write_rendered(result: ClusterResult, summary: dict[str, Any], rendered: Rendered,
+                    run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
     for name in REPORTS:
         (run_dir / name).unlink(missing_ok=True)
     write_vouched(run_dir / ITEM_CLUSTERS,
@@ -110,12 +126,6 @@ def write_cluster_outputs(
             (run_dir / name).unlink(missing_ok=True)
     write_atomic(run_dir / REPORT_HTML, rendered.html.encode("utf-8"))
     write_atomic(run_dir / REPORT_MD, rendered.markdown.encode("utf-8"))
-    logger.info(
-        "wrote %s to %s",
-        ", ".join([ITEM_CLUSTERS, CLUSTERS, *rendered.figures, REPORT_HTML, REPORT_MD]),
-        run_dir,
-    )
-    return summary
 
 
 def _clusters_json(result: ClusterResult, tables: str | None) -> dict[str, Any]:

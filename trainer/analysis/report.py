@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,7 +291,8 @@ def render_markdown(
     """report.md: the same content as report.html, figures linked rather than embedded.
 
     ``tables``: whose item embeddings were clustered (clusters.json ``tables``)."""
-    lines = [f"# What the item embeddings learned: {run.name}", "", _intro(result, tables), ""]
+    lines = [f"# What the item embeddings learned: {_md_text(run.name)}", "",
+             _intro(result, tables), ""]
     metrics = _scalar_metrics(run.metrics)
     if metrics or CURVES_FIGURE in figure_names:
         lines += ["## Training", ""]
@@ -386,8 +388,16 @@ def render_markdown(
 
 
 def _cell(text: str) -> str:
-    """Escape a value for a Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Escape a value for a Markdown table cell (see `_md_text`; a ``|`` would end the cell)."""
+    return _md_text(text).replace("|", "\\|")
+
+
+def _md_text(text: object) -> str:
+    """Data (titles, genres, folder names) as inert Markdown text on one line: Markdown
+    renderers pass raw HTML through, so ``<script>`` or ``<img onerror=...>`` in a title
+    must become text, and ``[...](...)`` must not become a link or a remote image."""
+    escaped = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\\[\]])", r"\\\1", escaped)
 
 
 # --- report.html ------------------------------------------------------------
