@@ -70,8 +70,11 @@ class TrainedRun:
     clustered: "ranking" when the run has it, else "rating".
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, name: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        # How errors about ids and tables name the run: the folder, unless the caller has a
+        # better name for it (the estimator's folder may be an internal temporary one).
+        self.name = name or str(self.run_dir)
         arrays_path = self.run_dir / MODEL_ARRAYS
         if not arrays_path.is_file():
             raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
@@ -136,10 +139,10 @@ class TrainedRun:
 
     def user_id(self, user) -> int:
         """Contiguous id of an original user id (text from a command line is converted)."""
-        return _lookup(self._user_index, user, "user", self.run_dir)
+        return _lookup(self._user_index, user, "user", self.name)
 
     def item_id(self, item) -> int:
-        return _lookup(self._item_index, item, "item", self.run_dir)
+        return _lookup(self._item_index, item, "item", self.name)
 
     def find_item(self, title: str) -> object:
         """Original id of the best title match: exact (any case), else the most-rated
@@ -151,7 +154,7 @@ class TrainedRun:
         if not found:
             close = difflib.get_close_matches(title, [t for t in titles if t], n=5, cutoff=0.5)
             hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
-            raise InputError(f"no item title matches {title!r} in {self.run_dir}{hint}")
+            raise InputError(f"no item title matches {title!r} in {self.name}{hint}")
         # the most-rated match; the first in the table among equals
         best = min(found, key=lambda i: -self.item_train_ratings[i])
         return self._item_index.originals[best]
@@ -172,7 +175,7 @@ class TrainedRun:
                  "objective='rating' or 'both')") if self.kind == "interactions" else
                 ("rating data", ", or train it again with objective='both' for predicted "
                  "ratings too"))
-            raise InputError(f"{self.run_dir} learned rankings only (objective "
+            raise InputError(f"{self.name} learned rankings only (objective "
                              f"{self.objective}, {data}): it predicts no ratings; rank items "
                              f"with recommend or top_items{remedy}")
         u = self._user_index.positions(np.atleast_1d(users))
@@ -197,12 +200,13 @@ class TrainedRun:
         ``exclude_seen`` drops the items the user rated in training (read from the shards;
         skipped with a warning when the shards are gone). Items with fewer training ratings
         than ``min_item_ratings`` are left out: their factors are mostly the prior.
-        Columns: original_item_id, title, genres, score (the order), and when the rating
-        model ranks, predicted_rating (the score clipped to the rating scale, so the best
-        items often tie at its top).
+        Columns: original_item_id, title and genres (when the data has them), score (the
+        order), and when the rating model ranks, predicted_rating (the score clipped to the
+        rating scale, so the best items often tie at its top).
         """
         top, scores = self.top_items(user, n, exclude_seen, min_item_ratings)
-        columns = self._item_table.take(top).select(["original_item_id", "title", "genres"])
+        columns = self._item_table.take(top).select(self._described(["original_item_id",
+                                                                      "title", "genres"]))
         if self.tables == "rating":
             columns = columns.append_column("predicted_rating",
                                             pa.array(np.clip(scores, *self.scale)))
@@ -212,6 +216,7 @@ class TrainedRun:
                   min_item_ratings: int = MIN_ITEM_RATINGS) -> tuple[np.ndarray, np.ndarray]:
         """`recommend` as arrays: contiguous item ids, best first, and their scores (the
         ranking tables' <w_u, h_i>, or the rating model's unclipped prediction)."""
+        _check_list_length(n)
         uid = self.user_id(user)
         if self.tables == "ranking":
             scores = self.ranking_item_factors @ self.ranking_user_factors[uid]
@@ -230,13 +235,14 @@ class TrainedRun:
         """The n items whose factors point the most the same way (cosine similarity of
         `item_vectors`), among items with at least ``min_item_ratings`` training ratings."""
         top, cosine = self.nearest_items(item, n, min_item_ratings)
-        columns = self._item_table.take(top).select(["original_item_id", "title", "genres",
-                                                     "train_ratings"])
+        columns = self._item_table.take(top).select(self._described([
+            "original_item_id", "title", "genres", "train_ratings"]))
         return columns.append_column("similarity", pa.array(cosine)).to_pandas()
 
     def nearest_items(self, item, n: int = 10, min_item_ratings: int = MIN_ITEM_RATINGS
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`similar_items` as arrays: contiguous item ids, nearest first, and their cosines."""
+        _check_list_length(n)
         iid = self.item_id(item)
         vectors = self.item_vectors
         norms = np.linalg.norm(vectors, axis=1)
@@ -269,7 +275,7 @@ class TrainedRun:
         if tables is None:
             tables = self.trained_tables()[0]  # the rating model first
         if tables not in self.trained_tables():
-            raise InputError(f"tables={tables!r}: {self.run_dir} holds "
+            raise InputError(f"tables={tables!r}: {self.name} holds "
                              f"{' and '.join(map(repr, self.trained_tables()))} only "
                              f"(objective {self.objective})")
         if tables == "ranking":
@@ -277,6 +283,12 @@ class TrainedRun:
                     else self.ranking_user_factors), None
         return ((self.item_factors, self.item_bias) if side == "items"
                 else (self.user_factors, self.user_bias))
+
+    def _described(self, columns: list[str]) -> list[str]:
+        """``columns`` less those the data left empty: items without a title or genres
+        (ratings from a DataFrame, or a file without an items table) show none, not NaN."""
+        table = self._item_table
+        return [name for name in columns if table.column(name).null_count < table.num_rows]
 
     def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
         return self.item_train_ratings < min_item_ratings
@@ -310,9 +322,10 @@ def shards_of(run_dir: Path, payload: dict) -> Path:
     return inside if is_shard_folder(inside) else Path(payload["shards_dir"])
 
 
-def load_run(run_dir: str | Path) -> TrainedRun:
-    """A finished run, ready for predict / recommend / similar_items."""
-    return TrainedRun(run_dir)
+def load_run(run_dir: str | Path, name: str | None = None) -> TrainedRun:
+    """A finished run, ready for predict / recommend / similar_items; ``name``: how its
+    errors call it (default: the folder)."""
+    return TrainedRun(run_dir, name)
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
@@ -448,12 +461,17 @@ def _numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.combine_chunks().to_tensor())
 
 
-def _lookup(index: _IdIndex, original, kind: str, run_dir: Path) -> int:
+def _lookup(index: _IdIndex, original, kind: str, run_name: str) -> int:
     position = index.positions([original])[0]
     if position < 0:
-        raise InputError(f"{kind} {original!r} is not in {run_dir} (ids are the original "
+        raise InputError(f"{kind} {original!r} is not in {run_name} (ids are the original "
                          f"ones from the ratings, e.g. {index.originals[0]!r})")
     return int(position)
+
+
+def _check_list_length(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"n={n!r}: expected an integer of at least 1 (the list's length)")
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from shardmf.errors import InputError
 from shardmf.outputs import write_json, write_jsonl
+from shardmf.progress import bars_wanted
 from trainer.baseline import bias_baseline_rmse
 from trainer.cadence import Cadence
 from trainer.checkpoint import (
@@ -181,7 +182,7 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
         improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
-            _log_epoch(run, record, state, improved)
+            _log_epoch(run, record, state, improved, train_config.epochs)
         checkpointer.save(state)
         if train_config.patience and state.bad_epochs >= train_config.patience:
             if env.is_main:
@@ -281,10 +282,16 @@ def _log_start(plan: _Plan, strategy: Strategy, auto: Resolved, model_config: Mo
              shards.num_items, model_config.dim, env.world_size, plan.steps, plan.global_batch)
 
 
-def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> None:
-    log.info("epoch %d: train loss %.4f, val RMSE %s, %.0f ratings/s%s", record["epoch"],
-             record["train_loss"], _fmt(record["val_rmse"]), record["ratings_per_s"],
-             "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})")
+def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool,
+               epochs: int) -> None:
+    """One line per epoch: the progress a log file keeps (bars are for terminals), with
+    the time left if every remaining epoch runs (early stopping may end sooner)."""
+    left = (epochs - record["epoch"]) * sum(h["seconds"] for h in state.history) / max(
+        len(state.history), 1)
+    log.info("epoch %d/%d: train loss %.4f, val RMSE %s, %.0f ratings/s%s%s", record["epoch"],
+             epochs, record["train_loss"], _fmt(record["val_rmse"]), record["ratings_per_s"],
+             "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})",
+             f"; at most {_duration(left)} left" if record["epoch"] < epochs else "")
     write_jsonl(run / EPOCH_METRICS, state.history)
 
 
@@ -388,7 +395,8 @@ class TrainEpoch:
         loss_sum = state.loss_sums[env.rank] if state.loss_sums else 0.0
         global_batch = self.rank_batch * env.world_size
         progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
-                        desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
+                        desc=f"epoch {epoch + 1}/{self.config.epochs}", mininterval=1.0,
+                        disable=not (env.is_main and bars_wanted(log)),
                         leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
         for users, items, ratings in self._loader(epoch, steps_done):
             for cut, batches in cadence.runs(epoch, steps_done, len(ratings)):
@@ -484,6 +492,16 @@ def _rank_memory(models: list[torch.nn.Module], env: DistEnv) -> list[dict]:
     return [{"user_rows": int(rows), "user_table_bytes": int(users),
              "parameter_bytes": int(params), "peak_rss_bytes": int(rss)}
             for rows, users, params, rss in zip(*columns)]
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h10m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _fmt(value: float | None) -> str:
