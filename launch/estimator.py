@@ -182,6 +182,10 @@ class MatrixFactorization(BaseEstimator):
                 raise ValueError(f"X: expected a DataFrame, or rows of (user, item) or (user, "
                                  f"item, rating); got an array of shape {rows.shape}")
             X = pd.DataFrame(rows, columns=[user, item, value][:rows.shape[1]])
+            for name in X.columns[:2]:  # ids: whole numbers, which a float array made floats
+                ids = pd.to_numeric(X[name], errors="coerce")
+                if ids.notna().all() and (ids == ids.round()).all():
+                    X[name] = ids.astype("int64")
             if rows.shape[1] == 3:
                 X[value] = pd.to_numeric(X[value])
         columns = {user: "user", item: "item"}
@@ -222,8 +226,11 @@ class MatrixFactorization(BaseEstimator):
         with tempfile.TemporaryDirectory(prefix="shardmf-input-") as folder:
             path = Path(folder) / "ratings.parquet"
             ratings.to_parquet(path, index=False)
-            prepare([str(path)], shards, config, SourceOptions(
-                format="parquet", kind=values["kind"], rating_col=values["rating_col"]))
+            try:
+                prepare([str(path)], shards, config, SourceOptions(
+                    format="parquet", kind=values["kind"], rating_col=values["rating_col"]))
+            except InputError as e:  # about the rows given, never the file they passed through
+                raise InputError(str(e).replace(str(path), "X")) from e
         return shards
 
     def _load_fitted(self, run_dir: Path) -> None:
@@ -325,7 +332,9 @@ class MatrixFactorization(BaseEstimator):
     # ------------------------------------------------------------ persistence
 
     def _saved_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.get_params().items() if k != "work_dir"}
+        """The parameters as JSON (a grid's numpy numbers as Python ones), less work_dir."""
+        return {k: v.item() if isinstance(v, np.generic) else v
+                for k, v in self.get_params().items() if k != "work_dir"}
 
     def _portable_files(self) -> dict[str, Path]:
         """What a copy of the fit needs, by path inside the copy: the run (model, id maps,
@@ -373,7 +382,7 @@ class MatrixFactorization(BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         """A fitted estimator pickles with its run's files (`_portable_files`), so that one
         unpickled elsewhere predicts, recommends and evaluates exactly as this one."""
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: object's is the live __dict__
         state.pop("_workspace", None)
         if "run_" in state:
             state["_run_files"] = {name: path.read_bytes()
