@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
                         help="parquet: one table per side; npy: arrays plus id tables")
     export.add_argument("--out", metavar="DIR", help="folder for the files (default: "
-                        "RUN_DIR/export)")
+                        "RUN_DIR/export for parquet, RUN_DIR/export-npy for npy)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it holds an earlier export")
     export.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     demo = command("demo", _demo, "The whole pipeline on a synthetic set with planted genres, "
@@ -529,7 +531,7 @@ def _label(item: dict) -> str:
 def _export(values: dict) -> int:
     from trainer import export_run
 
-    export_run(values["run_dir"], values["out"], values["format"])
+    export_run(values["run_dir"], values["out"], values["format"], values["overwrite"])
     return 0
 
 

@@ -50,7 +50,7 @@ from trainer.config import (
 from trainer.run_files import (
     CHECKPOINT,
     ESTIMATOR_PARAMS,
-    EXPORT_DIR,
+    EXPORT_DIRS,
     FINAL_METRICS,
     RUN_KIND,
     SHARDS_DIR,
@@ -342,7 +342,7 @@ class MatrixFactorization(BaseEstimator):
         as RUN/shards even when the fit trained on a shard folder elsewhere."""
         run = self._fitted()
         skipped = shutil.ignore_patterns(CHECKPOINT, checkpoint_slice_pattern("*"),
-                                         EXPORT_DIR, SHARDS_DIR)
+                                         *EXPORT_DIRS.values(), SHARDS_DIR)
         files = {}
         for folder, prefix in ((self.run_dir_, ""), (run.shards_dir, SHARDS_DIR + "/")):
             for path in sorted(folder.rglob("*")):

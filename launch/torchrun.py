@@ -97,6 +97,9 @@ def _start(job: TrainJob | EvaluateJob, options: TorchrunOptions, what: str) -> 
     with tempfile.TemporaryDirectory(prefix="shardmf-job-") as folder:
         path = Path(folder) / "job.json"
         write_job(job, path)
+        # Ranks take seconds to start (each imports torch and joins the group): say so.
+        log.info("starting %s on %d processes per node (torchrun)...", what,
+                 options.nproc)
         return _torchrun(["--job", str(path)], options, what)
 
 

@@ -32,7 +32,7 @@ from shardmf.manifest import is_shard_folder
 from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.run_files import (
-    EXPORT_DIR,
+    EXPORT_DIRS,
     EXPORT_KIND,
     EXPORT_SUMMARY,
     FINAL_METRICS,
@@ -329,7 +329,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> TrainedRun:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
-               format: str = "parquet") -> Path:
+               format: str = "parquet", overwrite: bool = False) -> Path:
     """Write a run's user and item embeddings with their original ids, for other tools.
 
     Each pair of tables the run holds, per side: the rating model's as
@@ -339,16 +339,18 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
     ``ranking_`` (no bias: ``ranking_items_embeddings.parquet``, ``ranking_items_factors.npy``,
     ...). ``model.json`` says which tables the run trained and how each scores: a rating is
     ``clip(global_mean + user bias + item bias + <f_u, f_i>, rating_scale)``, a ranking
-    score ``<f_u, f_i>`` of the ranking tables. ``out`` defaults to RUN_DIR/export;
-    returns the folder.
+    score ``<f_u, f_i>`` of the ranking tables. ``out`` defaults to RUN_DIR/export
+    (parquet) or RUN_DIR/export-npy (npy), each replaced by the next export of its format;
+    a folder given as ``out`` that holds an earlier export is replaced only with
+    ``overwrite``. Returns the folder.
     """
     if format not in EXPORT_FORMATS:
         raise InputError(f"format={format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
-    folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
+    folder = Path(out) if out is not None else run.run_dir / EXPORT_DIRS[format]
     summary: dict = {"objective": run.objective, "kind": run.kind,
                      "tables": list(run.trained_tables())}
-    with output_folder(folder, EXPORT_KIND, overwrite=True) as building:
+    with output_folder(folder, EXPORT_KIND, overwrite=overwrite or out is None) as building:
         for tables in run.trained_tables():
             for side, frame in (("items", run.item_embeddings(tables)),
                                 ("users", run.user_embeddings(tables))):

@@ -78,7 +78,8 @@ RANKING_PREFIX = "ranking_"
 # The two pairs of tables a run may hold (model.npz "objective" says which it trained).
 TABLES = ("rating", "ranking")
 
-EXPORT_DIR = "export"  # default folder of `export_run`
+# Default folders of `export_run`, one per format: an export never replaces another's files.
+EXPORT_DIRS = {"parquet": "export", "npy": "export-npy"}
 EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
 SHARDS_DIR = "shards"  # where `shardmf run` prepares its shards inside RUN_DIR
@@ -290,7 +291,8 @@ def clear_run(run: Path) -> None:
         (run / name).unlink(missing_ok=True)
     for stale in (*run.glob(checkpoint_slice("*", "*")), *run.glob(model_part("*"))):
         stale.unlink()
-    export = run / EXPORT_DIR
-    marker = read_marker(export)
-    if marker is not None and marker.get("kind") == EXPORT_KIND:
-        shutil.rmtree(export)
+    for name in EXPORT_DIRS.values():
+        export = run / name
+        marker = read_marker(export)
+        if marker is not None and marker.get("kind") == EXPORT_KIND:
+            shutil.rmtree(export)

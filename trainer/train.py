@@ -333,6 +333,12 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
             log.info("test RMSE %s (bias-only baseline %s), MAE %s",
                      _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
                      _fmt(metrics["test_mae"]))
+            if None not in (metrics["test_rmse"], metrics["baseline_test_rmse"]) and (
+                    metrics["test_rmse"] > metrics["baseline_test_rmse"]):
+                log.warning("the factors made predictions worse: test RMSE %s is above the "
+                            "bias-only baseline's %s (try a larger reg, a smaller lr or "
+                            "fewer epochs)", _fmt(metrics["test_rmse"]),
+                            _fmt(metrics["baseline_test_rmse"]))
         k = ranks.ranking_ks[0]
         log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)%s", k,
                  _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
