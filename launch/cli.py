@@ -107,7 +107,7 @@ def flag_names() -> set[str]:
     """Every config field that is a flag of some command (the library names fields)."""
     configs = (*RUN_CONFIGS, PrepareConfig, SourceOptions, SynthConfig, TorchrunOptions)
     return {f.name for cls in configs for f in dataclasses.fields(cls)} | {
-        "out", "val_input", "test_input", "movielens", "movielens_path"}
+        "out", "val_input", "test_input", "movielens", "movielens_path", "shards"}
 
 
 def print_error(text: str) -> None:
@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("-n", type=positive_int, default=10, metavar="N",
                            help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
-                           help="keep items the user rated in training")
+                           help="keep items the user rated in training (the shards are not "
+                           "needed then)")
+    _add_shards_argument(recommend)
     recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
                            metavar="N", help="leave out items with fewer training ratings "
                            f"(default: {MIN_ITEM_RATINGS})")
@@ -279,6 +281,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=default_users, metavar="N",
                         help="a seeded sample of about N test users, the same as training's "
                         f"(default: {default_users:,}; 0: every user)")
+    _add_shards_argument(parser)
+
+
+def _add_shards_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", metavar="SHARDS_DIR",
+                        help="the run's shards, when moved or restored elsewhere (checked "
+                        "against the run; default: RUN_DIR/shards, else where training read "
+                        "them)")
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,7 +467,7 @@ def _evaluate(values: dict) -> int:
     from trainer.ranking import METRICS, POPULAR_PREFIX
 
     job = EvaluateJob(values["run_dir"], tuple(values["k"]), values["threshold"],
-                      values["min_item_ratings"], values["users"])
+                      values["min_item_ratings"], values["users"], values["shards"])
     code = launch_evaluation(job, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
@@ -488,7 +498,7 @@ def _fixed(value: float | None) -> str:
 def _recommend(values: dict) -> int:
     from trainer import load_run
 
-    run = load_run(values["run_dir"])
+    run = load_run(values["run_dir"], shards=values["shards"])
     top, scores = run.top_items(values["user"], values["n"],
                                 exclude_seen=not values["include_seen"],
                                 min_item_ratings=values["min_item_ratings"])

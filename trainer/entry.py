@@ -73,6 +73,7 @@ class EvaluateJob:
     threshold: float | None = None  # None: from the run's rating scale
     min_item_ratings: int = 0
     max_users: int = RankingConfig.ranking_users
+    shards: str | None = None  # where the run's shards are now (None: where it knows)
 
 
 Job = TrainJob | EvaluateJob
@@ -94,7 +95,7 @@ def run_job(job: Job) -> dict:
             from trainer.run import evaluate_run
 
             return evaluate_run(job.run_dir, job.ks, job.threshold, job.min_item_ratings,
-                                job.max_users, env=env)
+                                job.max_users, env=env, shards=job.shards)
         return _train(job, env)
     finally:
         teardown()  # (idempotent: training leaves the group before rank 0 clusters)

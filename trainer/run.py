@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardmf.errors import InputError
-from shardmf.manifest import is_shard_folder
+from shardmf.manifest import Manifest, is_shard_folder
 from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.run_files import (
@@ -70,8 +70,10 @@ class TrainedRun:
     clustered: "ranking" when the run has it, else "rating".
     """
 
-    def __init__(self, run_dir: str | Path, name: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, name: str | None = None,
+                 shards: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self._shards_given = shards  # a copy of the run's shards elsewhere (`find_shards`)
         # How errors about ids and tables name the run: the folder, unless the caller has a
         # better name for it (the estimator's folder may be an internal temporary one).
         self.name = name or str(self.run_dir)
@@ -95,7 +97,9 @@ class TrainedRun:
             self.ranking_item_factors = (arrays[RANKING_PREFIX + "item_factors.weight"]
                                          if ranking else None)
             self.scale = tuple(float(x) for x in arrays["scale"])
-            self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
+            # Found on first use: only seen items need the shards.
+            self._shards_recorded = {name: str(arrays[name]) for name in (
+                "shards_dir", "shards_identity") if name in arrays}
         if not rating and not ranking:
             raise InputError(f"{arrays_path}: holds neither the rating model nor the ranking "
                              "tables; train the run again")
@@ -113,6 +117,12 @@ class TrainedRun:
     @cached_property
     def _item_index(self) -> _IdIndex:
         return _IdIndex(self._item_table.column("original_item_id"))
+
+    @cached_property
+    def shards_dir(self) -> Path:
+        """The shard folder the run was trained on, found and checked by `find_shards`."""
+        return find_shards(self.run_dir, self._shards_recorded, self._shards_given,
+                           "leaving out the items each user rated in training")
 
     @cached_property
     def users(self) -> pd.DataFrame:
@@ -197,8 +207,8 @@ class TrainedRun:
         """The n items with the highest score for one user: <w_u, h_i> of the ranking
         tables when the run has them, else the predicted rating.
 
-        ``exclude_seen`` drops the items the user rated in training (read from the shards;
-        skipped with a warning when the shards are gone). Items with fewer training ratings
+        ``exclude_seen`` drops the items the user rated in training, read from the run's
+        shards (`find_shards`: InputError when they are gone, never a list with them in). Items with fewer training ratings
         than ``min_item_ratings`` are left out: their factors are mostly the prior.
         Columns: original_item_id, title and genres (when the data has them), score (the
         order), and when the rating model ranks, predicted_rating (the score clipped to the
@@ -295,9 +305,6 @@ class TrainedRun:
 
     def _seen_items(self, uid: int) -> np.ndarray:
         folder = self.shards_dir / "train"
-        if not folder.is_dir():
-            log.warning("shards %s are gone: seen items are not excluded", self.shards_dir)
-            return np.array([], dtype=np.int64)
         seen = []
         # Row groups whose user_id range leaves uid out are skipped (by user shards: most).
         # By hand, not pyarrow.dataset's filter: that module imports pandas.
@@ -315,17 +322,36 @@ class TrainedRun:
         return np.concatenate(seen).astype(np.int64) if seen else np.array([], dtype=np.int64)
 
 
-def shards_of(run_dir: Path, payload: dict) -> Path:
-    """The run's shards: RUN_DIR/shards when there (`shardmf run`, a saved estimator: they
-    move with the folder), else the folder it was trained on."""
-    inside = run_dir / SHARDS_DIR
-    return inside if is_shard_folder(inside) else Path(payload["shards_dir"])
+def find_shards(run_dir: Path, recorded: dict, given: str | Path | None, needed_for: str
+                ) -> Path:
+    """The shards a run was trained on: ``given`` (a copy, moved or restored), else
+    RUN_DIR/shards (`shardmf run`, a saved estimator: they move with the folder), else the
+    folder training read. Checked against the identity the run recorded (runs written
+    before it was recorded are taken on trust). InputError when none is there or the one
+    found holds other shards: nothing goes on without them, ``needed_for`` says why."""
+    candidates = ([Path(given)] if given is not None
+                  else [run_dir / SHARDS_DIR, Path(recorded["shards_dir"])])
+    found = next((folder for folder in candidates if is_shard_folder(folder)), None)
+    if found is None:
+        raise InputError(f"{run_dir}: its shards are gone (looked in "
+                         f"{', '.join(map(str, candidates))}); {needed_for} needs them: pass "
+                         "`shards` with a copy of them (checked against the run)")
+    identity = recorded.get("shards_identity")
+    if identity is not None:
+        found_identity = Manifest.load(found).identity
+        if found_identity != identity:
+            raise InputError(f"{found}: other shards than {run_dir} was trained on (manifest "
+                             f"identity {found_identity}, the run's {identity}); pass `shards` "
+                             "with the ones it was trained on")
+    return found
 
 
-def load_run(run_dir: str | Path, name: str | None = None) -> TrainedRun:
+def load_run(run_dir: str | Path, name: str | None = None,
+             shards: str | Path | None = None) -> TrainedRun:
     """A finished run, ready for predict / recommend / similar_items; ``name``: how its
-    errors call it (default: the folder)."""
-    return TrainedRun(run_dir, name)
+    errors call it (default: the folder); ``shards``: where its shards are now, when they
+    are neither in the run folder nor where training read them."""
+    return TrainedRun(run_dir, name, shards)
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
@@ -389,12 +415,13 @@ def _write_embeddings(folder: Path, frame: pd.DataFrame, names: dict[str, str],
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
                  threshold: float | None = None, min_item_ratings: int = 0,
                  max_users: int = RankingConfig.ranking_users,
-                 env: DistEnv | None = None) -> dict:
+                 env: DistEnv | None = None, shards: str | Path | None = None) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular:
     the lists of the ranking tables when the run trained them, else of the rating model.
 
     ``max_users``: a seeded sample of about this many test users (0: every one), the same
-    users training evaluated. Needs the run's shards. With ``env`` (ranks already joined,
+    users training evaluated. Needs the run's shards (`find_shards`; ``shards``: where a
+    copy of them is now). With ``env`` (ranks already joined,
     as `shardmf evaluate --nproc N` does) every rank must call this: each scores its share
     of the users, as at the end of training, and gets the same figures; None: this one
     process scores them all. The figures replace the ranking figures in
@@ -412,7 +439,7 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     run = Path(run_dir)
     tables, payload = load_model(run / MODEL)
     model = tables.lists  # the ranking tables when the run trained them
-    shards = open_shards(shards_of(run, payload))
+    shards = open_shards(find_shards(run, payload, shards, "evaluation on the test split"))
     if env is None:
         env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
                       device=torch.device("cpu"), backend=None)
