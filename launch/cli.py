@@ -481,11 +481,12 @@ def _evaluate(values: dict) -> int:
                 f"a held-out interaction weighing >= {threshold:g}")
     print(f"ranking on the test split of {values['run_dir']} by the {run.tables} tables: "
           f"{metrics['ranking_users']:,} users with {relevant}")
-    print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
+    print(f"  {'metric':<14}{'model ± standard error':>24}{'most-popular':>24}")
     for k in sorted(set(values["k"])):
-        for name in (*METRICS, "coverage"):
-            model, popular = metrics[f"{name}@{k}"], metrics[f"{POPULAR_PREFIX}{name}@{k}"]
-            print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
+        for name in (*METRICS, "coverage"):  # coverage is of the catalogue: no mean, no error
+            cells = [_with_error(metrics, f"{prefix}{name}@{k}")
+                     for prefix in ("", POPULAR_PREFIX)]
+            print(f"  {f'{name}@{k}':<14}{cells[0]:>24}{cells[1]:>24}")
     print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
           f"{values['run_dir']}` redraws the report with them")
     return 0
@@ -493,6 +494,14 @@ def _evaluate(values: dict) -> int:
 
 def _fixed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _with_error(metrics: dict, key: str) -> str:
+    """``0.2513 ± 0.0103``: a mean over users with its standard error, when it has one."""
+    from trainer.ranking import SE_SUFFIX
+
+    error = metrics.get(key + SE_SUFFIX)
+    return _fixed(metrics[key]) + (f" ± {error:.4f}" if error is not None else "")
 
 
 def _recommend(values: dict) -> int:

@@ -330,9 +330,9 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
             write_jsonl(run / SWEEP_METRICS, ranking.history)
         write_json(run / FINAL_METRICS, metrics)
         if rating is not None:
-            log.info("test RMSE %s (bias-only baseline %s), MAE %s",
-                     _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
-                     _fmt(metrics["test_mae"]))
+            log.info("test RMSE %s ± %s (bias-only baseline %s), MAE %s",
+                     _fmt(metrics["test_rmse"]), _fmt(metrics["test_rmse_se"]),
+                     _fmt(metrics["baseline_test_rmse"]), _fmt(metrics["test_mae"]))
             if None not in (metrics["test_rmse"], metrics["baseline_test_rmse"]) and (
                     metrics["test_rmse"] > metrics["baseline_test_rmse"]):
                 log.warning("the factors made predictions worse: test RMSE %s is above the "
@@ -340,9 +340,10 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
                             "fewer epochs)", _fmt(metrics["test_rmse"]),
                             _fmt(metrics["baseline_test_rmse"]))
         k = ranks.ranking_ks[0]
-        log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)%s", k,
-                 _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
-                 _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]),
+        log.info("test NDCG@%d %s ± %s (most-popular %s), recall@%d %s ± %s (most-popular "
+                 "%s)%s", k, _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"ndcg@{k}_se"]),
+                 _fmt(metrics[f"popular_ndcg@{k}"]), k, _fmt(metrics[f"recall@{k}"]),
+                 _fmt(metrics[f"recall@{k}_se"]), _fmt(metrics[f"popular_recall@{k}"]),
                  "" if ranking is not None else " (lists of the rating model)")
     return metrics
 
@@ -351,11 +352,10 @@ def _rating_figures(rating: _RatingResult, plan: _Plan, config: TrainConfig, env
                     reader: RowGroupReader) -> dict:
     """Test RMSE of the best epoch, the bias-only baseline, and the epochs' speed."""
     state, shards = rating.state, plan.shards
-    test_rmse, test_mae = evaluate(rating.model, plan.pieces["test"], shards.scale, config,
-                                   env, reader)
+    test = rating_errors(rating.model, plan.pieces["test"], shards.scale, config, env, reader)
     train_seconds = sum(h["seconds"] for h in state.history)
     trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
-    return {"test_rmse": test_rmse, "test_mae": test_mae,
+    return {"test_rmse": test["rmse"], "test_rmse_se": test["rmse_se"], "test_mae": test["mae"],
             "val_rmse": None if math.isinf(state.best_val) else state.best_val,
             "best_epoch": state.best_epoch, "epochs": state.epoch,
             "train_seconds": round(train_seconds, 3),
@@ -460,21 +460,36 @@ class TrainEpoch:
 def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
              config: TrainConfig, env: DistEnv,
              reader: RowGroupReader | None = None) -> tuple[float | None, float | None]:
-    """RMSE and MAE over every rank's share, from all-reduced sums and counts."""
+    """RMSE and MAE over every rank's share (`rating_errors`)."""
+    errors = rating_errors(model, pieces, scale, config, env, reader)
+    return errors["rmse"], errors["mae"]
+
+
+def rating_errors(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
+                  config: TrainConfig, env: DistEnv,
+                  reader: RowGroupReader | None = None) -> dict[str, float | None]:
+    """RMSE, MAE and the RMSE's standard error over every rank's share, from all-reduced
+    sums (None without ratings). The standard error is the squared errors' mean's, carried
+    to its square root by the delta method: se(MSE) / (2 RMSE)."""
     module = unwrap(model)
     module.eval()
-    sse = sae = 0.0
+    sse = sae = s4 = 0.0
     count = 0
     for users, items, ratings in eval_batches(pieces, config.eval_batch_size, reader):
         predicted = module.predict(users.to(env.device), items.to(env.device), scale)
         error = predicted.double() - ratings.to(env.device).double()
         sse += float(error.square().sum())
         sae += float(error.abs().sum())
+        s4 += float(error.pow(4).sum())
         count += len(ratings)
-    sse, sae, count = all_reduce([sse, sae, float(count)], env)
+    sse, sae, s4, count = all_reduce([sse, sae, s4, float(count)], env)
     if count == 0:
-        return None, None
-    return math.sqrt(sse / count), sae / count
+        return {"rmse": None, "mae": None, "rmse_se": None}
+    mse = sse / count
+    rmse = math.sqrt(mse)
+    mse_se = (math.sqrt(max(s4 / count - mse ** 2, 0.0) / (count - 1)) if count > 1
+              else float("nan"))
+    return {"rmse": rmse, "mae": sae / count, "rmse_se": mse_se / (2 * rmse) if rmse else 0.0}
 
 
 def _machine_memory() -> int:
