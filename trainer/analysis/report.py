@@ -552,8 +552,9 @@ def _html_cards(result: ClusterResult, run: RunFiles) -> str:
         baseline = finite(metrics.get("baseline_test_rmse"))
         sub = f"bias-only baseline {baseline:.4f}" if baseline is not None else ""
         cards.append(("test RMSE", f"{test:.4f}", sub))
-    ndcg_keys = sorted((key for key in metrics if key.startswith("ndcg@")),
-                       key=lambda key: int(key.split("@")[1]))
+    ndcg_keys = sorted((key for key in metrics
+                        if key.startswith("ndcg@") and key.split("@")[1].isdigit()),
+                       key=lambda key: int(key.split("@")[1]))  # not ndcg@10_se
     if ndcg_keys and finite(metrics[ndcg_keys[0]]) is not None:
         key = ndcg_keys[0]
         popular = finite(metrics.get(f"popular_{key}"))
