@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import copy_shards
+
 from launch.cli import main
 from shardmf.errors import InputError
 from trainer import evaluate_run, load_run

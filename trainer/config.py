@@ -341,6 +341,7 @@ def config_from_values(cls: type, values: dict):
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False",
                dict: "a dict"}
+_PLURAL_WORDS = {int: "integers", float: "numbers", str: "strings"}
 
 
 def typed_value(name: str, value: object, hint: object) -> object:
@@ -393,9 +394,8 @@ def _as_type(value: object, hint: object) -> object:
 def _type_words(hint: object) -> str:
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        if args[-1] is Ellipsis:
-            return f"a tuple of {_TYPE_WORDS[args[0]].removeprefix('a').removeprefix('n ')}s"
-        return f"a tuple of {len(args)} {_TYPE_WORDS[args[0]].removeprefix('a').removeprefix('n ')}s"
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a tuple of {count}{_PLURAL_WORDS[args[0]]}"
     return _TYPE_WORDS.get(hint, str(hint))
 
 

@@ -208,8 +208,9 @@ class TrainedRun:
         tables when the run has them, else the predicted rating.
 
         ``exclude_seen`` drops the items the user rated in training, read from the run's
-        shards (`find_shards`: InputError when they are gone, never a list with them in). Items with fewer training ratings
-        than ``min_item_ratings`` are left out: their factors are mostly the prior.
+        shards (`find_shards`: InputError when they are gone, never a list with them in).
+        Items with fewer training ratings than ``min_item_ratings`` are left out: their
+        factors are mostly the prior.
         Columns: original_item_id, title and genres (when the data has them), score (the
         order), and when the rating model ranks, predicted_rating (the score clipped to the
         rating scale, so the best items often tie at its top).
