@@ -336,8 +336,9 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
             if None not in (metrics["test_rmse"], metrics["baseline_test_rmse"]) and (
                     metrics["test_rmse"] > metrics["baseline_test_rmse"]):
                 log.warning("the factors made predictions worse: test RMSE %s is above the "
-                            "bias-only baseline's %s (try a larger reg, a smaller lr or "
-                            "fewer epochs)", _fmt(metrics["test_rmse"]),
+                            "bias-only baseline's %s (more epochs if validation RMSE was "
+                            "still falling, else a larger reg or a smaller lr)",
+                            _fmt(metrics["test_rmse"]),
                             _fmt(metrics["baseline_test_rmse"]))
         k = ranks.ranking_ks[0]
         log.info("test NDCG@%d %s ± %s (most-popular %s), recall@%d %s ± %s (most-popular "
