@@ -452,10 +452,11 @@ def _demo(values: dict) -> int:
     nmi = clusters["scores"].get("nmi") or {}
     print(f"\nshardmf demo ({time.perf_counter() - started:.0f} s, "
           f"{metrics['world_size']} processes): {run}")
-    print(f"  test RMSE {metrics['test_rmse']:.4f}   bias-only baseline "
+    print(f"  test RMSE {_with_error(metrics, 'test_rmse')}   bias-only baseline "
           f"{metrics['baseline_test_rmse']:.4f}")
-    print(f"  test NDCG@10 {metrics['ndcg@10']:.4f}, recall@10 {metrics['recall@10']:.4f}   "
-          f"most-popular {metrics['popular_ndcg@10']:.4f}, {metrics['popular_recall@10']:.4f}")
+    print(f"  test NDCG@10 {_with_error(metrics, 'ndcg@10')}, recall@10 "
+          f"{_with_error(metrics, 'recall@10')}   most-popular {metrics['popular_ndcg@10']:.4f}, "
+          f"{metrics['popular_recall@10']:.4f}")
     print(f"  item clusters vs planted genres: NMI {nmi.get('score', float('nan')):.3f} "
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
