@@ -72,5 +72,5 @@ def test_starting_ranks_is_announced(trainer_shards_dir: Path, tmp_path: Path) -
                            "rating", "--epochs", "1", "--clusters", "0"],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    assert "starting training on 2 processes per node (torchrun)..." in done.stderr
-    assert done.stderr.index("starting training") < done.stderr.index("epoch 1/1")
+    assert "starting 2 processes per node for training (torchrun)..." in done.stderr
+    assert done.stderr.index("starting 2 processes") < done.stderr.index("epoch 1/1")
