@@ -215,12 +215,15 @@ def test_pickled_fit_behaves_the_same_in_a_new_process(fitted: MatrixFactorizati
     """The pickle carries the run and its shards: in a process of its own, after the
     original's temporary folder is gone, predict, recommend (seen items left out) and
     evaluate give what the original gives, and save works."""
+    original = pickle.loads(pickle.dumps(fitted))  # a fit with a temporary folder of its own
     path = tmp_path / "model.pkl"
-    path.write_bytes(pickle.dumps(fitted))
+    path.write_bytes(pickle.dumps(original))
     pairs = pd.DataFrame({"user": [1, 40, 999], "item": [3, 30, 3]})
-    expected = {"predict": fitted.predict(pairs).tolist(),
-                "recommend": fitted.recommend([1, 40], n=5, min_item_ratings=0).to_dict("list"),
-                "ndcg": fitted.evaluate(ks=(5,))["ndcg@5"]}
+    expected = {"predict": original.predict(pairs).tolist(),
+                "recommend": original.recommend([1, 40], n=5, min_item_ratings=0).to_dict("list"),
+                "ndcg": original.evaluate(ks=(5,))["ndcg@5"]}
+    original._workspace.cleanup()
+    assert not original.run_dir_.exists()
     done = subprocess.run([sys.executable, "-c", _IN_A_NEW_PROCESS, str(path)],
                           capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(done.stdout.splitlines()[-1]) == json.loads(json.dumps(expected))
