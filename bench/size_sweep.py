@@ -8,8 +8,8 @@ items 4 x sqrt(ratings): 30k ratings over 200 users x 700 items up to 10M over 6
 train SHARDS --out RUN --objective rating --clusters 0 --nproc 1` on this tree and, in
 the first `--old-repeats` rounds, on `--old-tree` (a checkout of an earlier commit, run
 with this venv), one after the other so both see the same machine (test RMSE does not
-depend on the round: a run is deterministic for its seed). Training time is the run's own `train_seconds` (rating epochs
-only). Medians go to bench/size_sweep.json, a table to bench/size_sweep.md and the two
+depend on the round: a run is deterministic for its seed). Training time is the run's own
+`train_seconds` (rating epochs only). Medians go to bench/size_sweep.json, a table to bench/size_sweep.md and the two
 curves to bench/size_sweep.png.
 """
 

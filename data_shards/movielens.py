@@ -130,12 +130,17 @@ def ratings_folder(root: Path) -> Path:
                      "or its first-level folders")
 
 
+# What to do without a network (the command line words `movielens_path` as its flag).
+OFFLINE = ("; without a network, download the release's zip elsewhere and pass it (or the "
+           "folder it extracts to) as `movielens_path`")
+
+
 def _published_md5(url: str) -> str:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             text = response.read(4096).decode("ascii", "replace")
     except (urllib.error.URLError, OSError) as e:
-        raise InputError(f"{url}: cannot fetch the published checksum ({e})") from e
+        raise InputError(f"{url}: cannot fetch the published checksum ({e}){OFFLINE}") from e
     match = re.search(r"\b[0-9a-fA-F]{32}\b", text)
     if not match:
         raise InputError(f"{url}: no MD5 checksum found in {text[:80]!r}")
@@ -151,5 +156,5 @@ def _download(url: str, path: Path) -> str:
                 digest.update(chunk)
                 out.write(chunk)
     except (urllib.error.URLError, OSError) as e:
-        raise InputError(f"{url}: download failed ({e})") from e
+        raise InputError(f"{url}: download failed ({e}){OFFLINE}") from e
     return digest.hexdigest()

@@ -72,6 +72,7 @@ from shardmf.manifest import (
     write_manifest,
 )
 from shardmf.outputs import is_write_fault, no_interrupts, output_folder
+from shardmf.progress import bars_wanted
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,8 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
         _route_partition, dask.delayed(user_vocab), dask.delayed(item_vocab), plan,
         meta=_routed_meta(with_time, plan.restage),
     )
-    with TqdmCallback(desc="encode and split", mininterval=1.0, leave=False):
+    with TqdmCallback(desc="encode and split", mininterval=1.0, leave=False,
+                      disable=not bars_wanted(log)):
         _guarded(sources, valid, lambda: routed.to_parquet(
             staging, partition_on=["shard"], write_index=False))
     for split in SPLITS:
@@ -282,14 +284,16 @@ def _prepare_into(tmp: Path, sources: dict[str, RatingSource], config: PrepareCo
         tasks = [dask.delayed(_finalise_shard)(staging, tmp, shard, sizes, with_time, config,
                                                plan, restaged)
                  for shard in range(num_shards)]
-        with TqdmCallback(desc="leave-last per user", mininterval=1.0, leave=False):
+        with TqdmCallback(desc="leave-last per user", mininterval=1.0, leave=False,
+                          disable=not bars_wanted(log)):
             early_duplicates = list(dask.compute(*tasks))
         shutil.rmtree(staging)
         staging = restaged
     tasks = [dask.delayed(_finalise_shard)(staging, tmp, shard, sizes, with_time, config,
                                            plan, None)
              for shard in range(num_shards)]
-    with TqdmCallback(desc="write shards", mininterval=1.0, leave=False):
+    with TqdmCallback(desc="write shards", mininterval=1.0, leave=False,
+                      disable=not bars_wanted(log)):
         shards = [entry for group in dask.compute(*tasks) for entry in group]
     shutil.rmtree(staging, ignore_errors=True)
     if skip:
@@ -405,7 +409,8 @@ def _statistics(ratings: dd.DataFrame, sources: dict[str, RatingSource], scale,
         # float64: dask cannot take quantiles of a nullable Int64 (seconds fit exactly)
         tasks["quantiles"] = ratings["timestamp"].astype("float64").quantile(
             [first, 1.0 - config.test_fraction])
-    with TqdmCallback(desc="read and validate", mininterval=1.0, leave=False):
+    with TqdmCallback(desc="read and validate", mininterval=1.0, leave=False,
+                      disable=not bars_wanted(log)):
         values = _guarded(sources, scale,
                           lambda: dict(zip(tasks, dask.compute(*tasks.values()))))
     if values["rows"] == 0:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from data_shards.config import SynthConfig
 from data_shards.prepare import tasks_end_before_cleanup
 from shardmf.outputs import output_folder
+from shardmf.progress import bars_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _synthesize_into(tmp_dir: Path, out_dir: Path, config: SynthConfig) -> Synth
             desc="synth",
             unit="file",
             mininterval=1.0,
-            disable=len(tasks) <= 1 or _distributed_client_active(),
+            disable=len(tasks) <= 1 or _distributed_client_active() or not bars_wanted(logger),
         ) as bar,
         _PartitionProgress({task.key for task in tasks}, bar),
     ):

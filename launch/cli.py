@@ -54,6 +54,7 @@ from trainer.flags import (
 )
 from trainer.run_files import (
     CLUSTERS,
+    CONFIG,
     FINAL_METRICS,
     REPORT_HTML,
     REPORT_MD,
@@ -107,7 +108,7 @@ def flag_names() -> set[str]:
     """Every config field that is a flag of some command (the library names fields)."""
     configs = (*RUN_CONFIGS, PrepareConfig, SourceOptions, SynthConfig, TorchrunOptions)
     return {f.name for cls in configs for f in dataclasses.fields(cls)} | {
-        "out", "val_input", "test_input", "movielens", "movielens_path", "title"}
+        "out", "val_input", "test_input", "movielens", "movielens_path", "title", "shards"}
 
 
 def print_error(text: str) -> None:
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("-n", type=positive_int, default=10, metavar="N",
                            help="how many items (default: 10)")
     recommend.add_argument("--include-seen", action="store_true",
-                           help="keep items the user rated in training")
+                           help="keep items the user rated in training (the shards are not "
+                           "needed then)")
+    _add_shards_argument(recommend)
     recommend.add_argument("--min-item-ratings", type=int, default=MIN_ITEM_RATINGS,
                            metavar="N", help="leave out items with fewer training ratings "
                            f"(default: {MIN_ITEM_RATINGS})")
@@ -247,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
                         help="parquet: one table per side; npy: arrays plus id tables")
     export.add_argument("--out", metavar="DIR", help="folder for the files (default: "
-                        "RUN_DIR/export)")
+                        "RUN_DIR/export for parquet, RUN_DIR/export-npy for npy)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it holds an earlier export")
     export.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     demo = command("demo", _demo, "The whole pipeline on a synthetic set with planted genres, "
@@ -277,6 +282,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=default_users, metavar="N",
                         help="a seeded sample of about N test users, the same as training's "
                         f"(default: {default_users:,}; 0: every user)")
+    _add_shards_argument(parser)
+
+
+def _add_shards_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", metavar="SHARDS_DIR",
+                        help="the run's shards, when moved or restored elsewhere (checked "
+                        "against the run; default: RUN_DIR/shards, else where training read "
+                        "them)")
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,10 +454,11 @@ def _demo(values: dict) -> int:
     nmi = clusters["scores"].get("nmi") or {}
     print(f"\nshardmf demo ({time.perf_counter() - started:.0f} s, "
           f"{metrics['world_size']} processes): {run}")
-    print(f"  test RMSE {metrics['test_rmse']:.4f}   bias-only baseline "
+    print(f"  test RMSE {_with_error(metrics, 'test_rmse')}   bias-only baseline "
           f"{metrics['baseline_test_rmse']:.4f}")
-    print(f"  test NDCG@10 {metrics['ndcg@10']:.4f}, recall@10 {metrics['recall@10']:.4f}   "
-          f"most-popular {metrics['popular_ndcg@10']:.4f}, {metrics['popular_recall@10']:.4f}")
+    print(f"  test NDCG@10 {_with_error(metrics, 'ndcg@10')}, recall@10 "
+          f"{_with_error(metrics, 'recall@10')}   most-popular {metrics['popular_ndcg@10']:.4f}, "
+          f"{metrics['popular_recall@10']:.4f}")
     print(f"  item clusters vs planted genres: NMI {nmi.get('score', float('nan')):.3f} "
           f"(shuffled labels {nmi.get('baseline_mean', float('nan')):.3f})")
     print(f"  report: {run / REPORT_HTML} (and {REPORT_MD})")
@@ -473,7 +487,7 @@ def _evaluate(values: dict) -> int:
     from trainer.ranking import METRICS, POPULAR_PREFIX
 
     job = EvaluateJob(values["run_dir"], tuple(values["k"]), values["threshold"],
-                      values["min_item_ratings"], values["users"])
+                      values["min_item_ratings"], values["users"], values["shards"])
     code = launch_evaluation(job, TorchrunOptions(nproc=values["nproc"]))
     if code:
         return code
@@ -487,11 +501,12 @@ def _evaluate(values: dict) -> int:
                 f"a held-out interaction weighing >= {threshold:g}")
     print(f"ranking on the test split of {values['run_dir']} by the {run.tables} tables: "
           f"{metrics['ranking_users']:,} users with {relevant}")
-    print(f"  {'metric':<14}{'model':>8}{'most-popular':>14}")
+    print(f"  {'metric':<14}{'model ± standard error':>24}{'most-popular':>24}")
     for k in sorted(set(values["k"])):
-        for name in (*METRICS, "coverage"):
-            model, popular = metrics[f"{name}@{k}"], metrics[f"{POPULAR_PREFIX}{name}@{k}"]
-            print(f"  {f'{name}@{k}':<14}{_fixed(model):>8}{_fixed(popular):>14}")
+        for name in (*METRICS, "coverage"):  # coverage is of the catalogue: no mean, no error
+            cells = [_with_error(metrics, f"{prefix}{name}@{k}")
+                     for prefix in ("", POPULAR_PREFIX)]
+            print(f"  {f'{name}@{k}':<14}{cells[0]:>24}{cells[1]:>24}")
     print(f"merged into {Path(values['run_dir']) / FINAL_METRICS}; `shardmf cluster "
           f"{values['run_dir']}` redraws the report with them")
     return 0
@@ -501,10 +516,18 @@ def _fixed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _with_error(metrics: dict, key: str) -> str:
+    """``0.2513 ± 0.0103``: a mean over users with its standard error, when it has one."""
+    from trainer.ranking import SE_SUFFIX
+
+    error = metrics.get(key + SE_SUFFIX)
+    return _fixed(metrics[key]) + (f" ± {error:.4f}" if error is not None else "")
+
+
 def _recommend(values: dict) -> int:
     from trainer import load_run
 
-    run = load_run(values["run_dir"])
+    run = load_run(values["run_dir"], shards=values["shards"])
     top, scores = run.top_items(values["user"], values["n"],
                                 exclude_seen=not values["include_seen"],
                                 min_item_ratings=values["min_item_ratings"])
@@ -547,7 +570,7 @@ def _label(item: dict) -> str:
 def _export(values: dict) -> int:
     from trainer import export_run
 
-    export_run(values["run_dir"], values["out"], values["format"])
+    export_run(values["run_dir"], values["out"], values["format"], values["overwrite"])
     return 0
 
 

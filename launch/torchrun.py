@@ -127,6 +127,9 @@ def _start(job: TrainJob | EvaluateJob, options: TorchrunOptions, what: str) -> 
     with tempfile.TemporaryDirectory(prefix="shardmf-job-") as folder:
         path = Path(folder) / "job.json"
         write_job(job, path)
+        # Ranks take seconds to start (each imports torch and joins the group): say so.
+        log.info("starting %d processes per node for %s (torchrun)...", options.nproc,
+                 what)
         return _torchrun(["--job", str(path)], options, what)
 
 

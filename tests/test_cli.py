@@ -320,7 +320,12 @@ def test_export_folders_are_owned_and_replaced_whole(trained_run: Path, tmp_path
     out = tmp_path / "export"
     assert main(["export", str(trained_run), "--out", str(out)]) == 0
     assert json.loads((out / ".shardmf-output.json").read_text())["kind"] == "export"
-    assert main(["export", str(trained_run), "--format", "npy", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(trained_run), "--format", "npy", "--out", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err  # an earlier export is never lost
+    assert (out / "items_embeddings.parquet").is_file()
+    assert main(["export", str(trained_run), "--format", "npy", "--out", str(out),
+                 "--overwrite"]) == 0
     assert (out / "items_factors.npy").is_file()  # replaced whole: no parquet left beside
     assert not (out / "items_embeddings.parquet").exists()
     foreign = tmp_path / "mine"
@@ -335,6 +340,17 @@ def test_export_folders_are_owned_and_replaced_whole(trained_run: Path, tmp_path
         assert err.count("\n") == 1 and "Traceback" not in err, err
     assert (foreign / "notes.txt").read_text() == "keep me" and a_file.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "export", "mine"]
+
+
+def test_export_formats_have_folders_of_their_own(trained_run: Path) -> None:
+    """The default folders: RUN/export (parquet) and RUN/export-npy side by side; each
+    export replaces only the earlier one of its own format."""
+    for _ in range(2):
+        assert main(["export", str(trained_run)]) == 0
+        assert main(["export", str(trained_run), "--format", "npy"]) == 0
+    assert (trained_run / "export" / "items_embeddings.parquet").is_file()
+    assert (trained_run / "export-npy" / "items_factors.npy").is_file()
+    assert not (trained_run / "export" / "items_factors.npy").exists()
 
 
 @pytest.mark.timeout(240)

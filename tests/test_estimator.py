@@ -27,6 +27,10 @@ def _two_tastes(rows: int = 5000, seed: int = 0) -> pd.DataFrame:
     return frame.drop_duplicates(["who", "movie"])
 
 
+def _pairs(users: list, items: list) -> pd.DataFrame:
+    return pd.DataFrame({"who": users, "movie": items})
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> MatrixFactorization:
     work = tmp_path_factory.mktemp("estimator") / "work"
@@ -36,7 +40,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> MatrixFactorization:
 
 
 def test_fit_learns_the_two_tastes(fitted: MatrixFactorization) -> None:
-    predicted = fitted.predict(["u1", "u1", "u80", "u80"], [1, 60, 1, 60])
+    predicted = fitted.predict(_pairs(["u1", "u1", "u80", "u80"], [1, 60, 1, 60]))
     assert predicted[0] > 4 and predicted[3] > 4
     assert predicted[1] < 2 and predicted[2] < 2
     assert fitted.metrics_["test_rmse"] < fitted.metrics_["baseline_test_rmse"]
@@ -53,7 +57,7 @@ def test_unknown_ids_fall_back_to_mean_plus_known_biases(fitted: MatrixFactoriza
     item_bias = run.item_embeddings().loc[7, "bias"]
     user_bias = run.user_embeddings().loc["u2", "bias"]
     low, high = run.scale
-    predicted = fitted.predict(["nobody", "u2", "nobody", "u2"], [7, 999, 999, 7])
+    predicted = fitted.predict(_pairs(["nobody", "u2", "nobody", "u2"], [7, 999, 999, 7]))
     assert predicted[0] == pytest.approx(np.clip(mean + item_bias, low, high))
     assert predicted[1] == pytest.approx(np.clip(mean + user_bias, low, high))
     assert predicted[2] == pytest.approx(np.clip(mean, low, high))
@@ -67,8 +71,8 @@ def test_save_and_load_give_the_same_model(fitted: MatrixFactorization,
     loaded = MatrixFactorization.load(saved)
     assert {k: v for k, v in loaded.get_params().items() if k != "work_dir"} == {
         k: v for k, v in fitted.get_params().items() if k != "work_dir"}
-    users, items = ["u1", "u50", "nobody"], [3, 40, 3]
-    assert np.array_equal(loaded.predict(users, items), fitted.predict(users, items))
+    pairs = _pairs(["u1", "u50", "nobody"], [3, 40, 3])
+    assert np.array_equal(loaded.predict(pairs), fitted.predict(pairs))
     pd.testing.assert_frame_equal(loaded.recommend("u9", n=4, min_item_ratings=0),
                                   fitted.recommend("u9", n=4, min_item_ratings=0))
     # The saved folder carries its own shards: seen items are still excluded, and
@@ -87,7 +91,7 @@ def test_scikit_learn_parameter_protocol() -> None:
     copy = clone(model)
     assert copy.get_params() == model.get_params() and copy is not model
     assert model.set_params(dim=6) is model and model.dim == 6
-    with pytest.raises(ValueError, match="invalid parameter"):
+    with pytest.raises(ValueError, match="Invalid parameter"):
         model.set_params(dimension=3)
     with pytest.raises(TypeError, match="unknown parameter"):
         MatrixFactorization(dimension=3)
@@ -100,7 +104,7 @@ def test_bad_parameters_and_columns_fail_before_any_work(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="no column 'user'"):
         MatrixFactorization(work_dir=str(tmp_path / "b"), verbose=False).fit(_two_tastes(100))
     with pytest.raises(ValueError, match="not fitted"):
-        MatrixFactorization().predict([1], [1])
+        MatrixFactorization().predict(_pairs([1], [1]))
     assert not (tmp_path / "a").exists()
 
 

@@ -366,11 +366,13 @@ def test_estimator_frame_without_ratings_is_interactions(tmp_path: Path) -> None
                           "plays": [1, 2, 3, 4]})
     model = MatrixFactorization(val_fraction=0.0, test_fraction=0.0, num_shards=1)
     values = model._config_values()
-    unweighted = Manifest.load(model._shards(frame, tmp_path / "a", values))
+    unweighted = Manifest.load(model._shards(model._frame(frame, None, fitting=True),
+                                             tmp_path / "a", values))
     assert (unweighted.kind, unweighted.weight_column) == ("interactions", None)
     assert unweighted.train_mean == pytest.approx(4 / 3)  # (1, 5) twice: weight 2
     model.set_params(rating_col="plays")
-    weighted = Manifest.load(model._shards(frame, tmp_path / "b", model._config_values()))
+    weighted = Manifest.load(model._shards(model._frame(frame, None, fitting=True),
+                                           tmp_path / "b", model._config_values()))
     assert (weighted.kind, weighted.weight_column) == ("interactions", "plays")
     assert weighted.train_mean == pytest.approx(10 / 3)
 

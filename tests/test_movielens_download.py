@@ -110,3 +110,16 @@ def test_local_zip_or_folder(tmp_path: Path) -> None:
         movielens_path(tmp_path / "missing.zip")
     with pytest.raises(InputError, match="expected one of"):
         fetch_movielens("ml-5m", cache=tmp_path / "cache")
+
+
+def test_unreachable_release_names_the_offline_flag(tmp_path: Path, server, monkeypatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """No network (here: a server without the release) ends in one line that says how to
+    go on offline: the command line's --movielens-path."""
+    url, _, _ = server
+    monkeypatch.setenv("SHARDMF_MOVIELENS_URL", url)
+    monkeypatch.setenv("SHARDMF_CACHE", str(tmp_path / "cache"))
+    assert main(["prepare", "--movielens", "ml-100k", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("shardmf: error: ") and "--movielens-path" in error
+    assert "`movielens_path`" not in error

@@ -214,7 +214,7 @@ def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],
     with torch.no_grad():
         scores = (model.user_factors.weight @ model.item_factors.weight.T
                   + model.item_bias.weight[:, 0]).numpy()
-    sums: dict[str, float] = {}
+    per_user: dict[str, list[float]] = {}
     shown: dict[str, set] = {}
     for user, wanted in relevant.items():
         exclude = seen.get(user, set()) | rare
@@ -236,9 +236,11 @@ def _reference(shards: ShardSet, model: BiasedMF, ks: tuple[int, ...],
                     "hit_rate": float(any(hits)),
                 }
                 for name, value in values.items():
-                    sums[f"{prefix}{name}@{k}"] = sums.get(f"{prefix}{name}@{k}", 0) + value
+                    per_user.setdefault(f"{prefix}{name}@{k}", []).append(value)
                 shown.setdefault(f"{prefix}coverage@{k}", set()).update(top)
-    result = {key: total / len(relevant) for key, total in sums.items()}
+    result = {key: float(np.mean(values)) for key, values in per_user.items()}
+    result.update({key + "_se": float(np.std(values, ddof=1) / math.sqrt(len(values)))
+                   for key, values in per_user.items()})
     result.update({key: len(items) / shards.num_items for key, items in shown.items()})
     return {**result, "ranking_threshold": cutoff, "ranking_users": len(relevant),
             "ranking_users_eligible": eligible, "ranking_min_item_ratings": min_item_ratings}

@@ -260,3 +260,16 @@ def test_markdown_report_escapes_titles(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text(encoding="utf-8")
     assert "<script>" not in report
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Sons" in report
+
+
+def test_ranking_rows_carry_standard_errors() -> None:
+    """A mean over users shows its standard error; coverage (of the catalogue) has none,
+    and an ``_se`` key is never taken for a list length of its own."""
+    from trainer.analysis.report import _ranking_rows
+
+    rows = _ranking_rows({"ndcg@10": 0.25, "ndcg@10_se": 0.01, "popular_ndcg@10": 0.1,
+                          "popular_ndcg@10_se": 0.005, "coverage@10": 0.3,
+                          "popular_coverage@10": 0.04})
+    assert ("NDCG@10", "0.2500 ± 0.0100", "0.1000 ± 0.0050") in rows
+    assert ("catalogue coverage@10", "0.3000", "0.0400") in rows
+    assert len(rows) == 2

@@ -398,12 +398,15 @@ def save_model(path: Path, tables: Tables, shards: ShardSet) -> None:
                "model_config": asdict(tables.rating.config) if tables.rating else None,
                "ranking_dim": ranking.item_factors.embedding_dim if ranking else None,
                "scale": list(shards.scale), "shards_dir": str(shards.root.resolve()),
+               # Which shards, wherever they are moved: recommend and evaluate check it.
+               "shards_identity": shards.identity,
                "objective": tables.objective, "kind": tables.kind}
     write_vouched(path, lambda: save_torch_atomic(payload, path))
     buffer = io.BytesIO()
     np.savez(buffer, **{name: tensor.numpy() for name, tensor in state.items()},
              scale=np.array(shards.scale, dtype=np.float64),
              shards_dir=np.array(payload["shards_dir"]),
+             shards_identity=np.array(payload["shards_identity"]),
              objective=np.array(tables.objective), kind=np.array(tables.kind))
     arrays = Path(path).with_name(MODEL_ARRAYS)
     write_vouched(arrays, lambda: write_atomic(arrays, buffer.getvalue()))

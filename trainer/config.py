@@ -10,7 +10,11 @@ A field whose default is None is chosen from the data when training starts
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import typing
 from dataclasses import dataclass, field
+from types import UnionType
+from typing import Union
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -339,9 +343,71 @@ SKIP_CLUSTERS = 0  # clusters=0: train without the clustering post-step
 
 
 def config_from_values(cls: type, values: dict):
-    """Build a config from the flat values that belong to it (others are ignored)."""
+    """Build a config from the flat values that belong to it (others are ignored), each
+    checked against its field's type first (`typed_value`)."""
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    return cls(**{k: typed_value(k, v, hints[k]) for k, v in values.items() if k in names})
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False",
+               dict: "a dict"}
+_PLURAL_WORDS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def typed_value(name: str, value: object, hint: object) -> object:
+    """``value`` as the plain Python type of a field annotated ``hint``, or ValueError
+    naming the field (``dim='abc': expected an integer``).
+
+    Values from Python (the estimator, a TOML file) may be of any type; a parameter grid
+    often holds numpy numbers, which become ints and floats here (config.json is JSON).
+    A whole float (``dim=32.0``) is not an integer: the value is refused, never rounded.
+    """
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        converted = _as_type(value, option)
+        if converted is not _NOT_THIS_TYPE:
+            return converted
+    words = [_type_words(option) for option in options if option is not type(None)]
+    if type(None) in options:
+        words.append("None")
+    raise ValueError(f"{name}={value!r}: expected {' or '.join(words)}")
+
+
+_NOT_THIS_TYPE = object()
+
+
+def _as_type(value: object, hint: object) -> object:
+    # numpy's bool_ is no bool subclass; True is an int to Python, never a count here.
+    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"
+    if hint is bool:
+        return bool(value) if is_bool else _NOT_THIS_TYPE
+    if is_bool:
+        return _NOT_THIS_TYPE
+    if hint is int:
+        return int(value) if isinstance(value, numbers.Integral) else _NOT_THIS_TYPE
+    if hint is float:
+        return float(value) if isinstance(value, numbers.Real) else _NOT_THIS_TYPE
+    if hint in (str, dict):
+        return value if isinstance(value, hint) else _NOT_THIS_TYPE
+    if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):
+        args = typing.get_args(hint)
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            return _NOT_THIS_TYPE
+        items = tuple(_as_type(item, kind) for item, kind in zip(value, kinds))
+        return _NOT_THIS_TYPE if _NOT_THIS_TYPE in items else items
+    return _NOT_THIS_TYPE
+
+
+def _type_words(hint: object) -> str:
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a tuple of {count}{_PLURAL_WORDS[args[0]]}"
+    return _TYPE_WORDS.get(hint, str(hint))
 
 
 def post_step_config(values: dict) -> ClusterConfig | None:

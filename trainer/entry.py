@@ -53,6 +53,7 @@ from trainer.run_files import claim_run_folder
 log = logging.getLogger("trainer")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 LOST_PEER_GRACE_S = 5.0  # far above torchrun's 0.1 s monitor interval
+QUIET_ENV = "SHARDMF_QUIET"  # "1": rank 0 prints no progress either (warnings and errors only)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class EvaluateJob:
     threshold: float | None = None  # None: from the run's rating scale
     min_item_ratings: int = 0
     max_users: int = RankingConfig.ranking_users
+    shards: str | None = None  # where the run's shards are now (None: where it knows)
 
 
 Job = TrainJob | EvaluateJob
@@ -93,7 +95,7 @@ def run_job(job: Job) -> dict:
             from trainer.run import evaluate_run
 
             return evaluate_run(job.run_dir, job.ks, job.threshold, job.min_item_ratings,
-                                job.max_users, env=env)
+                                job.max_users, env=env, shards=job.shards)
         return _train(job, env)
     finally:
         teardown()  # (idempotent: training leaves the group before rank 0 clusters)
@@ -269,7 +271,10 @@ def _end_with_parent() -> None:
 
 
 def configure_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    """Rank 0 at INFO, the others at WARNING; every rank at WARNING under QUIET_ENV (set by
+    the estimator's ``verbose=False`` for the ranks it starts)."""
+    quiet = rank != 0 or os.environ.get(QUIET_ENV) == "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr, force=True)
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 

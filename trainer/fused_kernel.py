@@ -59,7 +59,8 @@ def prefetch_row(typingctx, table, row):
 def sgd_batches(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, batch_size: int,
                 user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
                 item_bias: np.ndarray, mean: float, factor_lr: float, bias_lr: float,
-                reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+                reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray,
+                old_biases: np.ndarray,
                 errors: np.ndarray, touched_users: np.ndarray, touched_items: np.ndarray,
                 total: float) -> float:
     """``sgd_batch`` on each run of ``batch_size`` ratings in turn (the last may be shorter);
@@ -82,7 +83,8 @@ def sgd_batches(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, batch
 def sgd_batch(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
               user_factors: np.ndarray, item_factors: np.ndarray, user_bias: np.ndarray,
               item_bias: np.ndarray, mean: float, factor_lr: float, bias_lr: float,
-              reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray, old_biases: np.ndarray,
+              reg: float, bias_reg: float, old_users: np.ndarray, old_items: np.ndarray,
+              old_biases: np.ndarray,
               errors: np.ndarray, touched_users: np.ndarray,
               touched_items: np.ndarray) -> float:
     """One batch's summed-gradient SGD step, in place; returns the batch's summed loss.

@@ -63,6 +63,7 @@ DEFAULT_KS = RankingConfig.ranking_ks  # (10, 20)
 DEFAULT_USER_BLOCK = 256  # users scored at once: memory is this x num_items float32
 RELEVANT_FRACTION = 0.75  # default threshold: this far up the rating scale (4 on 1..5)
 POPULAR_PREFIX = "popular_"
+SE_SUFFIX = "_se"  # ndcg@10_se: the standard error of ndcg@10, a mean over users
 NO_ITEM = -1  # a top-k slot left empty: fewer than k unseen items
 
 
@@ -169,7 +170,8 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
 
     Returns:
         ``precision@k``, ``recall@k``, ``ndcg@k``, ``map@k``, ``hit_rate@k``,
-        ``coverage@k`` for each k, the same with the ``popular_`` prefix for the
+        ``coverage@k`` for each k, the standard error of each mean over users as
+        ``ndcg@k_se`` (None for one user), the same with the ``popular_`` prefix for the
         baseline (None when no user has a relevant item), ``ranking_threshold``,
         ``ranking_users`` (users evaluated, over all ranks), ``ranking_users_eligible``
         (users with >= 1 relevant item) and ``ranking_min_item_ratings``.
@@ -217,6 +219,7 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
         lambda users, out: out.copy_(popular_scores.expand_as(out)))
     buffer = torch.empty((min(user_block, len(eval_rows)), num_items), device=env.device)
     sums = np.zeros((len(scorers), len(ks), len(METRICS)))
+    squares = np.zeros_like(sums)  # for the standard errors of the means over users
     shown = torch.zeros((len(scorers), len(ks), num_items), dtype=torch.int32)
     for start in range(0, len(eval_rows), user_block):
         rows = eval_rows[start:start + user_block]
@@ -231,10 +234,13 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
             for index, k in enumerate(ks):
                 per_user = user_metrics(top[:, :k], relevant_users, relevant_items)
                 sums[which, index] += [per_user[name].sum() for name in METRICS]
+                squares[which, index] += [np.square(per_user[name]).sum() for name in METRICS]
                 shown[which, index, torch.from_numpy(recommended_items(top[:, :k]))] = 1
 
-    totals = all_reduce([*sums.ravel().tolist(), float(len(eval_rows))], env)
-    sums, num_users = np.array(totals[:-1]).reshape(sums.shape), int(totals[-1])
+    totals = all_reduce([*sums.ravel().tolist(), *squares.ravel().tolist(),
+                         float(len(eval_rows))], env)
+    sums, squares = np.array(totals[:-1]).reshape((2, *sums.shape))
+    num_users = int(totals[-1])
     covered = (all_reduce_tensor(shown, env) > 0).sum(dim=2).numpy() / num_items
     result: dict = {"ranking_threshold": cutoff, "ranking_users": num_users,
                     "ranking_users_eligible": eligible,
@@ -242,11 +248,25 @@ def ranking_metrics(model: BiasedMF, shards: ShardSet, env: DistEnv, *,
     for which, prefix in enumerate(("", POPULAR_PREFIX)):
         for index, k in enumerate(ks):
             for position, name in enumerate(METRICS):
-                result[f"{prefix}{name}@{k}"] = (float(sums[which, index, position] / num_users)
-                                                 if num_users else None)
+                mean, se = _mean_and_se(sums[which, index, position],
+                                        squares[which, index, position], num_users)
+                result[f"{prefix}{name}@{k}"] = mean
+                result[f"{prefix}{name}@{k}{SE_SUFFIX}"] = se
             result[f"{prefix}coverage@{k}"] = (float(covered[which, index]) if num_users
                                                else None)
     return result
+
+
+def _mean_and_se(total: float, squares: float, count: int) -> tuple[float | None,
+                                                                    float | None]:
+    """The mean over ``count`` users and its standard error (sample sd / sqrt(count))."""
+    if not count:
+        return None, None
+    mean = total / count
+    if count < 2:
+        return float(mean), None
+    variance = max(squares / count - mean ** 2, 0.0) * count / (count - 1)
+    return float(mean), float(np.sqrt(variance / count))
 
 
 def sampled_users(user_ids: np.ndarray, fraction: float) -> np.ndarray:

@@ -32,7 +32,7 @@ from shardmf.manifest import Manifest, is_shard_folder
 from shardmf.outputs import output_folder, write_atomic, write_json
 from trainer.config import EXPORT_FORMATS, MIN_ITEM_RATINGS, RankingConfig
 from trainer.run_files import (
-    EXPORT_DIR,
+    EXPORT_DIRS,
     EXPORT_KIND,
     EXPORT_SUMMARY,
     FINAL_METRICS,
@@ -73,8 +73,13 @@ class TrainedRun:
     clustered: "ranking" when the run has it, else "rating".
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, name: str | None = None,
+                 shards: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self._shards_given = shards  # a copy of the run's shards elsewhere (`find_shards`)
+        # How errors about ids and tables name the run: the folder, unless the caller has a
+        # better name for it (the estimator's folder may be an internal temporary one).
+        self.name = name or str(self.run_dir)
         arrays_path = self.run_dir / MODEL_ARRAYS
         if not arrays_path.is_file():
             raise InputError(f"{arrays_path}: not found; {self.run_dir} is not a finished run "
@@ -113,7 +118,9 @@ class TrainedRun:
             self.ranking_item_factors = (arrays[RANKING_PREFIX + "item_factors.weight"]
                                          if ranking else None)
             self.scale = tuple(float(x) for x in arrays["scale"])
-            self.shards_dir = shards_of(self.run_dir, {"shards_dir": str(arrays["shards_dir"])})
+            # Found on first use: only seen items need the shards.
+            self._shards_recorded = {name: str(arrays[name]) for name in (
+                "shards_dir", "shards_identity") if name in arrays}
 
     def _check_shapes(self, arrays_path: Path) -> None:
         """The tables fit each other and the id maps: a file from another run is named here,
@@ -145,6 +152,12 @@ class TrainedRun:
         return _IdIndex(self._item_table.column("original_item_id"))
 
     @cached_property
+    def shards_dir(self) -> Path:
+        """The shard folder the run was trained on, found and checked by `find_shards`."""
+        return find_shards(self.run_dir, self._shards_recorded, self._shards_given,
+                           "leaving out the items each user rated in training")
+
+    @cached_property
     def users(self) -> pd.DataFrame:
         """The users table (original_user_id, ...), row = contiguous user id."""
         return self._user_table.to_pandas()
@@ -169,10 +182,10 @@ class TrainedRun:
 
     def user_id(self, user) -> int:
         """Contiguous id of an original user id (text from a command line is converted)."""
-        return _lookup(self._user_index, user, "user", self.run_dir)
+        return _lookup(self._user_index, user, "user", self.name)
 
     def item_id(self, item) -> int:
-        return _lookup(self._item_index, item, "item", self.run_dir)
+        return _lookup(self._item_index, item, "item", self.name)
 
     def find_item(self, title: str) -> object:
         """Original id of the best title match: exact (any case), else the most-rated
@@ -188,7 +201,7 @@ class TrainedRun:
         if not found:
             close = difflib.get_close_matches(title, [t for t in titles if t], n=5, cutoff=0.5)
             hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
-            raise InputError(f"no item title matches {title!r} in {self.run_dir}{hint}")
+            raise InputError(f"no item title matches {title!r} in {self.name}{hint}")
         # the most-rated match; the first in the table among equals
         best = min(found, key=lambda i: -self.item_train_ratings[i])
         return self._item_index.originals[best]
@@ -209,7 +222,7 @@ class TrainedRun:
                  "objective='rating' or 'both')") if self.kind == "interactions" else
                 ("rating data", ", or train it again with objective='both' for predicted "
                  "ratings too"))
-            raise InputError(f"{self.run_dir} learned rankings only (objective "
+            raise InputError(f"{self.name} learned rankings only (objective "
                              f"{self.objective}, {data}): it predicts no ratings; rank items "
                              f"with recommend or top_items{remedy}")
         u = self._user_index.positions(np.atleast_1d(users))
@@ -231,15 +244,17 @@ class TrainedRun:
         """The n items with the highest score for one user: <w_u, h_i> of the ranking
         tables when the run has them, else the predicted rating.
 
-        ``exclude_seen`` drops the items the user rated in training (read from the shards;
-        skipped with a warning when the shards are gone). Items with fewer training ratings
-        than ``min_item_ratings`` are left out: their factors are mostly the prior.
-        Columns: original_item_id, title, genres, score (the order), and when the rating
-        model ranks, predicted_rating (the score clipped to the rating scale, so the best
-        items often tie at its top).
+        ``exclude_seen`` drops the items the user rated in training, read from the run's
+        shards (`find_shards`: InputError when they are gone, never a list with them in).
+        Items with fewer training ratings than ``min_item_ratings`` are left out: their
+        factors are mostly the prior.
+        Columns: original_item_id, title and genres (when the data has them), score (the
+        order), and when the rating model ranks, predicted_rating (the score clipped to the
+        rating scale, so the best items often tie at its top).
         """
         top, scores = self.top_items(user, n, exclude_seen, min_item_ratings)
-        columns = self._item_table.take(top).select(["original_item_id", "title", "genres"])
+        columns = self._item_table.take(top).select(self._described(["original_item_id",
+                                                                      "title", "genres"]))
         if self.tables == "rating":
             columns = columns.append_column("predicted_rating",
                                             pa.array(np.clip(scores, *self.scale)))
@@ -249,6 +264,7 @@ class TrainedRun:
                   min_item_ratings: int = MIN_ITEM_RATINGS) -> tuple[np.ndarray, np.ndarray]:
         """`recommend` as arrays: contiguous item ids, best first, and their scores (the
         ranking tables' <w_u, h_i>, or the rating model's unclipped prediction)."""
+        _check_list_length(n)
         uid = self.user_id(user)
         if self.tables == "ranking":
             scores = self.ranking_item_factors @ self.ranking_user_factors[uid]
@@ -267,13 +283,14 @@ class TrainedRun:
         """The n items whose factors point the most the same way (cosine similarity of
         `item_vectors`), among items with at least ``min_item_ratings`` training ratings."""
         top, cosine = self.nearest_items(item, n, min_item_ratings)
-        columns = self._item_table.take(top).select(["original_item_id", "title", "genres",
-                                                     "train_ratings"])
+        columns = self._item_table.take(top).select(self._described([
+            "original_item_id", "title", "genres", "train_ratings"]))
         return columns.append_column("similarity", pa.array(cosine)).to_pandas()
 
     def nearest_items(self, item, n: int = 10, min_item_ratings: int = MIN_ITEM_RATINGS
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`similar_items` as arrays: contiguous item ids, nearest first, and their cosines."""
+        _check_list_length(n)
         iid = self.item_id(item)
         vectors = self.item_vectors
         norms = np.linalg.norm(vectors, axis=1)
@@ -306,7 +323,7 @@ class TrainedRun:
         if tables is None:
             tables = self.trained_tables()[0]  # the rating model first
         if tables not in self.trained_tables():
-            raise InputError(f"tables={tables!r}: {self.run_dir} holds "
+            raise InputError(f"tables={tables!r}: {self.name} holds "
                              f"{' and '.join(map(repr, self.trained_tables()))} only "
                              f"(objective {self.objective})")
         if tables == "ranking":
@@ -315,14 +332,16 @@ class TrainedRun:
         return ((self.item_factors, self.item_bias) if side == "items"
                 else (self.user_factors, self.user_bias))
 
+    def _described(self, columns: list[str]) -> list[str]:
+        """``columns`` less those the data left empty: items without a title or genres
+        (ratings from a DataFrame, or a file without an items table) show none, not NaN."""
+        table = self._item_table
+        return [name for name in columns if table.column(name).null_count < table.num_rows]
+
     def _rarely_rated(self, min_item_ratings: int) -> np.ndarray:
         return self.item_train_ratings < min_item_ratings
 
     def _seen_items(self, uid: int) -> np.ndarray:
-        folder = self.shards_dir / "train"
-        if not folder.is_dir():
-            log.warning("shards %s are gone: seen items are not excluded", self.shards_dir)
-            return np.array([], dtype=np.int64)
         seen = []
         manifest = Manifest.load(self.shards_dir)
         # Row groups whose user_id range leaves uid out are skipped (by user shards: most).
@@ -356,20 +375,40 @@ def _id_table(path: Path, *columns: str) -> pa.Table:
     return table
 
 
-def shards_of(run_dir: Path, payload: dict) -> Path:
-    """The run's shards: RUN_DIR/shards when there (`shardmf run`, a saved estimator: they
-    move with the folder), else the folder it was trained on."""
-    inside = run_dir / SHARDS_DIR
-    return inside if is_shard_folder(inside) else Path(payload["shards_dir"])
+def find_shards(run_dir: Path, recorded: dict, given: str | Path | None, needed_for: str
+                ) -> Path:
+    """The shards a run was trained on: ``given`` (a copy, moved or restored), else
+    RUN_DIR/shards (`shardmf run`, a saved estimator: they move with the folder), else the
+    folder training read. Checked against the identity the run recorded (runs written
+    before it was recorded are taken on trust). InputError when none is there or the one
+    found holds other shards: nothing goes on without them, ``needed_for`` says why."""
+    candidates = ([Path(given)] if given is not None
+                  else [run_dir / SHARDS_DIR, Path(recorded["shards_dir"])])
+    found = next((folder for folder in candidates if is_shard_folder(folder)), None)
+    if found is None:
+        raise InputError(f"{run_dir}: its shards are gone (looked in "
+                         f"{', '.join(map(str, candidates))}); {needed_for} needs them: pass "
+                         "`shards` with a copy of them (checked against the run)")
+    identity = recorded.get("shards_identity")
+    if identity is not None:
+        found_identity = Manifest.load(found).identity
+        if found_identity != identity:
+            raise InputError(f"{found}: other shards than {run_dir} was trained on (manifest "
+                             f"identity {found_identity}, the run's {identity}); pass `shards` "
+                             "with the ones it was trained on")
+    return found
 
 
-def load_run(run_dir: str | Path) -> TrainedRun:
-    """A finished run, ready for predict / recommend / similar_items."""
-    return TrainedRun(run_dir)
+def load_run(run_dir: str | Path, name: str | None = None,
+             shards: str | Path | None = None) -> TrainedRun:
+    """A finished run, ready for predict / recommend / similar_items; ``name``: how its
+    errors call it (default: the folder); ``shards``: where its shards are now, when they
+    are neither in the run folder nor where training read them."""
+    return TrainedRun(run_dir, name, shards)
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None,
-               format: str = "parquet") -> Path:
+               format: str = "parquet", overwrite: bool = False) -> Path:
     """Write a run's user and item embeddings with their original ids, for other tools.
 
     Each pair of tables the run holds, per side: the rating model's as
@@ -379,16 +418,18 @@ def export_run(run_dir: str | Path, out: str | Path | None = None,
     ``ranking_`` (no bias: ``ranking_items_embeddings.parquet``, ``ranking_items_factors.npy``,
     ...). ``model.json`` says which tables the run trained and how each scores: a rating is
     ``clip(global_mean + user bias + item bias + <f_u, f_i>, rating_scale)``, a ranking
-    score ``<f_u, f_i>`` of the ranking tables. ``out`` defaults to RUN_DIR/export;
-    returns the folder.
+    score ``<f_u, f_i>`` of the ranking tables. ``out`` defaults to RUN_DIR/export
+    (parquet) or RUN_DIR/export-npy (npy), each replaced by the next export of its format;
+    a folder given as ``out`` that holds an earlier export is replaced only with
+    ``overwrite``. Returns the folder.
     """
     if format not in EXPORT_FORMATS:
         raise InputError(f"format={format!r}: expected {' | '.join(EXPORT_FORMATS)}")
     run = load_run(run_dir)
-    folder = Path(out) if out is not None else run.run_dir / EXPORT_DIR
+    folder = Path(out) if out is not None else run.run_dir / EXPORT_DIRS[format]
     summary: dict = {"objective": run.objective, "kind": run.kind,
                      "tables": list(run.trained_tables())}
-    with output_folder(folder, EXPORT_KIND, overwrite=True) as building:
+    with output_folder(folder, EXPORT_KIND, overwrite=overwrite or out is None) as building:
         for tables in run.trained_tables():
             for side, frame in (("items", run.item_embeddings(tables)),
                                 ("users", run.user_embeddings(tables))):
@@ -427,12 +468,13 @@ def _write_embeddings(folder: Path, frame: pd.DataFrame, names: dict[str, str],
 def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.ranking_ks,
                  threshold: float | None = None, min_item_ratings: int = 0,
                  max_users: int = RankingConfig.ranking_users,
-                 env: DistEnv | None = None) -> dict:
+                 env: DistEnv | None = None, shards: str | Path | None = None) -> dict:
     """Ranking figures of a finished run (model.pt) on its test split, beside most-popular:
     the lists of the ranking tables when the run trained them, else of the rating model.
 
     ``max_users``: a seeded sample of about this many test users (0: every one), the same
-    users training evaluated. Needs the run's shards. With ``env`` (ranks already joined,
+    users training evaluated. Needs the run's shards (`find_shards`; ``shards``: where a
+    copy of them is now). With ``env`` (ranks already joined,
     as `shardmf evaluate --nproc N` does) every rank must call this: each scores its share
     of the users, as at the end of training, and gets the same figures; None: this one
     process scores them all. The figures replace the ranking figures in
@@ -452,7 +494,7 @@ def evaluate_run(run_dir: str | Path, ks: tuple[int, ...] = RankingConfig.rankin
     model = tables.lists  # the ranking tables when the run trained them
     kept = {k: v for k, v in (read_vouched_json(run / FINAL_METRICS, RETRAIN) or {}).items()
             if not is_ranking_key(k)}
-    shards = open_shards(shards_of(run, payload))
+    shards = open_shards(find_shards(run, payload, shards, "evaluation on the test split"))
     rows = (model.user_factors.num_embeddings, model.item_factors.num_embeddings)
     if rows != (shards.num_users, shards.num_items):
         raise InputError(f"{run / MODEL}: tables of {rows[0]:,} users and {rows[1]:,} items, "
@@ -507,12 +549,17 @@ def _numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.combine_chunks().to_tensor())
 
 
-def _lookup(index: _IdIndex, original, kind: str, run_dir: Path) -> int:
+def _lookup(index: _IdIndex, original, kind: str, run_name: str) -> int:
     position = index.positions([original])[0]
     if position < 0:
-        raise InputError(f"{kind} {original!r} is not in {run_dir} (ids are the original "
+        raise InputError(f"{kind} {original!r} is not in {run_name} (ids are the original "
                          f"ones from the ratings, e.g. {index.originals[0]!r})")
     return int(position)
+
+
+def _check_list_length(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"n={n!r}: expected an integer of at least 1 (the list's length)")
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

@@ -97,7 +97,8 @@ RANKING_PREFIX = "ranking_"
 # The two pairs of tables a run may hold (model.npz "objective" says which it trained).
 TABLES = ("rating", "ranking")
 
-EXPORT_DIR = "export"  # default folder of `export_run`
+# Default folders of `export_run`, one per format: an export never replaces another's files.
+EXPORT_DIRS = {"parquet": "export", "npy": "export-npy"}
 EXPORT_SUMMARY = "model.json"  # in an export: global mean and rating scale
 CHECKSUMS = "checksums.json"  # size and SHA-256 of the files read back, as the run wrote them
 ESTIMATOR_PARAMS = "estimator.json"  # a saved MatrixFactorization's constructor parameters
@@ -438,13 +439,14 @@ def clear_run(run: Path) -> None:
 
 
 def _run_outputs(run: Path) -> list[Path]:
-    """The files (and owned export folder) of the run in ``run``, that exist."""
+    """The files (and owned export folders) of the run in ``run``, that exist."""
     found = [run / name for name in RUN_OUTPUTS if (run / name).exists()]
     found += [*run.glob(checkpoint_slice("*", "*")), *run.glob(model_part("*"))]
-    export = run / EXPORT_DIR
-    marker = read_marker(export)
-    if marker is not None and marker.get("kind") == EXPORT_KIND:
-        found.append(export)
+    for name in EXPORT_DIRS.values():
+        export = run / name
+        marker = read_marker(export)
+        if marker is not None and marker.get("kind") == EXPORT_KIND:
+            found.append(export)
     return found
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from shardmf.errors import InputError
 from shardmf.outputs import write_json, write_jsonl
+from shardmf.progress import bars_wanted
 from trainer.baseline import bias_baseline_rmse
 from trainer.cadence import Cadence
 from trainer.checkpoint import (
@@ -216,7 +217,7 @@ def _train_rating(run: Path, config: RunConfig, plan: _Plan, auto: Resolved, env
             record["sync_bytes_per_step"] = round(sync_bytes / plan.steps, 1)
         improved = state.end_epoch(record, val_rmse, model, train_config.min_delta)
         if env.is_main:
-            _log_epoch(run, record, state, improved)
+            _log_epoch(run, record, state, improved, train_config.epochs)
         checkpointer.save(state)
         epoch += 1
         if train_config.patience and state.bad_epochs >= train_config.patience:
@@ -336,10 +337,16 @@ def _log_start(plan: _Plan, strategy: Strategy, auto: Resolved, model_config: Mo
              shards.num_items, model_config.dim, env.world_size, plan.steps, plan.global_batch)
 
 
-def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool) -> None:
-    log.info("epoch %d: train loss %.4f, val RMSE %s, %.0f ratings/s%s", record["epoch"],
-             record["train_loss"], _fmt(record["val_rmse"]), record["ratings_per_s"],
-             "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})")
+def _log_epoch(run: Path, record: dict, state: TrainState, improved: bool,
+               epochs: int) -> None:
+    """One line per epoch: the progress a log file keeps (bars are for terminals), with
+    the time left if every remaining epoch runs (early stopping may end sooner)."""
+    left = (epochs - record["epoch"]) * sum(h["seconds"] for h in state.history) / max(
+        len(state.history), 1)
+    log.info("epoch %d/%d: train loss %.4f, val RMSE %s, %.0f ratings/s%s%s", record["epoch"],
+             epochs, record["train_loss"], _fmt(record["val_rmse"]), record["ratings_per_s"],
+             "" if improved else f" (best {_fmt(state.best_val)} at {state.best_epoch})",
+             f"; at most {_duration(left)} left" if record["epoch"] < epochs else "")
     write_jsonl(run / EPOCH_METRICS, state.history)
 
 
@@ -378,13 +385,21 @@ def _finish(run: Path, rating: _RatingResult | None, ranking: RankingResult | No
             write_jsonl(run / SWEEP_METRICS, ranking.history)
         write_vouched(run / FINAL_METRICS, lambda: write_json(run / FINAL_METRICS, metrics))
         if rating is not None:
-            log.info("test RMSE %s (bias-only baseline %s), MAE %s",
-                     _fmt(metrics["test_rmse"]), _fmt(metrics["baseline_test_rmse"]),
-                     _fmt(metrics["test_mae"]))
+            log.info("test RMSE %s ± %s (bias-only baseline %s), MAE %s",
+                     _fmt(metrics["test_rmse"]), _fmt(metrics["test_rmse_se"]),
+                     _fmt(metrics["baseline_test_rmse"]), _fmt(metrics["test_mae"]))
+            if None not in (metrics["test_rmse"], metrics["baseline_test_rmse"]) and (
+                    metrics["test_rmse"] > metrics["baseline_test_rmse"]):
+                log.warning("the factors made predictions worse: test RMSE %s is above the "
+                            "bias-only baseline's %s (more epochs if validation RMSE was "
+                            "still falling, else a larger reg or a smaller lr)",
+                            _fmt(metrics["test_rmse"]),
+                            _fmt(metrics["baseline_test_rmse"]))
         k = ranks.ranking_ks[0]
-        log.info("test NDCG@%d %s (most-popular %s), recall@%d %s (most-popular %s)%s", k,
-                 _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"popular_ndcg@{k}"]), k,
-                 _fmt(metrics[f"recall@{k}"]), _fmt(metrics[f"popular_recall@{k}"]),
+        log.info("test NDCG@%d %s ± %s (most-popular %s), recall@%d %s ± %s (most-popular "
+                 "%s)%s", k, _fmt(metrics[f"ndcg@{k}"]), _fmt(metrics[f"ndcg@{k}_se"]),
+                 _fmt(metrics[f"popular_ndcg@{k}"]), k, _fmt(metrics[f"recall@{k}"]),
+                 _fmt(metrics[f"recall@{k}_se"]), _fmt(metrics[f"popular_recall@{k}"]),
                  "" if ranking is not None else " (lists of the rating model)")
     return metrics
 
@@ -393,11 +408,10 @@ def _rating_figures(rating: _RatingResult, plan: _Plan, config: TrainConfig, env
                     reader: RowGroupReader) -> dict:
     """Test RMSE of the best epoch, the bias-only baseline, and the epochs' speed."""
     state, shards = rating.state, plan.shards
-    test_rmse, test_mae = evaluate(rating.model, plan.pieces["test"], shards.scale, config,
-                                   env, reader)
+    test = rating_errors(rating.model, plan.pieces["test"], shards.scale, config, env, reader)
     train_seconds = sum(h["seconds"] for h in state.history)
     trained = sum(h["ratings_per_s"] * h["seconds"] for h in state.history)
-    return {"test_rmse": test_rmse, "test_mae": test_mae,
+    return {"test_rmse": test["rmse"], "test_rmse_se": test["rmse_se"], "test_mae": test["mae"],
             "val_rmse": None if math.isinf(state.best_val) else state.best_val,
             "best_epoch": state.best_epoch, "epochs": state.epoch,
             "train_seconds": round(train_seconds, 3),
@@ -443,7 +457,8 @@ class TrainEpoch:
         loss_sum = state.loss_sums[env.rank] if state.loss_sums else 0.0
         global_batch = self.rank_batch * env.world_size
         progress = tqdm(total=cadence.steps * global_batch, unit="rating", unit_scale=True,
-                        desc=f"epoch {epoch + 1}", mininterval=1.0, disable=not env.is_main,
+                        desc=f"epoch {epoch + 1}/{self.config.epochs}", mininterval=1.0,
+                        disable=not (env.is_main and bars_wanted(log)),
                         leave=False, dynamic_ncols=True, initial=steps_done * global_batch)
         # Both closed however the epoch ends: the bar's line cleared (a Ctrl-C's line then
         # starts on a line of its own), the loader's prefetch thread joined.
@@ -504,21 +519,36 @@ class TrainEpoch:
 def evaluate(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
              config: TrainConfig, env: DistEnv,
              reader: RowGroupReader | None = None) -> tuple[float | None, float | None]:
-    """RMSE and MAE over every rank's share, from all-reduced sums and counts."""
+    """RMSE and MAE over every rank's share (`rating_errors`)."""
+    errors = rating_errors(model, pieces, scale, config, env, reader)
+    return errors["rmse"], errors["mae"]
+
+
+def rating_errors(model: BiasedMF, pieces: list[Piece], scale: tuple[float, float],
+                  config: TrainConfig, env: DistEnv,
+                  reader: RowGroupReader | None = None) -> dict[str, float | None]:
+    """RMSE, MAE and the RMSE's standard error over every rank's share, from all-reduced
+    sums (None without ratings). The standard error is the squared errors' mean's, carried
+    to its square root by the delta method: se(MSE) / (2 RMSE)."""
     module = unwrap(model)
     module.eval()
-    sse = sae = 0.0
+    sse = sae = s4 = 0.0
     count = 0
     for users, items, ratings in eval_batches(pieces, config.eval_batch_size, reader):
         predicted = module.predict(users.to(env.device), items.to(env.device), scale)
         error = predicted.double() - ratings.to(env.device).double()
         sse += float(error.square().sum())
         sae += float(error.abs().sum())
+        s4 += float(error.pow(4).sum())
         count += len(ratings)
-    sse, sae, count = all_reduce([sse, sae, float(count)], env)
+    sse, sae, s4, count = all_reduce([sse, sae, s4, float(count)], env)
     if count == 0:
-        return None, None
-    return math.sqrt(sse / count), sae / count
+        return {"rmse": None, "mae": None, "rmse_se": None}
+    mse = sse / count
+    rmse = math.sqrt(mse)
+    mse_se = (math.sqrt(max(s4 / count - mse ** 2, 0.0) / (count - 1)) if count > 1
+              else float("nan"))
+    return {"rmse": rmse, "mae": sae / count, "rmse_se": mse_se / (2 * rmse) if rmse else 0.0}
 
 
 def _machine_memory() -> int:
@@ -542,6 +572,16 @@ def _rank_memory(models: list[torch.nn.Module], env: DistEnv) -> list[dict]:
     return [{"user_rows": int(rows), "user_table_bytes": int(users),
              "parameter_bytes": int(params), "peak_rss_bytes": int(rss)}
             for rows, users, params, rss in zip(*columns)]
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h10m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _fmt(value: float | None) -> str:

@@ -188,13 +188,17 @@ def _ranking_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     for k in ks:
         for name, label in _RANKING_NAMES.items():
             if f"{name}@{k}" in metrics:
-                model, popular = metrics[f"{name}@{k}"], metrics.get(f"popular_{name}@{k}")
-                rows.append((f"{label}@{k}", _ranking_value(model), _ranking_value(popular)))
+                rows.append((f"{label}@{k}", _ranking_value(metrics, f"{name}@{k}"),
+                             _ranking_value(metrics, f"popular_{name}@{k}")))
     return rows
 
 
-def _ranking_value(value: Any) -> str:
-    return "n/a" if finite(value) is None else f"{value:.4f}"
+def _ranking_value(metrics: dict[str, Any], key: str) -> str:
+    """``0.2513 ± 0.0094``: a mean over users with its standard error when it has one."""
+    value, error = finite(metrics.get(key)), finite(metrics.get(f"{key}_se"))
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else "")
 
 
 def _ranking_text(metrics: dict[str, Any]) -> str:
@@ -562,8 +566,9 @@ def _html_cards(result: ClusterResult, run: RunFiles) -> str:
         baseline = finite(metrics.get("baseline_test_rmse"))
         sub = f"bias-only baseline {baseline:.4f}" if baseline is not None else ""
         cards.append(("test RMSE", f"{test:.4f}", sub))
-    ndcg_keys = sorted((key for key in metrics if key.startswith("ndcg@")),
-                       key=lambda key: int(key.split("@")[1]))
+    ndcg_keys = sorted((key for key in metrics
+                        if key.startswith("ndcg@") and key.split("@")[1].isdigit()),
+                       key=lambda key: int(key.split("@")[1]))  # not ndcg@10_se
     if ndcg_keys and finite(metrics[ndcg_keys[0]]) is not None:
         key = ndcg_keys[0]
         popular = finite(metrics.get(f"popular_{key}"))
