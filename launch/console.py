@@ -17,7 +17,11 @@ def main() -> int:
     from launch.cli import main as cli_main
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return cli_main()
+    status = cli_main()
+    # Done: the interpreter's teardown puts the default handlers back, and a Ctrl-C there
+    # would end the process by the signal instead of with the command's status.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:

@@ -250,7 +250,8 @@ def test_a_run_reports_ranking_against_most_popular(trained_run: Path) -> None:
                                  "ranking_users": 10_000}
     report = (trained_run / "report.md").read_text()
     assert "## Ranking: the model against most-popular" in report
-    assert f"| NDCG@10 | {metrics['ndcg@10']:.4f} | {metrics['popular_ndcg@10']:.4f} |" in report
+    assert (f"| NDCG@10 | {metrics['ndcg@10']:.4f} ± {metrics['ndcg@10_se']:.4f} | "
+            f"{metrics['popular_ndcg@10']:.4f} ± {metrics['popular_ndcg@10_se']:.4f} |") in report
     assert "ndcg@10" in (trained_run / "report.html").read_text().lower()
 
 

@@ -4,6 +4,7 @@ saying which kind they hold. Inputs are small files written under ``tmp_path``."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from data_shards.export import export_split
 from data_shards.verify import verify_shards
 from launch.cli import main
 from launch.estimator import MatrixFactorization
-from shardmf.manifest import MANIFEST_NAME, Manifest
+from shardmf.manifest import MANIFEST_NAME, Footer, Manifest
 
 ALL_TRAIN = {"val_fraction": 0.0, "test_fraction": 0.0, "num_shards": 2}
 
@@ -353,6 +354,7 @@ def test_verify_full_names_a_negative_weight(tmp_path: Path) -> None:
     pq.write_table(bad, out / entry["path"])
     entry["bytes"] = (out / entry["path"]).stat().st_size
     entry["sha256"] = hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest()
+    entry["footer"] = dataclasses.asdict(Footer.of((out / entry["path"]).read_bytes()))
     (out / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"weight -1 outside the manifest's 0\.\.2"):
         verify_shards(out, full=True)

@@ -100,8 +100,11 @@ def test_a_run_resumed_after_early_stopping_trains_no_more_epochs(trainer_shards
     first = train(run_config(trainer_shards_dir, run, *configs,
                              TrainConfig(**{**SMALL, "patience": 1}, epochs=8)), SINGLE)
     assert first["epochs"] < 8
-    again = train(run_config(trainer_shards_dir, run, *configs,
-                             TrainConfig(**{**SMALL, "patience": 1}, epochs=8, resume=True)),
-                  SINGLE)
+    resumed = run_config(trainer_shards_dir, run, *configs,
+                         TrainConfig(**{**SMALL, "patience": 1}, epochs=8, resume=True))
+    with pytest.raises(InputError, match="is a finished run"):
+        train(resumed, SINGLE)  # metrics.json written: nothing is left to resume
+    (run / "metrics.json").unlink()  # as if the phase after the epochs had been cut short
+    again = train(resumed, SINGLE)
     for key in ("epochs", "best_epoch", "test_rmse", "val_rmse", "ndcg@10"):
         assert again[key] == first[key], key
