@@ -9,8 +9,8 @@ train SHARDS --out RUN --objective rating --clusters 0 --nproc 1` on this tree a
 the first `--old-repeats` rounds, on `--old-tree` (a checkout of an earlier commit, run
 with this venv), one after the other so both see the same machine (test RMSE does not
 depend on the round: a run is deterministic for its seed). Training time is the run's own
-`train_seconds` (rating epochs only). Medians go to bench/size_sweep.json, a table to bench/size_sweep.md and the two
-curves to bench/size_sweep.png.
+`train_seconds` (rating epochs only). Medians go to bench/size_sweep.json, a table to
+bench/size_sweep.md and the two curves to bench/size_sweep.png.
 """
 
 from __future__ import annotations
