@@ -175,7 +175,9 @@ def resumed_model_config(run: Path, config: ModelConfig) -> ModelConfig:
     path = run / CHECKPOINT
     if not path.is_file():
         return config  # `load_checkpoint` names the missing file
-    saved = load_trusted(path, RESTORE_CHECKPOINT).get("model_config")
+    # The settings only: the tables (the whole model, twice with the best epoch's) are
+    # read once, by `load_checkpoint`.
+    saved = load_trusted(path, RESTORE_CHECKPOINT, mmap=True).get("model_config")
     if not isinstance(saved, dict):
         return config  # an older checkpoint: its tables' shapes are checked as they load
     inherited = {}
@@ -290,16 +292,17 @@ def _load_slice(run: Path, payload: dict, env: DistEnv) -> dict:
     return load_trusted(slice_path, RESTORE_CHECKPOINT)
 
 
-def load_trusted(path: Path, remedy: str) -> dict:
+def load_trusted(path: Path, remedy: str, mmap: bool = False) -> dict:
     """A torch file this trainer wrote, checked against the run's checksums.json and loaded
-    without running code; any other is one InputError naming it and ``remedy``.
+    without running code; any other is one InputError naming it and ``remedy``. ``mmap``:
+    its tensors stay on disk until touched (a caller after the settings alone).
 
     Empty, truncated, random or crafted files all end here; torch's own message is not
     passed on (for a crafted pickle it suggests ``weights_only=False``, which would run it).
     """
     vouched(path, remedy)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 (a damaged file makes torch raise any of a dozen)
         raise InputError(f"{path}: not a file shardmf wrote (damaged, cut short, or holding "
                          f"objects it refuses to load); {remedy}") from e
